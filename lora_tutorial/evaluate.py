@@ -1,0 +1,63 @@
+"""Accuracy, wrong answers per digit and the confusion matrix, in large batches.
+
+The post tests one image at a time in a Python loop; predicting 10,000 images in a few big
+matrix products gives the same answers (the same argmax of the same logits) in a fraction
+of the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    correct: int
+    total: int
+    wrong_counts: list[int]  # per true digit
+    confusion: list[list[int]]  # confusion[true][predicted]
+
+    def per_digit_accuracy(self) -> list[float]:
+        return [row[d] / max(1, sum(row)) for d, row in enumerate(self.confusion)]
+
+    def worst_digit(self) -> int:
+        """The digit with the most wrong answers (the smallest such digit on a tie)."""
+        return max(range(10), key=lambda d: (self.wrong_counts[d], -d))
+
+    def report(self) -> str:
+        lines = [f"Accuracy: {self.accuracy:.3f} ({self.correct:,} of {self.total:,} right)"]
+        lines += [f"wrong counts for the digit {d}: {w}" for d, w in enumerate(self.wrong_counts)]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
+                "wrong_counts": self.wrong_counts, "confusion": self.confusion}
+
+
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
+    """The predicted digit of every image, computed `batch_size` images at a time."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            chunks = [model(images[i:i + batch_size].to(device)).argmax(dim=1)
+                      for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks).cpu()
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 10_000) -> Evaluation:
+    predicted = predict(model, images, batch_size)
+    truth = labels.cpu()
+    confusion = torch.bincount(truth * 10 + predicted, minlength=100).reshape(10, 10)
+    correct = int(confusion.diagonal().sum())
+    total = len(truth)
+    wrong = (confusion.sum(dim=1) - confusion.diagonal()).tolist()
+    return Evaluation(correct / total, correct, total, wrong, confusion.tolist())

@@ -1,0 +1,196 @@
+"""LoRA in one file: a weight parametrization W' = W + (alpha / r) * B @ A, and its helpers.
+
+`torch.nn.utils.parametrize` lets us wrap a Linear layer's `weight` without touching the
+layer: every time the layer reads `weight`, PyTorch calls our module on the frozen original W
+and uses what it returns. Only A and B are new parameters.
+
+Shapes follow `nn.Linear`, whose weight is (out_features, in_features): A is (r, in), B is
+(out, r), so B @ A has the weight's shape. B starts at zero, so at step 0 the adapted model is
+exactly the pre-trained one (LoRA paper, section 4.1). Names follow PEFT and loralib where the
+function does the same job: `mark_only_lora_as_trainable`, `lora_state_dict`,
+`disable_adapter`, `merge_and_unload`, `print_trainable_parameters`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .model import linear_layers
+
+INITS = ("normal", "kaiming")
+
+
+class LoRAParametrization(nn.Module):
+    """Returns W + scale * B @ A when enabled, W untouched when not."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 1, alpha: float = 1.0,
+                 init: str = "normal") -> None:
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not valid: expected one of {INITS}.")
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        if init == "normal":  # the blog post's choice, N(0, 1)
+            nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
+        else:  # PEFT's and loralib's choice, the same as nn.Linear's own weights
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def delta_weight(self) -> torch.Tensor:
+        """The low-rank update scale * B @ A, of the weight's shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        return weight + (self.lora_B @ self.lora_A) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, enabled={self.enabled}"
+
+
+def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
+             target_modules: Iterable[str] | None = None, init: str = "normal") -> nn.Module:
+    """Register a LoRA parametrization on the weight of each targeted Linear layer (all by default).
+
+    Biases are left alone, as in the LoRA paper. Works in place and returns the model.
+    """
+    layers = linear_layers(model)
+    targets = list(layers) if target_modules is None else list(target_modules)
+    unknown = [t for t in targets if t not in layers]
+    if unknown or not targets:
+        raise ValueError(f"target_modules={targets!r}: {unknown or 'none given'} are not Linear "
+                         f"layers of this model; valid names are {list(layers)}.")
+    for name in targets:
+        layer = layers[name]
+        limit = min(layer.in_features, layer.out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+            raise ValueError(f"rank={rank!r} is not valid for layer {name} "
+                             f"({layer.out_features} x {layer.in_features}): expected an integer "
+                             f"from 1 to {limit}.")
+        if parametrize.is_parametrized(layer, "weight"):
+            raise ValueError(f"Layer {name} already has a parametrization: call add_lora once.")
+    for name in targets:
+        layer = layers[name]
+        lora = LoRAParametrization(layer.in_features, layer.out_features, rank, alpha, init)
+        lora.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        parametrize.register_parametrization(layer, "weight", lora)
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRAParametrization]:
+    """The LoRA parametrizations of the model, by the name of the layer they adapt."""
+    found = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, LoRAParametrization):
+                    found[name] = p
+    return found
+
+
+def _require_lora(model: nn.Module) -> dict[str, LoRAParametrization]:
+    found = lora_modules(model)
+    if not found:
+        raise ValueError("This model has no LoRA layers: call add_lora(model, ...) first.")
+    return found
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The frozen original W of a layer, whether or not it carries LoRA."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
+    """Freeze every parameter that is not LoRA's A or B; return the names frozen."""
+    _require_lora(model)
+    frozen = []
+    for name, param in model.named_parameters():
+        is_lora = "lora_" in name
+        param.requires_grad_(is_lora)
+        if not is_lora:
+            frozen.append(name)
+    return frozen
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer on (W + scale * B @ A) or off (W)."""
+    for lora in _require_lora(model).values():
+        lora.enabled = bool(enabled)
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """`with disable_adapter(model):` runs the pre-trained model, then restores each layer's state."""
+    loras = _require_lora(model)
+    before = {name: lora.enabled for name, lora in loras.items()}
+    try:
+        set_adapter_enabled(model, False)
+        yield model
+    finally:
+        for name, lora in loras.items():
+            lora.enabled = before[name]
+
+
+def lora_parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters of the base model, parameters LoRA adds)."""
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return base, lora
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's one-line summary: trainable, all, and the trainable share."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,} || all params: {total:,} || "
+          f"trainable%: {100 * trainable / total:.4f}")
+
+
+def describe_lora(model: nn.Module) -> str:
+    """One line per adapted layer: W, bias, A and B shapes."""
+    lines = []
+    for name, lora in _require_lora(model).items():
+        layer = model.get_submodule(name)
+        lines.append(f"{name}: W {tuple(base_weight(layer).shape)} + bias {tuple(layer.bias.shape)}"
+                     f" + lora_A {tuple(lora.lora_A.shape)} + lora_B {tuple(lora.lora_B.shape)}")
+    return "\n".join(lines)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter's tensors (A and B of each layer): what fine-tuning produced."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold scale * B @ A into each weight and drop the parametrizations, in place.
+
+    The result is a plain model whose weights equal the parametrization's W' exactly, and
+    which runs as fast as the original: nothing is added to the forward pass any more.
+    Merge the model itself, not a `copy.deepcopy` of it: a deep copy of a parametrized module
+    shares its class with the original, and removing the parametrization from one breaks both
+    (a PyTorch limitation). To keep the adapter, reload it onto the base model afterwards.
+    """
+    for name in _require_lora(model):
+        layer = model.get_submodule(name)
+        layer.parametrizations.weight[0].enabled = True
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop the parametrizations without merging: back to the base model, in place."""
+    for name in _require_lora(model):
+        parametrize.remove_parametrizations(model.get_submodule(name), "weight",
+                                            leave_parametrized=False)
+    return model

@@ -1,0 +1,160 @@
+"""The tutorial's steps as functions, so that every notebook can run alone or in order.
+
+A notebook asks for the model at the stage it teaches: `pretrained_model` loads the
+checkpoint written for these settings, or pre-trains and writes it; `lora_model` adds LoRA
+and freezes the rest; `finetune` trains the adapter and saves it; `finetuned_model` loads
+that adapter, or fine-tunes when there is none.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, load_adapter, load_pretrained, save_adapter, save_pretrained
+from .data import Mnist, digit_subset, load_mnist
+from .device import describe_device, pick_device
+from .evaluate import Evaluation, evaluate
+from .lora import add_lora, lora_state_dict, mark_only_lora_as_trainable
+from .model import OversizedMLP
+from .settings import Settings, fingerprint, shown_path
+from .train import train
+
+
+def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist]:
+    """Pick the device, load MNIST (the first `train_samples` images when set), move it there."""
+    device = pick_device(settings.device)
+    data = load_mnist(settings.data_dir, download=settings.download, verbose=verbose)
+    if settings.train_samples is not None:
+        data = data.limit(settings.train_samples)
+        if verbose:
+            print(f"Using the first {len(data.train_labels):,} training images (train_samples).")
+    if verbose:
+        print(describe_device(device))
+    return device, data.to(device)
+
+
+def pretrain_key(settings: Settings, data: Mnist) -> dict:
+    return {**settings.pretrain_key(), "data": data.identity}
+
+
+def finetune_key(settings: Settings, data: Mnist) -> dict:
+    return {**settings.finetune_key(), "data": data.identity}
+
+
+def pretrained_path(settings: Settings, data: Mnist) -> Path:
+    name = f"pretrained-{fingerprint(settings.pretrain_key(), data.identity)}.pt"
+    return settings.output_path / "checkpoints" / name
+
+
+def adapter_path(settings: Settings, data: Mnist) -> Path:
+    name = f"lora-{fingerprint(settings.finetune_key(), data.identity)}.safetensors"
+    return settings.output_path / "adapters" / name
+
+
+@dataclass
+class Pretrained:
+    model: nn.Module
+    losses: list[float]  # one per pre-training step
+    evaluation: Evaluation  # on the test images
+    path: Path
+    loaded: bool  # True when read from an earlier run's checkpoint
+
+
+def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retrain: bool = False,
+                     verbose: bool = True) -> Pretrained:
+    """The pre-trained network for these settings: from its checkpoint, or trained and saved."""
+    path = pretrained_path(settings, data)
+    key = pretrain_key(settings, data)
+    loaded = path.exists() and not retrain
+    if loaded:
+        payload = load_pretrained(path, key)
+        model = OversizedMLP().to(device)
+        model.load_state_dict(payload["state_dict"])
+        losses = payload["losses"]
+        if verbose:
+            print(f"Loaded the pre-trained weights for these settings from {shown_path(path)}.")
+    else:
+        torch.manual_seed(settings.seed)
+        model = OversizedMLP().to(device)
+        losses = train(model, data.train_images, data.train_labels, epochs=settings.pretrain_epochs,
+                       batch_size=settings.batch_size, lr=settings.learning_rate,
+                       seed=settings.seed, desc="Pre-training", progress=verbose)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_pretrained(path, state, key, {"losses": losses})
+        if verbose:
+            print(f"Saved the pre-trained weights to {shown_path(path)}.")
+    return Pretrained(model, losses, evaluate(model, data.test_images, data.test_labels), path, loaded)
+
+
+def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
+    """A copy of `base` with LoRA on every Linear layer and everything else frozen."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(settings.seed)  # LoRA's A is drawn at random: make it reproducible
+    add_lora(model, rank=settings.rank, alpha=settings.alpha)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True) -> list[float]:
+    """Train the LoRA adapter on the target digit alone; save it; return the losses."""
+    images, labels = digit_subset(data.train_images, data.train_labels, settings.target_digit)
+    losses = train(model, images, labels, max_steps=settings.finetune_steps,
+                   batch_size=settings.batch_size, lr=settings.learning_rate, seed=settings.seed,
+                   desc=f"Fine-tuning on digit {settings.target_digit}", progress=verbose)
+    path = adapter_path(settings, data)
+    save_adapter(path, lora_state_dict(model), finetune_key(settings, data))
+    if verbose:
+        print(f"Saved the LoRA adapter ({path.stat().st_size / 1024:.1f} KiB) to {shown_path(path)}.")
+    return losses
+
+
+def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: bool = True) -> nn.Module:
+    """The fine-tuned LoRA model: the saved adapter on `base`, or fine-tuned now if there is none."""
+    model = lora_model(settings, base)
+    path = adapter_path(settings, data)
+    if not path.exists():
+        finetune(settings, data, model, verbose)
+        return model
+    tensors = load_adapter(path, finetune_key(settings, data))
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys or any("lora_" in k for k in result.missing_keys):
+        raise CheckpointError(f"Adapter {path} does not fit this model (missing "
+                              f"{result.missing_keys}, unexpected {result.unexpected_keys}).")
+    if verbose:
+        print(f"Loaded the LoRA adapter for these settings from {shown_path(path)}.")
+    return model
+
+
+def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on: Evaluation,
+               lora_off: Evaluation, lora_parameters: int, base_parameters: int) -> dict:
+    """The numbers a run reports, as plain data (the results JSON that `run` reads)."""
+    digit = settings.target_digit
+    others = [d for d in range(10) if d != digit]
+
+    def other_mean(e: Evaluation) -> float:
+        acc = e.per_digit_accuracy()
+        return sum(acc[d] for d in others) / len(others)
+
+    return {
+        "settings": settings.as_dict(),
+        "data": {"source": data.source, "identity": data.identity,
+                 "train_images": len(data.train_labels), "test_images": len(data.test_labels)},
+        "base_parameters": base_parameters,
+        "lora_parameters": lora_parameters,
+        "lora_share_percent": 100 * lora_parameters / base_parameters,
+        "worst_digit_pretrained": pretrained.worst_digit(),
+        "target_digit": digit,
+        "target_wrong_before": pretrained.wrong_counts[digit],
+        "target_wrong_after": lora_on.wrong_counts[digit],
+        "other_digits_accuracy_before": other_mean(pretrained),
+        "other_digits_accuracy_after": other_mean(lora_on),
+        "lora_off_equals_pretrained": lora_off == pretrained,
+        "pretrained": pretrained.as_dict(),
+        "lora_on": lora_on.as_dict(),
+        "lora_off": lora_off.as_dict(),
+    }

@@ -1,0 +1,62 @@
+"""Every figure the notebooks show. Each function returns the matplotlib Figure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .data import MEAN, STD
+
+
+def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, columns: int = 8,
+                title: str = "MNIST samples") -> plt.Figure:
+    """A grid of the first `count` images, each titled with its label."""
+    count = min(count, len(images))
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3))
+    pixels = (images[:count].detach().cpu() * STD + MEAN).clamp(0, 1)  # undo the normalisation
+    for i, ax in enumerate(np.ravel(axes)):
+        ax.axis("off")
+        if i < count:
+            ax.imshow(pixels[i].reshape(28, 28), cmap="gray_r")
+            ax.set_title(str(int(labels[i])), fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-training loss") -> plt.Figure:
+    """Loss per step (faint) and its moving average over `window` steps."""
+    values = np.asarray(losses, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(values, color="tab:blue", alpha=0.25, linewidth=0.6, label="per batch")
+    if len(values) >= window:
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window - 1, len(values)), smooth, color="tab:blue",
+                label=f"mean of {window} batches")
+    ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit: int,
+                      labels: tuple[str, str] = ("pre-trained", "with LoRA")) -> plt.Figure:
+    """Wrong answers per digit, two bars each; the target digit's pair is highlighted."""
+    digits = np.arange(10)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.bar(digits - 0.2, before, width=0.4, label=labels[0], color="tab:gray")
+    ax.bar(digits + 0.2, after, width=0.4, label=labels[1], color="tab:orange")
+    ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12,
+               label=f"target digit {target_digit}")
+    for x, (b, a) in enumerate(zip(before, after)):
+        ax.text(x - 0.2, b, str(b), ha="center", va="bottom", fontsize=8)
+        ax.text(x + 0.2, a, str(a), ha="center", va="bottom", fontsize=8)
+    ax.set(xticks=digits, xlabel="true digit", ylabel="wrong answers (test set)",
+           title="Wrong answers per digit")
+    ax.legend()
+    fig.tight_layout()
+    return fig

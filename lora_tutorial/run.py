@@ -1,0 +1,142 @@
+"""Run the whole tutorial headless: `python -m lora_tutorial.run`.
+
+Executes the six notebooks in order with papermill, each into an executed copy under --out,
+all with the same parameters, then prints a short summary of the results. With --check it
+also fails unless the post's trends hold (see TRENDS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings, project_root, shown_path
+from .train import PROGRESS_ENV
+
+STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
+TRENDS = (
+    "pre-trained accuracy >= 0.94",
+    "wrong answers on the target digit fall by >= 70 %",
+    "LoRA off reproduces the pre-trained results exactly",
+)
+
+
+def parse_value(text: str) -> Any:
+    """'4' -> 4, '0.5' -> 0.5, 'None' -> None, 'cpu' -> 'cpu' (like papermill's -p)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def notebooks_dir() -> Path:
+    folder = project_root() / "notebooks"
+    if not folder.is_dir():
+        raise SystemExit(f"No notebooks/ folder in {project_root()}: run this from a clone of the "
+                         "project, installed with `pip install -e .`.")
+    return folder
+
+
+def check_trends(results: dict) -> list[str]:
+    """The post's trends that these results break (empty when all hold)."""
+    failed = []
+    if results["pretrained"]["accuracy"] < 0.94:
+        failed.append(f"{TRENDS[0]}: got {results['pretrained']['accuracy']:.4f}")
+    before, after = results["target_wrong_before"], results["target_wrong_after"]
+    if before == 0 or after > 0.3 * before:
+        failed.append(f"{TRENDS[1]}: {before} -> {after}")
+    if not results["lora_off_equals_pretrained"]:
+        failed.append(TRENDS[2])
+    return failed
+
+
+def summary(results: dict) -> str:
+    pre, on = results["pretrained"], results["lora_on"]
+    digit = results["target_digit"]
+    before, after = results["target_wrong_before"], results["target_wrong_after"]
+    return "\n".join([
+        f"Data: {results['data']['source']} ({results['data']['train_images']:,} training, "
+        f"{results['data']['test_images']:,} test images)",
+        f"Pre-trained accuracy:        {pre['accuracy']:.4f} (worst digit: "
+        f"{results['worst_digit_pretrained']})",
+        f"With LoRA (rank {results['settings']['rank']}):          {on['accuracy']:.4f}",
+        f"Wrong answers on digit {digit}:    {before} -> {after}",
+        f"Other digits, mean accuracy: {results['other_digits_accuracy_before']:.4f} -> "
+        f"{results['other_digits_accuracy_after']:.4f}",
+        f"LoRA off == pre-trained:     {results['lora_off_equals_pretrained']}",
+        f"Trained parameters:          {results['lora_parameters']:,} of "
+        f"{results['base_parameters']:,} ({results['lora_share_percent']:.3f} %)",
+    ])
+
+
+def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -> dict | None:
+    """Execute the notebooks into `out`; return the results JSON of 06_compare when it ran."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    settings = Settings.from_mapping(parameters)  # bad values fail here, before any notebook
+    source = notebooks_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ[PROGRESS_ENV] = "text"  # kernels inherit it: plain-text bars in executed copies
+    results_path = settings.output_path / "results.json"
+    started_all = time.perf_counter()
+    for step in steps:
+        target = out / f"{step}.ipynb"
+        print(f"Running {step} ...", end=" ", flush=True)
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target),
+                                       parameters=parameters, cwd=str(source), kernel_name="python3",
+                                       progress_bar=False,
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        except PapermillExecutionError as err:
+            print("failed.")
+            raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                             f"The executed copy, with the error, is {shown_path(target)}.") from None
+        print(f"done in {time.perf_counter() - started:.1f} s")
+    print(f"All {len(steps)} notebooks ran in {time.perf_counter() - started_all:.1f} s; "
+          f"executed copies are in {shown_path(out)}.")
+    if "06_compare" not in steps or not results_path.is_file():
+        return None
+    results = json.loads(results_path.read_text())
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "run",
+                        help="folder for the executed notebooks (default: outputs/run)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"), help="a notebook parameter, e.g. -p rank 4")
+    parser.add_argument("--only", nargs="+", choices=STEPS, help="run only these notebooks")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless the post's trends hold: " + "; ".join(TRENDS))
+    args = parser.parse_args(argv)
+    parameters = {name: parse_value(value) for name, value in args.parameter}
+    try:
+        results = run(args.out, parameters, tuple(args.only) if args.only else STEPS)
+    except ValueError as err:  # a bad parameter: one clear sentence, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if results is None:
+        return 0
+    print("\n" + summary(results))
+    if args.check:
+        failed = check_trends(results)
+        for line in failed:
+            print(f"TREND FAILED: {line}", file=sys.stderr)
+        if failed:
+            return 1
+        print("All of the post's trends hold: " + "; ".join(TRENDS) + ".")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
