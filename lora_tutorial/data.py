@@ -10,8 +10,8 @@ instead of transforming every image again at every step as the post's DataLoader
 from __future__ import annotations
 
 import gzip
-import os
 import importlib.resources
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path

@@ -52,7 +52,7 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
     ax.bar(digits + 0.2, after, width=0.4, label=labels[1], color="tab:orange")
     ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12,
                label=f"target digit {target_digit}")
-    for x, (b, a) in enumerate(zip(before, after)):
+    for x, (b, a) in enumerate(zip(before, after, strict=True)):
         ax.text(x - 0.2, b, str(b), ha="center", va="bottom", fontsize=8)
         ax.text(x + 0.2, a, str(a), ha="center", va="bottom", fontsize=8)
     ax.set(xticks=digits, xlabel="true digit", ylabel="wrong answers (test set)",
