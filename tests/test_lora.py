@@ -1,0 +1,186 @@
+"""LoRA's math, shapes, freezing, switching and merging, on the tutorial's real network."""
+
+import pytest
+import torch
+from torch import nn
+
+from lora_tutorial import (
+    LoRAParametrization,
+    OversizedMLP,
+    add_lora,
+    base_weight,
+    count_parameters,
+    describe_lora,
+    disable_adapter,
+    lora_modules,
+    lora_parameter_counts,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter_enabled,
+    unload,
+)
+
+
+def lora_net(rank=1, alpha=1.0, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = OversizedMLP()
+    add_lora(model, rank=rank, alpha=alpha, **kwargs)
+    return model
+
+
+def randomize_b(model):
+    """Give every B non-zero values, as training would."""
+    with torch.no_grad():
+        for lora in lora_modules(model).values():
+            lora.lora_B.normal_(std=0.05)
+
+
+@pytest.fixture
+def images():
+    return torch.randn(32, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def test_shapes_follow_linear_out_in():
+    model = lora_net(rank=3)
+    for name, layer in [("linear1", model.linear1), ("linear2", model.linear2), ("linear3", model.linear3)]:
+        lora = lora_modules(model)[name]
+        assert lora.lora_A.shape == (3, layer.in_features)
+        assert lora.lora_B.shape == (layer.out_features, 3)
+        shape = (layer.out_features, layer.in_features)
+        assert lora.delta_weight().shape == base_weight(layer).shape == shape
+    assert "lora_A (3, 784) + lora_B (1000, 3)" in describe_lora(model)
+
+
+def test_initialisation_normal_a_zero_b():
+    lora = LoRAParametrization(2000, 1000, rank=64, alpha=64)
+    assert torch.count_nonzero(lora.lora_B) == 0
+    assert abs(lora.lora_A.std().item() - 1.0) < 0.02  # N(0, 1), as the post draws it
+    kaiming = LoRAParametrization(2000, 1000, rank=64, init="kaiming")
+    bound = 1 / 2000 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 2000
+    assert kaiming.lora_A.abs().max() <= bound and kaiming.lora_A.std() < 0.1
+    with pytest.raises(ValueError, match="init='xavier'"):
+        LoRAParametrization(10, 10, init="xavier")
+
+
+def test_zero_start_leaves_the_model_unchanged(images):
+    torch.manual_seed(0)
+    plain = OversizedMLP()
+    adapted = lora_net(seed=0)  # same seed: same base weights
+    assert torch.equal(adapted(images), plain(images))
+    set_adapter_enabled(adapted, False)
+    assert torch.equal(adapted(images), plain(images))
+
+
+def test_weight_is_w_plus_scaled_b_at_a_exactly():
+    model = lora_net(rank=4, alpha=8.0)
+    randomize_b(model)
+    for name, lora in lora_modules(model).items():
+        layer = model.get_submodule(name)
+        assert lora.scale == 2.0
+        expected = base_weight(layer) + (lora.lora_B @ lora.lora_A) * 2.0
+        assert torch.equal(layer.weight, expected)
+        assert not torch.equal(layer.weight, base_weight(layer))
+
+
+def test_freezing_leaves_gradients_only_on_lora(images):
+    model = lora_net()
+    frozen = mark_only_lora_as_trainable(model)
+    assert frozen == [
+        "linear1.bias", "linear1.parametrizations.weight.original",
+        "linear2.bias", "linear2.parametrizations.weight.original",
+        "linear3.bias", "linear3.parametrizations.weight.original",
+    ]
+    nn.functional.cross_entropy(model(images), torch.arange(32) % 10).backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == ("lora_" in name), name
+    assert count_parameters(model, trainable_only=True) == 6_794
+
+
+def test_disable_adapter_restores_each_layers_state_even_on_error(images):
+    model = lora_net()
+    randomize_b(model)
+    lora_modules(model)["linear3"].enabled = False  # a layer the user switched off by hand
+    adapted = model(images)
+    with disable_adapter(model):
+        assert all(not lora.enabled for lora in lora_modules(model).values())
+        assert torch.equal(model.linear1.weight, base_weight(model.linear1))
+    assert [lora.enabled for lora in lora_modules(model).values()] == [True, True, False]
+    assert torch.equal(model(images), adapted)
+    with pytest.raises(RuntimeError, match="boom"), disable_adapter(model):
+        raise RuntimeError("boom")
+    assert lora_modules(model)["linear1"].enabled
+
+
+def test_parameter_counts_match_the_post(capsys):
+    model = lora_net(rank=1)
+    assert lora_parameter_counts(model) == (2_807_010, 6_794)
+    mark_only_lora_as_trainable(model)
+    print_trainable_parameters(model)
+    assert capsys.readouterr().out.strip() == (
+        "trainable params: 6,794 || all params: 2,813,804 || trainable%: 0.2415")
+    base, added = lora_parameter_counts(lora_net(rank=8))
+    layers = [(784, 1000), (1000, 2000), (2000, 10)]
+    assert added == 8 * sum(i + o for i, o in layers) and base == 2_807_010
+
+
+def test_only_some_layers():
+    model = lora_net(rank=2, target_modules=["linear3"])
+    assert list(lora_modules(model)) == ["linear3"]
+    assert lora_parameter_counts(model)[1] == 2 * (2000 + 10)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 0}, "rank=0 is not valid for layer linear1"),
+    ({"rank": 11}, r"rank=11 is not valid for layer linear3 \(10 x 2000\): expected an integer from 1 to 10"),
+    ({"rank": 1.5}, "rank=1.5 is not valid"),
+    ({"target_modules": ["fc1"]}, r"\['fc1'\] are not Linear layers of this model; valid names are "
+                                  r"\['linear1', 'linear2', 'linear3'\]"),
+])
+def test_bad_arguments_are_refused_before_any_change(kwargs, message):
+    model = OversizedMLP()
+    with pytest.raises(ValueError, match=message):
+        add_lora(model, **kwargs)
+    assert lora_modules(model) == {}
+
+
+def test_adding_twice_and_helpers_without_lora_are_clear_errors():
+    model = lora_net()
+    with pytest.raises(ValueError, match="already has a parametrization"):
+        add_lora(model)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        mark_only_lora_as_trainable(OversizedMLP())
+
+
+def test_merge_and_unload_equals_the_parametrization_exactly(images):
+    model = lora_net(rank=2, alpha=3.0)
+    randomize_b(model)
+    with torch.no_grad():
+        weights = {n: model.get_submodule(n).weight.clone() for n in lora_modules(model)}
+        expected = model(images)
+    set_adapter_enabled(model, False)  # merging merges the adapter even when it is switched off
+    merged = merge_and_unload(model)
+    assert lora_modules(merged) == {}
+    assert type(merged.linear1) is nn.Linear
+    for name, weight in weights.items():
+        assert torch.equal(merged.get_submodule(name).weight, weight)
+    assert torch.equal(merged(images), expected)
+    assert not any("lora_" in k for k in merged.state_dict())
+
+
+def test_unload_gives_back_the_base_model(images):
+    torch.manual_seed(0)
+    plain = OversizedMLP()
+    model = lora_net(seed=0)
+    randomize_b(model)
+    base = unload(model)
+    assert torch.equal(base(images), plain(images))
+
+
+def test_lora_state_dict_holds_only_a_and_b():
+    model = lora_net(rank=2)
+    state = lora_state_dict(model)
+    assert sorted(state) == sorted(f"{layer}.parametrizations.weight.0.lora_{m}"
+                                   for layer in ("linear1", "linear2", "linear3") for m in "AB")
+    assert sum(t.numel() for t in state.values()) == 2 * 6_794
