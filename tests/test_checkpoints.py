@@ -1,0 +1,89 @@
+"""Checkpoints and adapters: cached per settings, refused when they do not match, never half-written."""
+
+import pytest
+import torch
+
+from lora_tutorial import CheckpointError, Settings, evaluate, finetuned_model, lora_model, pretrained_model
+from lora_tutorial.checkpoints import atomic_write, load_adapter, load_pretrained, save_pretrained
+from lora_tutorial.pipeline import adapter_path, pretrained_path, setup
+
+
+@pytest.fixture
+def small(small_settings):
+    device, data = setup(small_settings, verbose=False)
+    return small_settings, device, data
+
+
+def test_pretraining_happens_once_per_settings(small):
+    settings, device, data = small
+    first = pretrained_model(settings, data, device, verbose=False)
+    assert not first.loaded and first.path.is_file() and len(first.losses) == 200
+    second = pretrained_model(settings, data, device, verbose=False)
+    assert second.loaded and second.losses == first.losses and second.evaluation == first.evaluation
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other = Settings(**{**settings.as_dict(), "seed": 1})
+    assert pretrained_path(other, data) != first.path
+    assert pretrained_path(Settings(**{**settings.as_dict(), "rank": 8}), data) == first.path
+
+
+def test_weights_from_other_settings_are_refused(small):
+    settings, device, data = small
+    pre = pretrained_model(settings, data, device, verbose=False)
+    other = Settings(**{**settings.as_dict(), "learning_rate": 0.01})
+    pretrained_path(other, data).write_bytes(pre.path.read_bytes())  # a mislabelled file
+    with pytest.raises(CheckpointError, match=r"was made with other settings \(learning_rate: file has "
+                                              r"0\.001, asked for 0\.01\); it is not used"):
+        pretrained_model(other, data, device, verbose=False)
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "pretrained.pt"
+    save_pretrained(path, {"w": torch.ones(3)}, {"seed": 0}, {"losses": [1.0]})
+    assert load_pretrained(path, {"seed": 0})["losses"] == [1.0]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot be read .* Delete it and pre-train again"):
+        load_pretrained(path, {"seed": 0})
+
+
+def test_a_crash_while_writing_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "pretrained.pt"
+    save_pretrained(path, {"w": torch.ones(3)}, {"seed": 0}, {"losses": [1.0]})
+    good = path.read_bytes()
+
+    def crash(tmp):
+        tmp.write_bytes(good[:50])  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["pretrained.pt"], "no temporary file left behind"
+
+
+def test_adapter_round_trip_and_mismatch(small):
+    settings, device, data = small
+    pre = pretrained_model(settings, data, device, verbose=False)
+    tuned = finetuned_model(settings, data, pre.model, verbose=False)  # fine-tunes and saves
+    path = adapter_path(settings, data)
+    assert path.is_file() and path.stat().st_size < 40_000  # rank 1: 6,794 floats
+    again = finetuned_model(settings, data, pre.model, verbose=False)  # loads the file
+    assert evaluate(again, data.test_images, data.test_labels) == evaluate(tuned, data.test_images,
+                                                                          data.test_labels)
+    rank2 = Settings(**{**settings.as_dict(), "rank": 2})
+    with pytest.raises(CheckpointError, match=r"other settings \(rank: file has 1, asked for 2\)"):
+        load_adapter(path, {**rank2.finetune_key(), "data": data.identity})
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        finetuned_model(settings, data, pre.model, verbose=False)
+
+
+def test_lora_model_does_not_touch_the_base(small):
+    settings, device, data = small
+    pre = pretrained_model(settings, data, device, verbose=False)
+    before = {k: v.clone() for k, v in pre.model.state_dict().items()}
+    model = lora_model(settings, pre.model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 6_794
+    assert type(pre.model.linear1) is torch.nn.Linear
+    for key, value in pre.model.state_dict().items():
+        assert torch.equal(value, before[key])

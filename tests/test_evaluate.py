@@ -1,0 +1,44 @@
+"""Batched evaluation against the post's one-image-at-a-time loop."""
+
+import torch
+
+from lora_tutorial import OversizedMLP, evaluate
+
+
+def per_image_loop(model, images, labels):
+    """The post's test(): one image at a time, counting right and wrong answers per digit."""
+    correct, wrong, confusion = 0, [0] * 10, [[0] * 10 for _ in range(10)]
+    with torch.no_grad():
+        for x, y in zip(images, labels, strict=True):
+            guess = int(torch.argmax(model(x.view(-1, 784))[0]))
+            confusion[int(y)][guess] += 1
+            if guess == int(y):
+                correct += 1
+            else:
+                wrong[int(y)] += 1
+    return correct, wrong, confusion
+
+
+def test_batched_evaluation_matches_the_per_image_loop(mnist):
+    torch.manual_seed(0)
+    model = OversizedMLP()
+    images, labels = mnist.test_images[:600], mnist.test_labels[:600]
+    correct, wrong, confusion = per_image_loop(model, images, labels)
+    for batch_size in (10_000, 128, 7):
+        result = evaluate(model, images, labels, batch_size=batch_size)
+        assert (result.correct, result.wrong_counts, result.confusion) == (correct, wrong, confusion)
+        assert result.total == 600 and result.accuracy == correct / 600
+    assert sum(wrong) == 600 - correct  # an untrained model gets plenty wrong: a real check
+
+
+def test_report_worst_digit_and_per_digit_accuracy(mnist):
+    torch.manual_seed(1)
+    result = evaluate(OversizedMLP(), mnist.test_images[:300], mnist.test_labels[:300])
+    report = result.report().splitlines()
+    assert report[0].startswith(f"Accuracy: {result.accuracy:.3f}")
+    assert report[1:] == [f"wrong counts for the digit {d}: {w}" for d, w in enumerate(result.wrong_counts)]
+    worst = result.worst_digit()
+    assert result.wrong_counts[worst] == max(result.wrong_counts)
+    accuracy = result.per_digit_accuracy()
+    for digit, row in enumerate(result.confusion):
+        assert accuracy[digit] == row[digit] / sum(row)

@@ -1,0 +1,94 @@
+"""The six notebooks, executed end to end by papermill through the headless runner."""
+
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from lora_tutorial.run import STEPS, check_trends, run, summary
+
+
+def errors_in(path):
+    nb = nbformat.read(path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+
+
+def text_of(path):
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
+                     for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """All six notebooks on 2,000 training images and 30 fine-tuning steps."""
+    root = tmp_path_factory.mktemp("run")
+    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out")}
+    results = run(root / "executed", parameters)
+    return root, results
+
+
+def test_all_six_notebooks_run_without_errors(quick_run):
+    root, _ = quick_run
+    for step in STEPS:
+        path = root / "executed" / f"{step}.ipynb"
+        assert path.is_file() and errors_in(path) == [], step
+
+
+def test_the_results_they_report(quick_run):
+    root, results = quick_run
+    assert results == json.loads((root / "out" / "results.json").read_text())
+    assert results["settings"]["train_samples"] == 2000 and results["settings"]["finetune_steps"] == 30
+    assert results["lora_parameters"] == 6_794 and results["base_parameters"] == 2_807_010
+    assert results["lora_off_equals_pretrained"] is True
+    assert results["lora_off"] == results["pretrained"]
+    assert results["target_wrong_after"] < results["target_wrong_before"]
+    assert results["pretrained"]["total"] == results["data"]["test_images"]
+    assert sum(results["pretrained"]["wrong_counts"]) == (
+        results["pretrained"]["total"] - results["pretrained"]["correct"])
+    assert f"Wrong answers on digit 9:    {results['target_wrong_before']} ->" in summary(results)
+
+
+def test_the_notebooks_print_what_they_check(quick_run):
+    root, results = quick_run
+    executed = root / "executed"
+    assert "one image: (28, 28) torch.float32" in text_of(executed / "01_data.ipynb")
+    assert "Total number of parameters: 2,807,010" in text_of(executed / "02_pretrain.ipynb")
+    assert "Parameters LoRA adds:               6,794 (0.242 %)" in text_of(executed / "03_parametrize.ipynb")
+    assert "trainable params: 6,794 || all params: 2,813,804" in text_of(executed / "04_freeze.ipynb")
+    finetune = text_of(executed / "05_finetune.ipynb")
+    assert "Frozen weights unchanged; W' = W + (alpha / r) B @ A; LoRA off gives W. All exact." in finetune
+    assert f"{results['target_wrong_after']} after fine-tuning LoRA" in finetune
+    assert "Identical to the pre-trained network" in text_of(executed / "06_compare.ipynb")
+    nb = nbformat.read(executed / "06_compare.ipynb", as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), "no plot"
+
+
+def test_later_notebooks_alone_with_other_parameters(quick_run, tmp_path):
+    """05 and 06 run without the earlier notebooks (pre-training is reused) and follow the rank."""
+    root, first = quick_run
+    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"), "rank": 3}
+    results = run(tmp_path, parameters, ("05_finetune", "06_compare"))
+    assert results["lora_parameters"] == 3 * 6_794
+    assert results["pretrained"] == first["pretrained"]  # the same checkpoint, loaded
+    assert "Loaded the pre-trained weights" in text_of(tmp_path / "05_finetune.ipynb")
+
+
+def test_trend_check():
+    good = {"pretrained": {"accuracy": 0.95}, "target_wrong_before": 100, "target_wrong_after": 20,
+            "lora_off_equals_pretrained": True}
+    assert check_trends(good) == []
+    bad = {**good, "pretrained": {"accuracy": 0.9}, "target_wrong_after": 31,
+           "lora_off_equals_pretrained": False}
+    assert len(check_trends(bad)) == 3
+
+
+def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lora_tutorial.run", "--out", str(tmp_path), "-p", "rank", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "error: rank=0 is not valid: expected an integer >= 1." in done.stderr
+    assert "Running" not in done.stdout and not any(tmp_path.iterdir())

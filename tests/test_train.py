@@ -1,0 +1,76 @@
+"""The training loop: it learns, it is reproducible, it trains only what is trainable, it stops on NaN."""
+
+import pytest
+import torch
+
+from lora_tutorial import OversizedMLP, add_lora, base_weight, evaluate, mark_only_lora_as_trainable, train
+
+
+def pretrain_small(mnist, seed=0, samples=1000):
+    torch.manual_seed(seed)
+    model = OversizedMLP()
+    losses = train(model, mnist.train_images[:samples], mnist.train_labels[:samples], seed=seed,
+                   progress=False)
+    return model, losses
+
+
+def test_one_epoch_learns(mnist):
+    model, losses = pretrain_small(mnist)
+    assert len(losses) == 100  # 1,000 images in batches of 10
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:5]) / 5
+    assert evaluate(model, mnist.test_images[:1000], mnist.test_labels[:1000]).accuracy > 0.7
+
+
+def test_same_seed_gives_bit_identical_weights(mnist):
+    first, losses1 = pretrain_small(mnist, seed=3, samples=500)
+    second, losses2 = pretrain_small(mnist, seed=3, samples=500)
+    assert losses1 == losses2
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other, _ = pretrain_small(mnist, seed=4, samples=500)
+    assert not torch.equal(other.linear1.weight, first.linear1.weight)
+
+
+def test_max_steps_runs_past_one_epoch_and_last_batch_is_partial(mnist):
+    torch.manual_seed(0)
+    model = OversizedMLP()
+    losses = train(model, mnist.train_images[:25], mnist.train_labels[:25], max_steps=7, progress=False)
+    assert len(losses) == 7  # 3 batches per epoch (10, 10, 5): two epochs and one more batch
+
+
+def test_lora_training_changes_only_lora(mnist):
+    torch.manual_seed(0)
+    model = OversizedMLP()
+    add_lora(model, rank=2)
+    mark_only_lora_as_trainable(model)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    b_before = model.linear2.parametrizations.weight[0].lora_B.clone()
+    train(model, mnist.train_images[:200], mnist.train_labels[:200], max_steps=10, progress=False)
+    for key, value in model.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key
+    assert not torch.equal(model.linear2.parametrizations.weight[0].lora_B, b_before)
+    assert torch.equal(base_weight(model.linear2), frozen["linear2.parametrizations.weight.original"])
+
+
+def test_divergence_stops_with_the_step_and_a_hint(mnist):
+    torch.manual_seed(0)
+    model = OversizedMLP()
+    with torch.no_grad():
+        model.linear3.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"The loss became nan at step 1: training diverged\. "
+                                                 r"Lower the learning rate \(lr=0\.001\) or LoRA's alpha"):
+        train(model, mnist.train_images[:100], mnist.train_labels[:100], progress=False)
+
+
+def test_nothing_trainable_is_an_error(mnist):
+    model = OversizedMLP().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, mnist.train_images[:10], mnist.train_labels[:10], progress=False)
+
+
+def test_denormal_flushing_is_switched_off_again(mnist):
+    torch.manual_seed(0)
+    train(OversizedMLP(), mnist.train_images[:20], mnist.train_labels[:20], progress=False)
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a denormal float32
+    assert tiny.item() != 0.0, "train() left denormals flushed to zero for the rest of the session"
