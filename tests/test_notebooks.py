@@ -87,8 +87,8 @@ def test_trend_check():
 
 
 def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "lora_tutorial.run", "--out", str(tmp_path), "-p", "rank", "0"],
-                          capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "lora_tutorial.run", "--out", str(tmp_path), "-p", "rank", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "error: rank=0 is not valid: expected an integer >= 1." in done.stderr
     assert "Running" not in done.stdout and not any(tmp_path.iterdir())

@@ -22,7 +22,8 @@ def test_bad_values_name_themselves(name, value, message):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"Unknown setting\(s\) \['lr'\]: the valid names are .*'learning_rate'"):
+    message = r"Unknown setting\(s\) \['lr'\]: the valid names are .*'learning_rate'"
+    with pytest.raises(ValueError, match=message):
         Settings.from_mapping({"lr": 0.1})
 
 
