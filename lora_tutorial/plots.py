@@ -37,7 +37,8 @@ def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-trai
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
         ax.plot(np.arange(window - 1, len(values)), smooth, color="tab:blue",
                 label=f"mean of {window} batches")
-    ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, yscale="log")
+    top = float(np.percentile(values, 99)) if len(values) else 1.0  # a few wild batches would hide the trend
+    ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, ylim=(0, top))
     ax.legend()
     fig.tight_layout()
     return fig
@@ -50,7 +51,7 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
     fig, ax = plt.subplots(figsize=(8, 3.8))
     ax.bar(digits - 0.2, before, width=0.4, label=labels[0], color="tab:gray")
     ax.bar(digits + 0.2, after, width=0.4, label=labels[1], color="tab:orange")
-    ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12,
+    ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
                label=f"target digit {target_digit}")
     for x, (b, a) in enumerate(zip(before, after, strict=True)):
         ax.text(x - 0.2, b, str(b), ha="center", va="bottom", fontsize=8)

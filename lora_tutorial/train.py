@@ -24,7 +24,7 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     """tqdm.auto's bar (a widget in Jupyter when ipywidgets is there), else a text bar."""
     if os.environ.get(PROGRESS_ENV) == "text":
         from tqdm.std import tqdm
-        return tqdm(total=total, desc=desc, disable=not enabled, mininterval=1.0)
+        return tqdm(total=total, desc=desc, disable=not enabled, mininterval=5.0)
     try:
         import ipywidgets  # noqa: F401  (tqdm.auto warns without it; fall back quietly)
         from tqdm.auto import tqdm
