@@ -75,6 +75,20 @@ def summary(results: dict) -> str:
     ])
 
 
+def _relative_paths(path: Path) -> None:
+    """Papermill records absolute paths in the notebook; keep them relative to the project."""
+    import nbformat
+
+    from .checkpoints import atomic_write
+
+    nb = nbformat.read(path, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            meta[key] = shown_path(Path(meta[key]))
+    atomic_write(path, lambda tmp: nbformat.write(nb, str(tmp)))
+
+
 def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -> dict | None:
     """Execute the notebooks into `out`; return the results JSON of 06_compare when it ran."""
     import papermill
@@ -99,6 +113,7 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
             print("failed.")
             raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                              f"The executed copy, with the error, is {shown_path(target)}.") from None
+        _relative_paths(target)
         print(f"done in {time.perf_counter() - started:.1f} s")
     print(f"All {len(steps)} notebooks ran in {time.perf_counter() - started_all:.1f} s; "
           f"executed copies are in {shown_path(out)}.")

@@ -36,6 +36,8 @@ def test_all_six_notebooks_run_without_errors(quick_run):
     for step in STEPS:
         path = root / "executed" / f"{step}.ipynb"
         assert path.is_file() and errors_in(path) == [], step
+        meta = nbformat.read(path, as_version=4).metadata.papermill
+        assert meta.input_path == f"notebooks/{step}.ipynb"  # no machine paths in shared notebooks
 
 
 def test_the_results_they_report(quick_run):
