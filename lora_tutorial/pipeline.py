@@ -142,7 +142,7 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
 
     return {
         "settings": settings.as_dict(),
-        "data": {"source": data.source, "identity": data.identity,
+        "data": {"source": data.source, "location": data.location, "identity": data.identity,
                  "train_images": len(data.train_labels), "test_images": len(data.test_labels)},
         "base_parameters": base_parameters,
         "lora_parameters": lora_parameters,

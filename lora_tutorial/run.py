@@ -61,7 +61,7 @@ def summary(results: dict) -> str:
     digit = results["target_digit"]
     before, after = results["target_wrong_before"], results["target_wrong_after"]
     return "\n".join([
-        f"Data: {results['data']['source']} ({results['data']['train_images']:,} training, "
+        f"Data: {results['data']['location']} ({results['data']['train_images']:,} training, "
         f"{results['data']['test_images']:,} test images)",
         f"Pre-trained accuracy:        {pre['accuracy']:.4f} (worst digit: "
         f"{results['worst_digit_pretrained']})",
