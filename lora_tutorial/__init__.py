@@ -5,6 +5,7 @@ from .data import Mnist, MnistError, digit_subset, load_mnist
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate, predict
 from .lora import (
+    LoRALinear,
     LoRAParametrization,
     add_lora,
     base_weight,
@@ -16,6 +17,7 @@ from .lora import (
     mark_only_lora_as_trainable,
     merge_and_unload,
     print_trainable_parameters,
+    separate_path,
     set_adapter_enabled,
     unload,
 )
@@ -25,11 +27,12 @@ from .settings import Settings
 from .train import train
 
 __all__ = [
-    "CheckpointError", "Evaluation", "LoRAParametrization", "Mnist", "MnistError", "OversizedMLP",
+    "CheckpointError", "Evaluation", "LoRALinear", "LoRAParametrization", "Mnist", "MnistError",
+    "OversizedMLP",
     "Pretrained", "RichBoyNet", "Settings", "add_lora", "base_weight", "count_parameters",
     "describe_device", "describe_layers", "describe_lora", "digit_subset", "disable_adapter",
     "evaluate", "finetune", "finetuned_model", "linear_layers", "load_mnist", "lora_model",
     "lora_modules", "lora_parameter_counts", "lora_state_dict", "mark_only_lora_as_trainable",
     "merge_and_unload", "pick_device", "predict", "pretrained_model", "print_trainable_parameters",
-    "set_adapter_enabled", "setup", "train", "unload",
+    "separate_path", "set_adapter_enabled", "setup", "train", "unload",
 ]

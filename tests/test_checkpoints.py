@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from lora_tutorial import CheckpointError, Settings, evaluate, finetuned_model, lora_model, pretrained_model
+from lora_tutorial import (
+    CheckpointError,
+    Settings,
+    evaluate,
+    finetune,
+    finetuned_model,
+    lora_model,
+    lora_modules,
+    predict,
+    pretrained_model,
+)
 from lora_tutorial.checkpoints import atomic_write, load_adapter, load_pretrained, save_pretrained
 from lora_tutorial.pipeline import adapter_path, pretrained_path, setup
 
@@ -87,3 +97,18 @@ def test_lora_model_does_not_touch_the_base(small):
     assert type(pre.model.linear1) is torch.nn.Linear
     for key, value in pre.model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_fast_and_parametrized_fine_tuning_agree(small):
+    """The separate low-rank path trains the same adapter as the parametrization, up to rounding."""
+    settings, device, data = small
+    pre = pretrained_model(settings, data, device, verbose=False)
+    fast, slow = lora_model(settings, pre.model), lora_model(settings, pre.model)
+    losses_fast = finetune(settings, data, fast, verbose=False, fast_path=True)
+    losses_slow = finetune(settings, data, slow, verbose=False, fast_path=False)
+    assert losses_fast == pytest.approx(losses_slow, rel=1e-3, abs=1e-4)
+    for name, lora in lora_modules(fast).items():
+        other = lora_modules(slow)[name]
+        assert torch.allclose(lora.delta_weight(), other.delta_weight(), rtol=1e-3, atol=1e-5), name
+    agree = (predict(fast, data.test_images) == predict(slow, data.test_images)).float().mean()
+    assert agree > 0.999

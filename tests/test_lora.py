@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lora_tutorial import (
+    LoRALinear,
     LoRAParametrization,
     OversizedMLP,
     add_lora,
@@ -18,6 +19,7 @@ from lora_tutorial import (
     mark_only_lora_as_trainable,
     merge_and_unload,
     print_trainable_parameters,
+    separate_path,
     set_adapter_enabled,
     unload,
 )
@@ -184,3 +186,42 @@ def test_lora_state_dict_holds_only_a_and_b():
     assert sorted(state) == sorted(f"{layer}.parametrizations.weight.0.lora_{m}"
                                    for layer in ("linear1", "linear2", "linear3") for m in "AB")
     assert sum(t.numel() for t in state.values()) == 2 * 6_794
+
+
+def test_separate_path_matches_the_parametrization_in_outputs_and_gradients(images):
+    model = lora_net(rank=4, alpha=2.0)
+    randomize_b(model)
+    mark_only_lora_as_trainable(model)
+    view = separate_path(model)
+    assert [type(view.get_submodule(n)) for n in ("linear1", "linear2", "linear3")] == [LoRALinear] * 3
+    assert type(model.linear1) is not LoRALinear  # the parametrized model itself is untouched
+    labels = torch.arange(32) % 10
+
+    def run(forward):  # outputs and LoRA gradients, computed through `forward`
+        for p in model.parameters():
+            p.grad = None
+        out = forward(images)
+        nn.functional.cross_entropy(out, labels).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (out_p, grads_p), (out_s, grads_s) = run(model), run(view)
+    assert torch.allclose(out_s, out_p, atol=1e-5, rtol=1e-5)
+    assert len(grads_p) == 6
+    for name in grads_p:
+        assert torch.allclose(grads_s[name], grads_p[name], atol=1e-6, rtol=1e-4), name
+    with disable_adapter(model):  # the view follows the switch: it shares the LoRA modules
+        assert torch.equal(view(images), model(images))
+
+
+def test_training_the_separate_path_trains_the_parametrized_model(images):
+    model = lora_net(rank=2)
+    mark_only_lora_as_trainable(model)
+    view = separate_path(model)
+    assert {id(p) for p in view.parameters()} == {id(p) for p in model.parameters()}
+    optimizer = torch.optim.SGD([p for p in view.parameters() if p.requires_grad], lr=0.1)
+    nn.functional.cross_entropy(view(images), torch.arange(32) % 10).backward()
+    optimizer.step()
+    lora = lora_modules(model)["linear2"]
+    assert torch.count_nonzero(lora.lora_B) > 0  # the step reached the parametrized model's B
+    expected = base_weight(model.linear2) + (lora.lora_B @ lora.lora_A) * lora.scale
+    assert torch.equal(model.linear2.weight, expected)
