@@ -61,3 +61,23 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     total = len(truth)
     wrong = (confusion.sum(dim=1) - confusion.diagonal()).tolist()
     return Evaluation(correct / total, correct, total, wrong, confusion.tolist())
+
+
+def evaluate_like_the_post(model: nn.Module, dataset: torch.utils.data.Dataset,
+                           batch_size: int = 10) -> Evaluation:
+    """The post's test loop: small batches from a DataLoader, then one image at a time in Python.
+
+    Kept to show (and test) that `evaluate` gives the same answers, far faster.
+    """
+    device = next(model.parameters()).device
+    confusion = [[0] * 10 for _ in range(10)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    with torch.no_grad():
+        for x, y in loader:
+            output = model(x.to(device).view(-1, 28 * 28))
+            for row, label in zip(output, y, strict=True):
+                confusion[int(label)][int(torch.argmax(row))] += 1
+    correct = sum(confusion[d][d] for d in range(10))
+    total = sum(map(sum, confusion))
+    wrong = [sum(row) - row[d] for d, row in enumerate(confusion)]
+    return Evaluation(correct / total, correct, total, wrong, confusion)

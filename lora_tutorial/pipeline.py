@@ -79,11 +79,13 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retr
         if verbose:
             print(f"Loaded the pre-trained weights for these settings from {shown_path(path)}.")
     else:
+        # The post's seeding: one manual_seed, then the initial weights and the batch order are
+        # drawn from the global generator in that order, so the run follows the post's on a CPU.
         torch.manual_seed(settings.seed)
         model = OversizedMLP().to(device)
         losses = train(model, data.train_images, data.train_labels, epochs=settings.pretrain_epochs,
                        batch_size=settings.batch_size, lr=settings.learning_rate,
-                       seed=settings.seed, desc="Pre-training", progress=verbose)
+                       seed=None, desc="Pre-training", progress=verbose)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_pretrained(path, state, key, {"losses": losses})
         if verbose:

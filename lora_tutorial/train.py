@@ -33,6 +33,11 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     return tqdm(total=total, desc=desc, disable=not enabled)
 
 
+def _generator(seed: int | None) -> torch.Generator | None:
+    """A generator seeded with `seed`; None means PyTorch's global one (the post's way)."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
 def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """Adam with the fused kernel where this PyTorch and device have it, else the default."""
     try:
@@ -42,12 +47,14 @@ def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 1,
-          max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3, seed: int = 0,
-          desc: str = "Training", progress: bool = True) -> list[float]:
+          max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
+          seed: int | None = 0, desc: str = "Training", progress: bool = True) -> list[float]:
     """Train the model's trainable parameters; return the loss of every step.
 
-    One epoch visits every image once in a random order drawn from `seed`; with `max_steps`
-    training stops after that many batches (starting new epochs if it needs more).
+    One epoch visits every image once in a random order, the same order as the post's loop
+    (`train_with_dataloader`) given the same `seed`; `seed=None` draws it from PyTorch's global
+    generator, as the post does after its one `torch.manual_seed`. With `max_steps` training
+    stops after that many batches (starting new epochs if it needs more).
     Raises FloatingPointError, naming the step, if the loss stops being finite.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -60,7 +67,10 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
     steps = max_steps if max_steps is not None else epochs * per_epoch
     optimizer = make_adam(params, lr)
     loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
+    # Shuffle exactly as the post's DataLoader(shuffle=True) does with a generator seeded alike,
+    # so both loops see the same batches in the same order; only the indices are loaded.
+    shuffler = torch.utils.data.DataLoader(range(n), batch_size=n, shuffle=True,
+                                           generator=_generator(seed))
     losses = torch.zeros(steps, device=device)
     refresh = max(1, min(200, steps // 50))  # read the loss back this often, not every step
 
@@ -71,7 +81,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
     try:
         step = 0
         while step < steps:
-            order = torch.randperm(n, generator=generator).to(device)
+            order = torch.cat(list(shuffler)).to(device)  # one epoch's order (exhausts the sampler)
             for start in range(0, n, batch_size):
                 batch = order[start:start + batch_size]
                 optimizer.zero_grad(set_to_none=True)
@@ -97,3 +107,43 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
         if flush:
             torch.set_flush_denormal(False)
     return losses.tolist()
+
+
+def train_with_dataloader(model: nn.Module, dataset: torch.utils.data.Dataset, *, epochs: int = 1,
+                          max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
+                          seed: int | None = 0, desc: str = "Training (the post's loop)",
+                          progress: bool = True) -> list[float]:
+    """The blog post's loop, kept for comparison and teaching.
+
+    A DataLoader converts and normalises every image again at every step, the default Adam
+    runs, the loss is read back from the device at every step, and denormals are left alone.
+    Same hyperparameters and semantics as `train`; several times slower on a CPU.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters: nothing to train.")
+    device = params[0].device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=_generator(seed))
+    steps = max_steps if max_steps is not None else epochs * len(loader)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    losses: list[float] = []
+    model.train()
+    bar = progress_bar(steps, desc, progress)
+    try:
+        while len(losses) < steps:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                optimizer.zero_grad()
+                loss = loss_fn(model(x.view(-1, 28 * 28)), y)
+                losses.append(loss.item())
+                bar.set_postfix(loss=sum(losses) / len(losses), refresh=False)
+                bar.update(1)
+                loss.backward()
+                optimizer.step()
+                if len(losses) == steps:
+                    break
+    finally:
+        bar.close()
+    return losses

@@ -74,3 +74,41 @@ def test_denormal_flushing_is_switched_off_again(mnist):
     train(OversizedMLP(), mnist.train_images[:20], mnist.train_labels[:20], progress=False)
     tiny = torch.tensor([1e-40], dtype=torch.float32)  # a denormal float32
     assert tiny.item() != 0.0, "train() left denormals flushed to zero for the rest of the session"
+
+
+def test_the_posts_dataloader_loop_sees_the_same_batches_and_learns_the_same(mnist):
+    """The post's loop, kept as an option: same batches in the same order, so nearly the same run."""
+    from torch.utils.data import TensorDataset
+
+    from lora_tutorial.train import train_with_dataloader
+
+    torch.manual_seed(0)
+    model = OversizedMLP()
+    data = TensorDataset(mnist.train_images[:1000], mnist.train_labels[:1000])
+    post_losses = train_with_dataloader(model, data, seed=0, progress=False)
+    ours, our_losses = pretrain_small(mnist)
+    assert len(post_losses) == len(our_losses) == 100
+    assert post_losses[0] == our_losses[0]  # same initial weights, same first batch: bit-identical
+    assert post_losses == pytest.approx(our_losses, rel=0.05, abs=1e-3)  # fused Adam rounds differently
+    post_acc = evaluate(model, mnist.test_images[:1000], mnist.test_labels[:1000]).accuracy
+    our_acc = evaluate(ours, mnist.test_images[:1000], mnist.test_labels[:1000]).accuracy
+    assert abs(post_acc - our_acc) <= 0.01
+    assert len(train_with_dataloader(model, data, max_steps=130, progress=False)) == 130
+
+
+def test_seed_none_follows_the_global_generator_like_the_post(mnist):
+    """The post seeds once; init and shuffle then draw from the global generator, in that order."""
+    from torch.utils.data import TensorDataset
+
+    from lora_tutorial.train import train_with_dataloader
+
+    data = TensorDataset(mnist.train_images[:300], mnist.train_labels[:300])
+    torch.manual_seed(5)
+    post = train_with_dataloader(OversizedMLP(), data, seed=None, max_steps=3, progress=False)
+    torch.manual_seed(5)
+    ours = train(OversizedMLP(), mnist.train_images[:300], mnist.train_labels[:300], seed=None,
+                 max_steps=3, progress=False)
+    torch.manual_seed(6)
+    other = train(OversizedMLP(), mnist.train_images[:300], mnist.train_labels[:300], seed=None,
+                  max_steps=3, progress=False)
+    assert post[0] == ours[0] and ours[0] != other[0]
