@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Part of every checkpoint's fingerprint: raise it when a change to the code would train
+# different weights from the same settings, so that older checkpoints are not reused.
+TRAINING_CODE_VERSION = 1
 
 
 def project_root() -> Path:
@@ -100,6 +103,7 @@ class Settings:
     def pretrain_key(self) -> dict[str, Any]:
         """The settings that decide the pre-trained weights (not the device: see README)."""
         return {
+            "code": TRAINING_CODE_VERSION,
             "seed": self.seed,
             "pretrain_epochs": self.pretrain_epochs,
             "batch_size": self.batch_size,
