@@ -75,8 +75,9 @@ def summary(results: dict) -> str:
     ])
 
 
-def _relative_paths(path: Path) -> None:
-    """Papermill records absolute paths in the notebook; keep them relative to the project."""
+def _tidy(path: Path) -> float:
+    """Keep papermill's recorded paths relative to the project (no machine paths in shared
+    notebooks); return the seconds the notebook's cells took, start-up excluded."""
     import nbformat
 
     from .checkpoints import atomic_write
@@ -87,6 +88,17 @@ def _relative_paths(path: Path) -> None:
         if meta.get(key):
             meta[key] = shown_path(Path(meta[key]))
     atomic_write(path, lambda tmp: nbformat.write(nb, str(tmp)))
+    return sum(c.metadata.get("papermill", {}).get("duration") or 0.0 for c in nb.cells)
+
+
+def _peak_kernel_mib() -> float | None:
+    """The largest resident memory any finished child process (a kernel) reached, in MiB."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
 def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -> dict | None:
@@ -113,10 +125,13 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
             print("failed.")
             raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                              f"The executed copy, with the error, is {shown_path(target)}.") from None
-        _relative_paths(target)
-        print(f"done in {time.perf_counter() - started:.1f} s")
+        cells = _tidy(target)
+        print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
     print(f"All {len(steps)} notebooks ran in {time.perf_counter() - started_all:.1f} s; "
           f"executed copies are in {shown_path(out)}.")
+    peak = _peak_kernel_mib()
+    if peak:
+        print(f"Peak memory of a notebook kernel: {peak:,.0f} MiB.")
     if "06_compare" not in steps or not results_path.is_file():
         return None
     results = json.loads(results_path.read_text())
