@@ -48,7 +48,7 @@ def finetune_key(settings: Settings, data: Mnist) -> dict:
 
 def pretrained_path(settings: Settings, data: Mnist) -> Path:
     name = f"pretrained-{fingerprint(settings.pretrain_key(), data.identity)}.pt"
-    return settings.output_path / "checkpoints" / name
+    return settings.checkpoint_path / name
 
 
 def adapter_path(settings: Settings, data: Mnist) -> Path:
@@ -140,7 +140,8 @@ def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: b
 
 
 def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on: Evaluation,
-               lora_off: Evaluation, lora_parameters: int, base_parameters: int) -> dict:
+               lora_off: Evaluation, lora_parameters: int, base_parameters: int,
+               finetune_seconds: float | None = None) -> dict:
     """The numbers a run reports, as plain data (the results JSON that `run` reads)."""
     digit = settings.target_digit
     others = [d for d in range(10) if d != digit]
@@ -163,6 +164,7 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
         "other_digits_accuracy_before": other_mean(pretrained),
         "other_digits_accuracy_after": other_mean(lora_on),
         "lora_off_equals_pretrained": lora_off == pretrained,
+        "finetune_seconds": finetune_seconds,
         "pretrained": pretrained.as_dict(),
         "lora_on": lora_on.as_dict(),
         "lora_off": lora_off.as_dict(),

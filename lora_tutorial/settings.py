@@ -51,6 +51,7 @@ class Settings:
     data_dir: str | None = None  # None: $LORA_TUTORIAL_DATA, then ./data, then download
     download: bool = True  # may MNIST be downloaded when no local copy is found?
     output_dir: str | None = None  # None: <project root>/outputs
+    checkpoint_dir: str | None = None  # None: <output_dir>/checkpoints (a sweep shares one)
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, high: int | None = None) -> None:
@@ -97,6 +98,10 @@ class Settings:
     @property
     def output_path(self) -> Path:
         return Path(self.output_dir) if self.output_dir else project_root() / "outputs"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else self.output_path / "checkpoints"
 
     # Fingerprints ------------------------------------------------------------------------
 
