@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .data import MEAN, STD
 
@@ -61,3 +62,42 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
+    """Target-digit and other-digit accuracy after LoRA, against rank and against trainable
+    parameters (log axes); with several seeds, the mean and the min-max band."""
+    done = [r for r in rows if r["status"] == "done"]
+    series: dict[tuple, dict[int, list[dict]]] = {}
+    for r in done:
+        key = (r["alpha"] if r["alpha"] != r["rank"] else "rank", r["target_digit"], r["finetune_steps"])
+        series.setdefault(key, {}).setdefault(r["rank"], []).append(r)
+    figures = {}
+    for name, x_of, xlabel in (("sweep_rank.png", lambda r: r["rank"], "LoRA rank r"),
+                               ("sweep_params.png", lambda r: r["lora_parameters"],
+                                "trainable LoRA parameters")):
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        for (alpha, digit, steps), by_rank in sorted(series.items(), key=str):
+            ranks = sorted(by_rank)
+            xs = [x_of(by_rank[k][0]) for k in ranks]
+            label = f"alpha={'r' if alpha == 'rank' else alpha}, digit {digit}, {steps} steps"
+            for column, style, what in (("target_accuracy_after", "-o", "target digit"),
+                                        ("other_digits_accuracy_after", "--s", "other digits")):
+                values = [[r[column] for r in by_rank[k]] for k in ranks]
+                mean = [sum(v) / len(v) for v in values]
+                line, = ax.plot(xs, mean, style, label=f"{what} ({label})")
+                if any(len(v) > 1 for v in values):
+                    ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values],
+                                    color=line.get_color(), alpha=0.2)
+        if done:
+            ax.axhline(sum(r["other_digits_accuracy_before"] for r in done) / len(done), color="gray",
+                       linewidth=0.8, linestyle=":", label="other digits before LoRA")
+        ax.set_xscale("log", base=2 if name == "sweep_rank.png" else 10)
+        ax.set_xticks(sorted({x_of(r) for r in done}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel=xlabel, ylabel="test accuracy after fine-tuning", title="What LoRA's rank buys")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures[name] = fig
+    return figures

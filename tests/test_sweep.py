@@ -1,0 +1,94 @@
+"""The rank sweep: table values, resume, failures, dry-run commands that papermill accepts."""
+
+import csv
+import json
+import shlex
+import subprocess
+
+import pytest
+
+from lora_tutorial import OversizedMLP, linear_layers
+from lora_tutorial import sweep as sweep_module
+from lora_tutorial.sweep import COLUMNS, Config, configurations, finished, main, sweep
+
+SMALL = {"train_samples": 2000}
+LAYERS = [(m.in_features, m.out_features) for m in linear_layers(OversizedMLP()).values()]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    configs = configurations([1, 4], None, False, [9], [0], [10], SMALL)
+    rows = sweep(configs, out, SMALL, jobs=2, progress=False)
+    return out, configs, rows
+
+
+def test_table_columns_and_values(swept):
+    out, configs, rows = swept
+    with (out / "sweep.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == COLUMNS and json.loads((out / "sweep.json").read_text()) == rows
+    for r, rank in zip(rows, (1, 4), strict=True):
+        assert r["status"] == "done" and r["rank"] == rank and r["alpha"] == float(rank)  # alpha = rank
+        assert r["lora_parameters"] == rank * sum(i + o for i, o in LAYERS)
+        assert r["lora_share_percent"] == pytest.approx(100 * r["lora_parameters"] / 2_807_010)
+        assert r["accuracy_lora_off"] < 1 and r["target_wrong_after"] < r["target_wrong_before"]
+        assert 0 <= r["target_accuracy_after"] <= 1 and r["finetune_seconds"] > 0
+    assert rows[0]["accuracy_lora_off"] == rows[1]["accuracy_lora_off"]  # one shared pre-training
+    assert len(list((out / "checkpoints").glob("pretrained-*.pt"))) == 1
+    assert (out / "sweep_rank.png").stat().st_size > 10_000 and (out / "sweep_params.png").is_file()
+
+
+def test_a_second_run_reruns_nothing(swept, monkeypatch):
+    out, configs, rows = swept
+    monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("finished work was run again"))
+    monkeypatch.setattr(sweep_module, "pretrain_once", lambda *a: pytest.fail("pre-trained again"))
+    assert sweep(configs, out, SMALL, progress=False) == rows
+
+
+def test_half_written_or_foreign_results_are_not_trusted(tmp_path):
+    config = Config(2, 2.0, 9, 0, 10)
+    folder = tmp_path / config.name
+    folder.mkdir()
+    (folder / "results.json").write_text('{"settings": {"rank": 2, "alp')  # cut off mid-write
+    assert finished(config, tmp_path) is None
+    (folder / "results.json").write_text(json.dumps({"settings": {
+        "rank": 8, "alpha": 2.0, "target_digit": 9, "seed": 0, "finetune_steps": 10}}))
+    assert finished(config, tmp_path) is None
+
+
+def test_a_failing_configuration_is_recorded_and_the_others_still_count(swept, capsys):
+    out, _, _ = swept
+    # rank 11 passes the settings check but not layer linear3 (10 outputs): it fails in the notebook
+    args = ["--ranks", "1", "11", "--iterations", "10", "-p", "train_samples", "2000", "--out", str(out)]
+    code = main(args)
+    assert code == 1
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in rows] == ["done", "failed"]
+    assert "ValueError: rank=11 is not valid for layer linear3" in rows[1]["error"]
+    assert "cell " in rows[1]["error"]
+    err = capsys.readouterr().err
+    assert "1 configuration(s) failed: rank11_alpha11_digit9_seed0_steps10" in err
+
+
+def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch):
+    out, _, _ = swept
+    assert main(["--ranks", "2", "--iterations", "10", "-p", "train_samples", "2000", "--out", str(out),
+                 "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(lines) == 2 and "02_pretrain.ipynb" in lines[0] and "06_compare.ipynb" in lines[1]
+    done = subprocess.run(shlex.split(lines[1]), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = Config(2, 2.0, 9, 0, 10)
+    assert finished(config, out)["lora_parameters"] == 2 * sum(i + o for i, o in LAYERS)
+    monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("the scheduler's result was rerun"))
+    rows = sweep([config], out, SMALL, progress=False)  # collecting only
+    assert rows[0]["status"] == "done"
+
+
+def test_bad_values_are_refused_before_anything_runs(tmp_path, capsys):
+    assert main(["--ranks", "0", "--out", str(tmp_path)]) == 2
+    assert "rank=0 is not valid" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        main(["--ranks", "1", "-p", "rank", "3", "--out", str(tmp_path)])
