@@ -57,10 +57,15 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     predicted = predict(model, images, batch_size)
     truth = labels.cpu()
     confusion = torch.bincount(truth * 10 + predicted, minlength=100).reshape(10, 10)
-    correct = int(confusion.diagonal().sum())
-    total = len(truth)
-    wrong = (confusion.sum(dim=1) - confusion.diagonal()).tolist()
-    return Evaluation(correct / total, correct, total, wrong, confusion.tolist())
+    return from_confusion(confusion.tolist())
+
+
+def from_confusion(confusion: list[list[int]]) -> Evaluation:
+    """Accuracy and wrong counts per digit, read off a confusion matrix [true][predicted]."""
+    correct = sum(confusion[d][d] for d in range(10))
+    total = sum(map(sum, confusion))
+    wrong = [sum(row) - row[d] for d, row in enumerate(confusion)]
+    return Evaluation(correct / total, correct, total, wrong, confusion)
 
 
 def evaluate_like_the_post(model: nn.Module, dataset: torch.utils.data.Dataset,
@@ -77,7 +82,4 @@ def evaluate_like_the_post(model: nn.Module, dataset: torch.utils.data.Dataset,
             output = model(x.to(device).view(-1, 28 * 28))
             for row, label in zip(output, y, strict=True):
                 confusion[int(label)][int(torch.argmax(row))] += 1
-    correct = sum(confusion[d][d] for d in range(10))
-    total = sum(map(sum, confusion))
-    wrong = [sum(row) - row[d] for d, row in enumerate(confusion)]
-    return Evaluation(correct / total, correct, total, wrong, confusion)
+    return from_confusion(confusion)
