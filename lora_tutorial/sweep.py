@@ -18,16 +18,16 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write, write_json
+from .evaluate import from_confusion
 from .run import notebooks_dir, parse_value
 from .settings import Settings, project_root, shown_path
-from .train import PROGRESS_ENV
+from .train import PROGRESS_ENV, progress_bar
 
 NOTEBOOK = "06_compare"
 COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", "lora_parameters",
@@ -61,6 +61,11 @@ def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:
     return str(extra.get("checkpoint_dir") or out / "checkpoints")
 
 
+def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """02_pretrain's parameters for the sweep's one shared pre-training."""
+    return {**extra, "output_dir": str(out), "checkpoint_dir": checkpoint_dir(out, extra)}
+
+
 def configurations(ranks: list[int], alphas: list[float] | None, fixed_alpha: bool, digits: list[int],
                    seeds: list[int], steps: list[int], extra: dict[str, Any]) -> list[Config]:
     """Every combination, each validated (with the other parameters) before anything runs."""
@@ -68,7 +73,7 @@ def configurations(ranks: list[int], alphas: list[float] | None, fixed_alpha: bo
     for rank, digit, seed, step in itertools.product(ranks, digits, seeds, steps):
         for alpha in ([1.0] if fixed_alpha else alphas or [float(rank)]):
             config = Config(rank, float(alpha), digit, seed, step)
-            Settings.from_mapping({k: v for k, v in config.parameters(Path("."), extra).items()})
+            Settings.from_mapping(config.parameters(Path("."), extra))
             if config not in configs:
                 configs.append(config)
     return configs
@@ -115,10 +120,9 @@ def run_one(config: Config, out: Path, extra: dict[str, Any], env: dict[str, str
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.json").unlink(missing_ok=True)
     (folder / "results.json").unlink(missing_ok=True)  # a stale or foreign file must not be trusted
-    started = time.perf_counter()
     done = subprocess.run(papermill_command(config, out, extra), env=env, capture_output=True, text=True)
     if done.returncode == 0 and (results := finished(config, out)):
-        return {"status": "done", "results": results, "seconds": time.perf_counter() - started}
+        return {"status": "done", "results": results}
     error = notebook_error(folder / f"{NOTEBOOK}.ipynb")
     if done.returncode == 0:
         error = "the notebook ran but wrote no matching results.json"
@@ -151,8 +155,7 @@ def _is_rocm() -> bool:
 
 
 def _digit_accuracy(evaluation: dict, digit: int) -> float:
-    counts = evaluation["confusion"][digit]
-    return counts[digit] / max(1, sum(counts))
+    return from_confusion(evaluation["confusion"]).per_digit_accuracy()[digit]
 
 
 def row(config: Config, outcome: dict) -> dict[str, Any]:
@@ -187,9 +190,9 @@ def pretrain_once(out: Path, extra: dict[str, Any]) -> None:
     """Run 02_pretrain once, so every configuration loads the same checkpoint."""
     import papermill
 
-    parameters = {**extra, "output_dir": str(out), "checkpoint_dir": checkpoint_dir(out, extra)}
     papermill.execute_notebook(str(notebooks_dir() / "02_pretrain.ipynb"), str(out / "02_pretrain.ipynb"),
-                               parameters=parameters, cwd=str(notebooks_dir()), kernel_name="python3",
+                               parameters=pretrain_parameters(out, extra), cwd=str(notebooks_dir()),
+                               kernel_name="python3",
                                progress_bar=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
@@ -212,8 +215,6 @@ def print_summary(rows: list[dict]) -> None:
 def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None, jobs: int = 1,
           progress: bool = True) -> list[dict]:
     """Run what is not finished yet, collect every configuration into the table; return its rows."""
-    from .train import progress_bar
-
     extra = dict(extra or {})
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -287,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
               f"# afterwards the same sweep command without --dry-run collects them into {shown_path(out)}.")
         print(shlex.join([sys.executable, "-m", "papermill", str(notebooks_dir() / "02_pretrain.ipynb"),
                           str(out / "02_pretrain.ipynb"), "--cwd", str(notebooks_dir()), "-k", "python3",
-                          "-y", json.dumps({**extra, "output_dir": str(out),
-                                            "checkpoint_dir": checkpoint_dir(out, extra)})]))
+                          "-y", json.dumps(pretrain_parameters(out, extra))]))
         for config in configs:
             print(shlex.join(papermill_command(config, out, extra)))
         return 0
