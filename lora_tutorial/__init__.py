@@ -1,6 +1,6 @@
 """lora_tutorial: the helpers behind the LoRA notebooks (model, data, LoRA, training, evaluation)."""
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, base_fingerprint, load_adapter, read_adapter, save_adapter
 from .data import Mnist, MnistError, digit_subset, load_mnist
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate, predict
@@ -22,14 +22,24 @@ from .lora import (
     unload,
 )
 from .model import OversizedMLP, RichBoyNet, count_parameters, describe_layers, linear_layers
-from .pipeline import Pretrained, finetune, finetuned_model, lora_model, pretrained_model, setup
-from .settings import Settings
+from .pipeline import (
+    Pretrained,
+    adapter_path,
+    finetune,
+    finetuned_model,
+    lora_model,
+    preflight,
+    pretrained_model,
+    setup,
+)
+from .settings import Settings, SettingsError
 from .train import train
 
 __all__ = [
     "CheckpointError", "Evaluation", "LoRALinear", "LoRAParametrization", "Mnist", "MnistError",
-    "OversizedMLP",
-    "Pretrained", "RichBoyNet", "Settings", "add_lora", "base_weight", "count_parameters",
+    "OversizedMLP", "Pretrained", "RichBoyNet", "Settings", "SettingsError", "adapter_path",
+    "add_lora", "base_fingerprint", "base_weight", "count_parameters", "load_adapter", "preflight",
+    "read_adapter", "save_adapter",
     "describe_device", "describe_layers", "describe_lora", "digit_subset", "disable_adapter",
     "evaluate", "finetune", "finetuned_model", "linear_layers", "load_mnist", "lora_model",
     "lora_modules", "lora_parameter_counts", "lora_state_dict", "mark_only_lora_as_trainable",

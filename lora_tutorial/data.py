@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.datasets import MNIST
 
-from .settings import project_root, shown_path
+from .settings import ShortError, project_root, shown_path
 
 DATA_ENV = "LORA_TUTORIAL_DATA"  # where a user keeps MNIST, when not in ./data
 MEAN, STD = 0.1307, 0.3081  # pixel mean and std of MNIST's training set, scaled to [0, 1]
@@ -40,7 +40,7 @@ HOW_TO_GET = (
 )
 
 
-class MnistError(RuntimeError):
+class MnistError(ShortError, RuntimeError):
     """MNIST files are missing or damaged; the message names the file and the fix."""
 
 
@@ -97,7 +97,7 @@ def digit_subset(images: torch.Tensor, labels: torch.Tensor, digit: int) -> tupl
 # Finding and checking the files ---------------------------------------------------------
 
 
-def _mnist_root(folder: Path) -> Path:
+def mnist_root(folder: Path) -> Path:
     """Accept <root>, <root>/MNIST or <root>/MNIST/raw; return <root>, which torchvision reads."""
     folder = Path(os.path.abspath(folder))
     if folder.name == "raw" and folder.parent.name == "MNIST":
@@ -107,11 +107,18 @@ def _mnist_root(folder: Path) -> Path:
     return folder
 
 
-def check_raw_files(root: Path) -> None:
-    """Raise MnistError naming the first missing, truncated or corrupt file under root."""
+def check_raw_files(root: Path, origin: str = "data_dir") -> None:
+    """Raise MnistError naming the first missing, truncated or corrupt file under root.
+
+    `origin` is the setting that named the folder, so the message can say what to change.
+    """
     raw = root / "MNIST" / "raw"
+    fix = (f"place MNIST's four files in {raw} (README, 'MNIST on an offline machine'), or name "
+           "another folder, or none to use ./data and the download")
     if not root.is_dir():
-        raise MnistError(f"MNIST folder {root} does not exist. {HOW_TO_GET}")
+        raise MnistError(f"The MNIST folder {root} ({origin}) does not exist: check the path, or {fix}.")
+    if not _has_any_raw_file(root):
+        raise MnistError(f"The MNIST folder {root} ({origin}) holds no MNIST files: {fix}.")
     for name, (magic, size) in RAW_FILES.items():
         path = raw / name
         if not path.is_file():
@@ -135,8 +142,8 @@ def _has_any_raw_file(root: Path) -> bool:
     return any((raw / n).exists() or (raw / f"{n}.gz").exists() for n in RAW_FILES)
 
 
-def _read_folder(root: Path, source: str) -> Mnist:
-    check_raw_files(root)
+def _read_folder(root: Path, source: str, origin: str = "data_dir") -> Mnist:
+    check_raw_files(root, origin)
     try:
         train = MNIST(str(root), train=True, download=False)
         test = MNIST(str(root), train=False, download=False)
@@ -188,11 +195,12 @@ def load_mnist(data_dir: str | Path | None = None, download: bool = True, verbos
     """MNIST from the first source that has it (see the module's docstring); prints which."""
     chosen = data_dir or os.environ.get(DATA_ENV) or None
     if chosen is not None:
-        data = _read_folder(_mnist_root(Path(chosen).expanduser()), "folder")
+        origin = "data_dir" if data_dir else f"${DATA_ENV}"
+        data = _read_folder(mnist_root(Path(chosen).expanduser()), "folder", origin)
     else:
         local = project_root() / "data"
         if _has_any_raw_file(local):
-            data = _read_folder(local, "./data")
+            data = _read_folder(local, "./data", "./data in the project")
         else:
             why = _download(local) if download else "download=False"
             if isinstance(why, Mnist):

@@ -11,7 +11,7 @@ import platform
 
 import torch
 
-VALID = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+from .settings import SettingsError, parse_device
 
 
 def _mps_available() -> bool:
@@ -21,38 +21,34 @@ def _mps_available() -> bool:
 
 def pick_device(name: str = "auto") -> torch.device:
     """Return the device called `name`; "auto" prefers a GPU, then Apple MPS, then the CPU."""
-    choice = str(name).strip().lower()
+    choice = parse_device(name)
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(choice)
-    except RuntimeError:
-        raise ValueError(f"device={name!r} is not valid: expected {VALID}.") from None
+    device = torch.device(choice)
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={name!r} was asked for, but PyTorch sees no GPU here "
-                f"(torch {torch.__version__}). Use device='auto' or 'cpu', or install the "
-                "CUDA or ROCm build of PyTorch (see the README)."
+            raise SettingsError(
+                f"device={name!r} was asked for, but PyTorch {torch.__version__} sees no GPU here: "
+                "use device='auto' or 'cpu', or install PyTorch's ROCm or CUDA build (README, "
+                "'AMD Instinct GPUs (ROCm)' and 'NVIDIA GPUs')."
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ValueError(
+            raise SettingsError(
                 f"device={name!r} was asked for, but only {count} GPU(s) are visible "
                 f"(cuda:0 to cuda:{count - 1}); check CUDA/HIP_VISIBLE_DEVICES."
             )
         return device
-    if device.type == "mps":
-        if not _mps_available():
-            raise ValueError(f"device={name!r} was asked for, but Apple MPS is not available here.")
-        return device
-    raise ValueError(f"device={name!r} is not valid: expected {VALID}.")
+    if not _mps_available():  # parse_device allows nothing but cpu, cuda and mps
+        raise SettingsError(f"device={name!r} was asked for, but Apple MPS is not available here: "
+                            "use device='auto' or 'cpu'.")
+    return device
 
 
 def describe_device(device: torch.device) -> str:

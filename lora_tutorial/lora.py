@@ -169,6 +169,15 @@ def describe_lora(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own tensors under their plain names (`linear1.weight`), LoRA or not."""
+    plain = {}
+    for key, value in model.state_dict().items():
+        if "lora_" not in key:
+            plain[key.replace(".parametrizations.weight.original", ".weight")] = value
+    return plain
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter's tensors (A and B of each layer): what fine-tuning produced."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}

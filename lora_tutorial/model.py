@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 LAYER_NAMES = ("linear1", "linear2", "linear3")
+# Each layer's weight shape (out_features, in_features) at the default sizes: settings check
+# LoRA's rank against these before anything is built or trained.
+LAYER_SHAPES = {"linear1": (1000, 28 * 28), "linear2": (2000, 1000), "linear3": (10, 2000)}
 
 
 class OversizedMLP(nn.Module):

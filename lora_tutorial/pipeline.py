@@ -9,25 +9,41 @@ that adapter, or fine-tunes when there is none.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, load_adapter, load_pretrained, save_adapter, save_pretrained
-from .data import Mnist, digit_subset, load_mnist
+from .checkpoints import load_adapter, load_pretrained, save_adapter, save_pretrained
+from .data import DATA_ENV, Mnist, check_raw_files, digit_subset, load_mnist, mnist_root
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate
-from .lora import add_lora, lora_state_dict, mark_only_lora_as_trainable, separate_path
+from .lora import add_lora, mark_only_lora_as_trainable, separate_path
 from .model import OversizedMLP
-from .settings import Settings, fingerprint, shown_path
+from .settings import Settings, check_writable, fingerprint, shown_path
 from .train import train
 
 
-def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist]:
-    """Pick the device, load MNIST (the first `train_samples` images when set), move it there."""
+def preflight(settings: Settings) -> torch.device:
+    """What the settings need from this machine, checked before any work: the device is here,
+    the output folders can be written, a data folder named explicitly holds MNIST's files.
+    Returns the device."""
     device = pick_device(settings.device)
+    check_writable("output_dir", settings.output_path)
+    check_writable("checkpoint_dir", settings.checkpoint_path)
+    chosen = settings.data_dir or os.environ.get(DATA_ENV)
+    if chosen:
+        check_raw_files(mnist_root(Path(chosen).expanduser()),
+                        "data_dir" if settings.data_dir else f"${DATA_ENV}")
+    return device
+
+
+def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist]:
+    """Check the machine (`preflight`), load MNIST (the first `train_samples` images when set)
+    and move it to the device."""
+    device = preflight(settings)
     data = load_mnist(settings.data_dir, download=settings.download, verbose=verbose)
     if settings.train_samples is not None:
         data = data.limit(settings.train_samples)
@@ -94,10 +110,10 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retr
 
 
 def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
-    """A copy of `base` with LoRA on every Linear layer and everything else frozen."""
+    """A copy of `base` with LoRA on the target layers (all by default) and everything else frozen."""
     model = copy.deepcopy(base)
     torch.manual_seed(settings.seed)  # LoRA's A is drawn at random: make it reproducible
-    add_lora(model, rank=settings.rank, alpha=settings.alpha)
+    add_lora(model, rank=settings.rank, alpha=settings.alpha, target_modules=settings.target_modules)
     mark_only_lora_as_trainable(model)
     return model
 
@@ -116,7 +132,7 @@ def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = 
                    batch_size=settings.batch_size, lr=settings.learning_rate, seed=settings.seed,
                    desc=f"Fine-tuning on digit {settings.target_digit}", progress=verbose)
     path = adapter_path(settings, data)
-    save_adapter(path, lora_state_dict(model), finetune_key(settings, data))
+    save_adapter(model, path, finetune_key(settings, data))
     if verbose:
         print(f"Saved the LoRA adapter ({path.stat().st_size / 1024:.1f} KiB) to {shown_path(path)}.")
     return losses
@@ -129,11 +145,7 @@ def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: b
     if not path.exists():
         finetune(settings, data, model, verbose)
         return model
-    tensors = load_adapter(path, finetune_key(settings, data))
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys or any("lora_" in k for k in result.missing_keys):
-        raise CheckpointError(f"Adapter {path} does not fit this model (missing "
-                              f"{result.missing_keys}, unexpected {result.unexpected_keys}).")
+    load_adapter(model, path, finetune_key(settings, data))
     if verbose:
         print(f"Loaded the LoRA adapter for these settings from {shown_path(path)}.")
     return model

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings, project_root, shown_path
+from .settings import Settings, ShortError, project_root, shown_path
 from .train import PROGRESS_ENV
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
@@ -106,7 +106,10 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from .pipeline import preflight
+
     settings = Settings.from_mapping(parameters)  # bad values fail here, before any notebook
+    preflight(settings)  # and so do a missing GPU, an unwritable folder, an empty data folder
     source = notebooks_dir()
     out.mkdir(parents=True, exist_ok=True)
     os.environ[PROGRESS_ENV] = "text"  # kernels inherit it: plain-text bars in executed copies
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parameters = {name: parse_value(value) for name, value in args.parameter}
     try:
         results = run(args.out, parameters, tuple(args.only) if args.only else STEPS)
-    except ValueError as err:  # a bad parameter: one clear sentence, no traceback
+    except ShortError as err:  # a bad parameter or folder: one clear sentence, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     if results is None:

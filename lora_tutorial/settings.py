@@ -7,12 +7,15 @@ weights trained under other settings are never picked up by mistake.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .model import LAYER_SHAPES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Part of every checkpoint's fingerprint: raise it when a change to the code would train
@@ -34,6 +37,46 @@ def shown_path(path: Path) -> str:
         return str(path)
 
 
+class ShortError(Exception):
+    """An error in what the user gave (a value, a file), whose message names it and the fix.
+
+    Jupyter and papermill show it as that message alone: a traceback through the package would
+    only bury the one line a reader needs.
+    """
+
+    def _render_traceback_(self) -> list[str]:  # IPython's hook for how an error is displayed
+        return [f"{type(self).__name__}: {self}"]
+
+
+class SettingsError(ShortError, ValueError):
+    """A setting has a value the tutorial cannot use."""
+
+
+DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+# What to do about a bad value, per setting (said after what was expected).
+HINTS = {
+    "seed": "any whole number, e.g. 0",
+    "rank": "the post uses 1",
+    "target_digit": "the post uses 9",
+    "pretrain_epochs": "the post uses 1",
+    "finetune_steps": "the post uses 100",
+    "batch_size": "the post uses 10",
+    "train_samples": "or None for all 60,000 training images",
+    "alpha": "the post uses 1.0",
+    "learning_rate": "the post uses 0.001",
+}
+
+
+def parse_device(name: Any) -> str:
+    """Check a device name's spelling (not whether the device is here: see `device.pick_device`)."""
+    text = str(name).strip().lower() if isinstance(name, str) else None
+    kind, _, index = (text or "").partition(":")
+    ok = text == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit()))
+    if not ok:
+        raise SettingsError(f"device={name!r} is not valid: expected {DEVICES}.")
+    return text
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of the tutorial, with the blog post's values as defaults."""
@@ -52,15 +95,19 @@ class Settings:
     download: bool = True  # may MNIST be downloaded when no local copy is found?
     output_dir: str | None = None  # None: <project root>/outputs
     checkpoint_dir: str | None = None  # None: <output_dir>/checkpoints (a sweep shares one)
+    target_modules: tuple[str, ...] | None = None  # layers LoRA adapts; None: every Linear layer
 
     def __post_init__(self) -> None:
+        """Check every value on its own terms; nothing here looks at the machine (see `preflight`)."""
+
         def integer(name: str, low: int, high: int | None = None) -> None:
             value = getattr(self, name)
             ok = isinstance(value, int) and not isinstance(value, bool)
             ok = ok and value >= low and (high is None or value <= high)
             if not ok:
                 span = f"between {low} and {high}" if high is not None else f">= {low}"
-                raise ValueError(f"{name}={value!r} is not valid: expected an integer {span}.")
+                raise SettingsError(f"{name}={value!r} is not valid: expected an integer {span} "
+                                    f"({HINTS[name]}).")
 
         integer("seed", 0)
         integer("rank", 1)
@@ -72,26 +119,71 @@ class Settings:
             integer("train_samples", 1)
         for name in ("alpha", "learning_rate"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}={value!r} is not valid: expected a number > 0.")
-        if not isinstance(self.device, str):
-            raise ValueError(f"device={self.device!r} is not valid: expected a string such as 'auto'.")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 < value < float("inf"):
+                raise SettingsError(f"{name}={value!r} is not valid: expected a number > 0 "
+                                    f"({HINTS[name]}).")
+        parse_device(self.device)
+        if not isinstance(self.download, bool):
+            raise SettingsError(f"download={self.download!r} is not valid: expected True or False.")
+        for name in ("data_dir", "output_dir", "checkpoint_dir"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value).strip()):
+                raise SettingsError(f"{name}={value!r} is not valid: expected a folder path, or None "
+                                    "for the default.")
+        object.__setattr__(self, "target_modules", self._check_targets())
+
+    def _check_targets(self) -> tuple[str, ...] | None:
+        """Normalise target_modules to a tuple and check each name, and the rank against each layer."""
+        targets = self.target_modules
+        if isinstance(targets, str):  # `-p target_modules linear3`: one name
+            targets = (targets,)
+        valid = list(LAYER_SHAPES)
+        if targets is not None:
+            names = list(targets) if isinstance(targets, (list, tuple)) else None
+            unknown = [t for t in names or [] if t not in valid]
+            if not names or unknown or len(set(names)) != len(names):
+                why = f"no layer called {', '.join(unknown)}; " if unknown else ""
+                raise SettingsError(f"target_modules={self.target_modules!r} is not valid: {why}expected "
+                                    f"a list of distinct layer names from {valid}, or None for all.")
+            targets = tuple(names)
+        for name in targets or valid:
+            out_features, in_features = LAYER_SHAPES[name]
+            limit = min(out_features, in_features)
+            if self.rank > limit:
+                others = [n for n in targets or valid if n != name]
+                instead = (f" or leave {name} out (target_modules={others})" if others else "")
+                raise SettingsError(
+                    f"rank={self.rank} is too large for layer {name} ({out_features} x {in_features} "
+                    f"weight): a rank can be at most min(out, in) = {limit}. Use rank <= {limit}"
+                    f"{instead}.")
+        return targets
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> Settings:
-        """Build settings from a notebook's parameters, refusing names we do not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_mapping(cls, values: dict[str, Any], extra: tuple[str, ...] = ()) -> Settings:
+        """Build settings from a notebook's parameters, refusing names we do not know.
+
+        `extra` names parameters that a notebook takes besides the settings (07's sweep ranks).
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known) - set(extra))
         if unknown:
-            raise ValueError(
-                f"Unknown setting(s) {unknown}: the valid names are {sorted(known)}."
-            )
-        return cls(**values)
+            raise SettingsError(f"Unknown setting(s) {unknown}: the valid names are "
+                                f"{sorted([*known, *extra])}; check the spelling.")
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     @classmethod
-    def from_globals(cls, namespace: dict[str, Any]) -> Settings:
-        """Collect a notebook's parameters by name (the variables of its `parameters` cell)."""
-        return cls(**{f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
+    def from_globals(cls, namespace: dict[str, Any], extra: tuple[str, ...] = ()) -> Settings:
+        """Collect a notebook's parameters by name (the variables of its `parameters` cell).
+
+        papermill only warns about a parameter the notebook does not declare, and then the
+        misspelt value is silently ignored; here it is an error, read off the cell papermill
+        injected into this kernel.
+        """
+        injected = papermill_parameters(namespace)
+        values = {name: namespace[name] for name in injected if name in namespace}
+        values.update({f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
+        return cls.from_mapping(values, extra)
 
     # Where things live -------------------------------------------------------------------
 
@@ -124,10 +216,47 @@ class Settings:
             "alpha": float(self.alpha),
             "target_digit": self.target_digit,
             "finetune_steps": self.finetune_steps,
+            "target_modules": self.target_list(),
         }
 
+    def target_list(self) -> list[str] | None:
+        return list(self.target_modules) if self.target_modules is not None else None
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "target_modules": self.target_list()}
+
+
+def papermill_parameters(namespace: dict[str, Any]) -> list[str]:
+    """The names assigned by papermill's injected cell, found in this kernel's input history."""
+    for source in reversed(namespace.get("In") or []):
+        lines = source.splitlines()
+        if lines and lines[0].strip() == "# Parameters":  # how papermill heads the cell it injects
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                return []
+            return [t.id for node in tree.body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)]
+    return []
+
+
+def check_writable(name: str, folder: Path) -> None:
+    """Say which setting to change when files cannot be written in `folder` (created or not).
+
+    Nothing is created: the check looks at the nearest part of the path that exists.
+    """
+    folder = Path(os.path.abspath(Path(folder).expanduser()))
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = None
+    if not existing.is_dir():
+        why = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no permission to write in {existing}"
+    if why:
+        raise SettingsError(f"{name}={str(folder)!r} cannot be written to ({why}): give {name} a "
+                            "folder you can write to.")
 
 
 def fingerprint(key: dict[str, Any], data_id: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 from .checkpoints import atomic_write, write_json
 from .evaluate import from_confusion
 from .run import notebooks_dir, parse_value
-from .settings import Settings, project_root, shown_path
+from .settings import Settings, ShortError, project_root, shown_path
 from .train import PROGRESS_ENV, progress_bar
 
 NOTEBOOK = "06_compare"
@@ -84,7 +84,18 @@ def papermill_command(config: Config, out: Path, extra: dict[str, Any]) -> list[
     command = [sys.executable, "-m", "papermill", str(notebooks_dir() / f"{NOTEBOOK}.ipynb"),
                str(out / config.name / f"{NOTEBOOK}.ipynb"), "--cwd", str(notebooks_dir()),
                "-k", "python3", "--no-progress-bar"]
-    return command + ["-y", json.dumps(config.parameters(out, extra))]  # YAML keeps 1.0 a float
+    return command + ["-y", yaml_parameters(config.parameters(out, extra))]
+
+
+def yaml_parameters(parameters: dict[str, Any]) -> str:
+    """papermill's -y text for these parameters, on one line.
+
+    PyYAML's own writer keeps every float a float (1.0, and 1.0e+20: JSON's 1e+20 would come
+    back from YAML as a string) and lists as lists (`-p` would turn them into strings).
+    """
+    import yaml
+
+    return yaml.safe_dump(parameters, default_flow_style=True, width=float("inf")).strip()
 
 
 def finished(config: Config, out: Path) -> dict | None:
@@ -230,13 +241,21 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
         os.environ[PROGRESS_ENV] = "text"
         pretrain_once(out, extra)
         bar = progress_bar(len(todo), "Sweep", progress)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
             futures = {pool.submit(run_one, c, out, extra, job_environment(i % jobs, jobs)): c
                        for i, c in enumerate(todo)}
             for future in futures:
                 outcomes[futures[future]] = future.result()
                 bar.update(1)
-        bar.close()
+        except BaseException:  # Ctrl-C: start nothing new; what finished stays finished
+            pool.shutdown(wait=False, cancel_futures=True)
+            print(f"\nSweep interrupted: the finished configurations are kept in {shown_path(out)}; "
+                  "run the same command again to do the rest.", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+        pool.shutdown()
     rows = [row(c, outcomes[c]) for c in configs]
     write_table(rows, out)
     if any(r["status"] == "done" for r in rows):
@@ -274,13 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-p {sorted(reserved & set(extra))}: set these with the sweep's own options")
     if args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: expected an integer >= 1")
+    out = args.out.resolve()
     try:
         configs = configurations(args.ranks, args.alphas, args.fixed_alpha, args.digits, args.seeds,
                                  args.iterations, extra)
-    except ValueError as err:
+        from .pipeline import preflight
+
+        preflight(Settings.from_mapping(pretrain_parameters(out, extra)))  # GPU, folders, data
+    except ShortError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = args.out.resolve()
     if args.dry_run:  # the folders papermill writes into must exist before the commands run
         for config in configs:
             (out / config.name).mkdir(parents=True, exist_ok=True)
@@ -288,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               f"# afterwards the same sweep command without --dry-run collects them into {shown_path(out)}.")
         print(shlex.join([sys.executable, "-m", "papermill", str(notebooks_dir() / "02_pretrain.ipynb"),
                           str(out / "02_pretrain.ipynb"), "--cwd", str(notebooks_dir()), "-k", "python3",
-                          "-y", json.dumps(pretrain_parameters(out, extra))]))
+                          "-y", yaml_parameters(pretrain_parameters(out, extra))]))
         for config in configs:
             print(shlex.join(papermill_command(config, out, extra)))
         return 0

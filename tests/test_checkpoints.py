@@ -82,7 +82,7 @@ def test_adapter_round_trip_and_mismatch(small):
                                                                           data.test_labels)
     rank2 = Settings(**{**settings.as_dict(), "rank": 2})
     with pytest.raises(CheckpointError, match=r"other settings \(rank: file has 1, asked for 2\)"):
-        load_adapter(path, {**rank2.finetune_key(), "data": data.identity})
+        load_adapter(lora_model(rank2, pre.model), path, {**rank2.finetune_key(), "data": data.identity})
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot be read"):
         finetuned_model(settings, data, pre.model, verbose=False)
@@ -113,3 +113,49 @@ def test_fast_and_parametrized_fine_tuning_agree(small):
         assert (fast_delta - slow_delta).norm() <= 1e-3 * slow_delta.norm(), name
     agree = (predict(fast, data.test_images) == predict(slow, data.test_images)).float().mean()
     assert agree > 0.999
+
+
+def test_a_diverged_run_writes_no_checkpoint(small):
+    settings, device, data = small
+    wild = Settings(**{**settings.as_dict(), "learning_rate": 1e20})
+    message = (r"The loss became (nan|inf) at step \d+: training diverged\. "
+               r"Lower the learning rate \(lr=1e\+20")
+    with pytest.raises(FloatingPointError, match=message):
+        pretrained_model(wild, data, device, verbose=False)
+    assert not pretrained_path(wild, data).exists()
+    pre = pretrained_model(settings, data, device, verbose=False)
+    huge = Settings(**{**settings.as_dict(), "alpha": 1e20})
+    with pytest.raises(FloatingPointError, match=r"training diverged"):
+        finetuned_model(huge, data, pre.model, verbose=False)
+    assert not adapter_path(huge, data).exists()
+
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys, torch
+from lora_tutorial import checkpoints
+
+def dies_half_way(payload, path):
+    with open(path, "wb") as f:
+        f.write(b"PK" + bytes(1000))  # the start of a file, then the process is killed
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoints.torch.save = dies_half_way
+checkpoints.save_pretrained(sys.argv[1], {"w": torch.ones(3)}, {"seed": 0}, {"losses": []})
+"""
+
+
+def test_a_process_killed_while_saving_leaves_no_checkpoint_to_load(small, tmp_path):
+    """A real kill (no cleanup code runs): the checkpoint's name never points at half a file."""
+    import subprocess
+    import sys
+
+    settings, device, data = small
+    path = pretrained_path(settings, data)
+    done = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(path)], timeout=120)
+    assert done.returncode == -9
+    assert not path.exists(), "the final name is only ever given to a complete file"
+    leftovers = list(path.parent.glob(f".{path.name}.*.tmp"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size == 1002
+    pre = pretrained_model(settings, data, device, verbose=False)  # trains afresh, never reads the stub
+    assert not pre.loaded and pretrained_model(settings, data, device, verbose=False).loaded

@@ -146,7 +146,8 @@ def test_damaged_files_are_named_with_the_fix(isolated, tmp_path, damage, messag
 
 
 def test_a_missing_folder_is_an_error_not_a_fallback(isolated, tmp_path):
-    with pytest.raises(MnistError, match=r"MNIST folder .*nowhere does not exist. Download the four"):
+    with pytest.raises(MnistError, match=r"The MNIST folder .*nowhere \(data_dir\) does not exist: check the "
+                                         r"path, or place MNIST's four files in .*nowhere/MNIST/raw"):
         load_mnist(tmp_path / "nowhere")
 
 

@@ -1,6 +1,7 @@
 """The six notebooks, executed end to end by papermill through the headless runner."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -64,7 +65,13 @@ def test_the_notebooks_print_what_they_check(quick_run):
     finetune = text_of(executed / "05_finetune.ipynb")
     assert "Frozen weights unchanged; W' = W + (alpha / r) B @ A; LoRA off gives W. All exact." in finetune
     assert f"{results['target_wrong_after']} after fine-tuning LoRA" in finetune
-    assert "Identical to the pre-trained network" in text_of(executed / "06_compare.ipynb")
+    compare = text_of(executed / "06_compare.ipynb")
+    assert "Identical to the pre-trained network" in compare
+    assert "Loaded onto the pre-trained network: the same 10,000 predictions" in compare
+    assert "Loaded onto another network: refused." in compare
+    assert "was trained on other base weights" in compare
+    size = re.search(r"Adapter: +([\d.]+) kB \(rank 1, alpha 1,", compare)
+    assert size and 27.1 < float(size.group(1)) < 30, "rank 1: 6,794 float32 numbers and a small header"
     nb = nbformat.read(executed / "06_compare.ipynb", as_version=4)
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), "no plot"
 
@@ -92,5 +99,11 @@ def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path):
     command = [sys.executable, "-m", "lora_tutorial.run", "--out", str(tmp_path), "-p", "rank", "0"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "error: rank=0 is not valid: expected an integer >= 1." in done.stderr
+    assert "error: rank=0 is not valid: expected an integer >= 1 (the post uses 1)." in done.stderr
     assert "Running" not in done.stdout and not any(tmp_path.iterdir())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    command[-2:] = ["data_dir", str(empty)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Running" not in done.stdout
+    assert f"error: The MNIST folder {empty} (data_dir) holds no MNIST files" in done.stderr

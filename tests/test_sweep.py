@@ -59,16 +59,47 @@ def test_half_written_or_foreign_results_are_not_trusted(tmp_path):
 
 def test_a_failing_configuration_is_recorded_and_the_others_still_count(swept, capsys):
     out, _, _ = swept
-    # rank 11 passes the settings check but not layer linear3 (10 outputs): it fails in the notebook
-    args = ["--ranks", "1", "11", "--iterations", "10", "-p", "train_samples", "2000", "--out", str(out)]
+    # alpha = 1e20 passes the settings check, then the loss becomes NaN while fine-tuning
+    args = ["--ranks", "1", "--alphas", "1", "1e20", "--iterations", "10", "-p", "train_samples", "2000",
+            "--out", str(out)]
     code = main(args)
     assert code == 1
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in rows] == ["done", "failed"]
-    assert "ValueError: rank=11 is not valid for layer linear3" in rows[1]["error"]
+    assert "FloatingPointError: The loss became nan at step" in rows[1]["error"]
     assert "cell " in rows[1]["error"]
+    assert not list((out / rows[1]["name"]).glob("**/*.safetensors")), "no adapter from a diverged run"
     err = capsys.readouterr().err
-    assert "1 configuration(s) failed: rank11_alpha11_digit9_seed0_steps10" in err
+    assert "1 configuration(s) failed: rank1_alpha1e+20_digit9_seed0_steps10" in err
+
+
+def test_an_interrupted_sweep_keeps_what_finished_and_resumes_the_rest(swept, monkeypatch, capsys):
+    out, _, _ = swept
+    configs = configurations([1, 2, 3], None, False, [9], [0], [10], SMALL)  # rank 1 is already done
+    real_run_one = sweep_module.run_one
+    ran = []
+
+    def interrupted_at_rank_3(config, *args):
+        ran.append(config.rank)
+        if config.rank == 3:
+            raise KeyboardInterrupt  # Ctrl-C while rank 3 runs
+        return real_run_one(config, *args)
+
+    monkeypatch.setattr(sweep_module, "run_one", interrupted_at_rank_3)
+    before = (out / configs[0].name / "results.json").read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        sweep(configs, out, SMALL, jobs=1, progress=False)
+    assert ran == [2, 3]
+    assert "Sweep interrupted: the finished configurations are kept" in capsys.readouterr().err
+    assert finished(configs[1], out) and not finished(configs[2], out)
+
+    ran.clear()
+    monkeypatch.setattr(sweep_module, "run_one", lambda config, *a: ran.append(config.rank) or {
+        "status": "failed", "error": "not run in this test"})
+    rows = sweep(configs, out, SMALL, jobs=1, progress=False)
+    assert ran == [3], "only the interrupted configuration runs again"
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert (out / configs[0].name / "results.json").read_bytes() == before
 
 
 def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch):
@@ -89,6 +120,12 @@ def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch)
 def test_bad_values_are_refused_before_anything_runs(tmp_path, capsys):
     assert main(["--ranks", "0", "--out", str(tmp_path)]) == 2
     assert "rank=0 is not valid" in capsys.readouterr().err
+    assert main(["--ranks", "1", "16", "--out", str(tmp_path)]) == 2
+    assert "error: rank=16 is too large for layer linear3" in capsys.readouterr().err
+    assert main(["--ranks", "1", "-p", "device", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "error: device='nonsense' is not valid" in capsys.readouterr().err
+    assert main(["--ranks", "1", "-p", "data_dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "nowhere (data_dir) does not exist" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):
         main(["--ranks", "1", "-p", "rank", "3", "--out", str(tmp_path)])

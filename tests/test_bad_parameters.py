@@ -1,0 +1,85 @@
+"""A reader's mistakes, passed through papermill's command line, each answered by one sentence.
+
+papermill runs the notebook in a fresh kernel, as a user's `papermill ... -p rank 0` does; the
+error must come from the cell that reads the parameters (before any data is loaded or any
+training starts) and read as a single line, not a traceback through the package.
+"""
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+CASES = {
+    "rank 0": (["-p", "rank", "0"],
+               "SettingsError: rank=0 is not valid: expected an integer >= 1 (the post uses 1)."),
+    "alpha -1": (["-p", "alpha", "-1"],
+                 "SettingsError: alpha=-1 is not valid: expected a number > 0 (the post uses 1.0)."),
+    "digit 10": (["-p", "target_digit", "10"],
+                 "SettingsError: target_digit=10 is not valid: expected an integer between 0 and 9 "
+                 "(the post uses 9)."),
+    "rank 16": (["-p", "rank", "16"],
+                "SettingsError: rank=16 is too large for layer linear3 (10 x 2000 weight): a rank can be "
+                "at most min(out, in) = 10. Use rank <= 10 or leave linear3 out (target_modules="
+                "['linear1', 'linear2'])."),
+    "unknown layer": (["-p", "target_modules", "linear9"],
+                      "SettingsError: target_modules='linear9' is not valid: no layer called linear9; "
+                      "expected a list of distinct layer names from ['linear1', 'linear2', 'linear3'], "
+                      "or None for all."),
+    "misspelt name": (["-p", "rnak", "4"],
+                      "SettingsError: Unknown setting(s) ['rnak']: the valid names are"),
+    "device cuda": (["-p", "device", "cuda"],
+                    "SettingsError: device='cuda' was asked for, but PyTorch "),
+    "empty data folder": (["-p", "data_dir", "{empty}"],
+                          "MnistError: The MNIST folder {empty} (data_dir) holds no MNIST files: place "
+                          "MNIST's four files in {empty}/MNIST/raw"),
+}
+
+
+@pytest.fixture(scope="module")
+def failed_runs(tmp_path_factory):
+    """Every case through `python -m papermill` on 01_data, three at a time."""
+    root = tmp_path_factory.mktemp("bad")
+    empty = root / "empty"
+    empty.mkdir()
+
+    def run(item):
+        name, (arguments, _) = item
+        out = root / f"{name.replace(' ', '_')}.ipynb"
+        command = [sys.executable, "-m", "papermill", str(NOTEBOOKS / "01_data.ipynb"), str(out),
+                   "--cwd", str(NOTEBOOKS), "-k", "python3", "--no-progress-bar",
+                   "-p", "output_dir", str(root / "outputs"),
+                   *[a.format(empty=empty) for a in arguments]]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        return name, (done, out)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        runs = dict(pool.map(run, CASES.items()))
+    return runs, empty
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_mistake_is_one_sentence_from_the_parameters_cell(failed_runs, case):
+    if case == "device cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    runs, empty = failed_runs
+    done, out = runs[case]
+    expected = CASES[case][1].format(empty=empty)
+    assert done.returncode != 0
+    last_lines = done.stderr.strip().splitlines()[-1]
+    assert last_lines.startswith(expected), done.stderr[-1500:]  # what papermill's user reads last
+    nb = nbformat.read(out, as_version=4)
+    failing = [c for c in nb.cells if c.cell_type == "code"
+               and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert len(failing) == 1 and "Settings.from_globals(globals())" in failing[0].source
+    error = next(o for o in failing[0].outputs if o.output_type == "error")
+    assert error.traceback == [expected.split(": ", 1)[0] + ": " + error.evalue]  # one line, no traceback
+    assert error.evalue.startswith(expected.split(": ", 1)[1])
+    later = nb.cells[nb.cells.index(failing[0]) + 1:]
+    assert all(c.get("execution_count") is None for c in later if c.cell_type == "code"), "nothing ran after"
