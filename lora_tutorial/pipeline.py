@@ -9,7 +9,6 @@ that adapter, or fine-tunes when there is none.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoints import load_adapter, load_pretrained, save_adapter, save_pretrained
-from .data import DATA_ENV, Mnist, check_raw_files, digit_subset, load_mnist, mnist_root
+from .data import Mnist, check_raw_files, digit_subset, load_mnist, named_folder
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate
 from .lora import add_lora, mark_only_lora_as_trainable, separate_path
@@ -33,10 +32,9 @@ def preflight(settings: Settings) -> torch.device:
     device = pick_device(settings.device)
     check_writable("output_dir", settings.output_path)
     check_writable("checkpoint_dir", settings.checkpoint_path)
-    chosen = settings.data_dir or os.environ.get(DATA_ENV)
-    if chosen:
-        check_raw_files(mnist_root(Path(chosen).expanduser()),
-                        "data_dir" if settings.data_dir else f"${DATA_ENV}")
+    named = named_folder(settings.data_dir)
+    if named is not None:
+        check_raw_files(*named)
     return device
 
 
