@@ -1,0 +1,84 @@
+"""Start JupyterLab for the tutorial: `python -m lora_tutorial.lab`.
+
+It registers this environment's Python as the Jupyter kernel "Python (lora-tutorial)" (so a
+JupyterLab started from another environment, a JupyterHub say, can run the notebooks too), then
+starts JupyterLab in the notebooks folder, bound to 127.0.0.1 with its token on, and prints the
+SSH line that reaches it from a laptop. Arguments it does not know go to `jupyter lab` as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .run import notebooks_dir
+
+KERNEL_NAME = "lora-tutorial"
+KERNEL_DISPLAY_NAME = "Python (lora-tutorial)"
+
+
+def register_kernel() -> None:
+    """Install (or refresh) the kernelspec for this interpreter in the user's Jupyter folder."""
+    command = [sys.executable, "-m", "ipykernel", "install", "--user", "--name", KERNEL_NAME,
+               "--display-name", KERNEL_DISPLAY_NAME]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"Could not register the Jupyter kernel ({done.stderr.strip()}); is ipykernel "
+                         "installed? `python -m pip install -r requirements.txt` installs it.")
+    print(f'Kernel "{KERNEL_DISPLAY_NAME}" runs {sys.executable}.')
+
+
+def lab_command(ip: str, port: int, root: Path, extra: list[str]) -> list[str]:
+    """The `jupyter lab` command line: no browser on the server, the token left on.
+
+    As root (the usual user inside a container such as rocm/pytorch) JupyterLab refuses to start
+    without --allow-root; it is added then, and only then.
+    """
+    root_user = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    return [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={ip}", f"--port={port}",
+            f"--ServerApp.root_dir={root}", *root_user, *extra]
+
+
+def tunnel_hint(port: int) -> str:
+    login = f"{getpass.getuser()}@{socket.gethostname()}"
+    return (f"From your laptop: ssh -N -L {port}:localhost:{port} {login}\n"
+            f"then open the http://127.0.0.1:{port}/lab?token=... address JupyterLab prints below.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8888, help="port on this machine (default 8888)")
+    parser.add_argument("--ip", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 only inside a container "
+                             "whose port is published to the host's 127.0.0.1)")
+    parser.add_argument("--notebooks", type=Path, default=None,
+                        help="folder JupyterLab opens (default: the project's notebooks/)")
+    parser.add_argument("--no-register", action="store_true", help="do not (re-)register the kernel")
+    args, extra = parser.parse_known_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port={args.port}: expected a port number from 1 to 65535")
+    root = (args.notebooks or notebooks_dir()).resolve()
+    if not root.is_dir():
+        parser.error(f"--notebooks={args.notebooks}: no such folder")
+    for argument in extra:
+        name, _, value = argument.partition("=")
+        if name.endswith(".token") and not value.strip("'\""):
+            parser.error(f"{argument}: an empty token lets anyone who reaches the port run code as you; "
+                         "keep the token on")
+    if not args.no_register:
+        register_kernel()
+    print(tunnel_hint(args.port), flush=True)
+    command = lab_command(args.ip, args.port, root, extra)
+    if os.name == "posix":
+        os.execv(command[0], command)  # JupyterLab takes over this process: Ctrl-C stops it
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
