@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         register_kernel()
     print(tunnel_hint(args.port), flush=True)
     command = lab_command(args.ip, args.port, root, extra)
-    if os.name == "posix":
-        os.execv(command[0], command)  # JupyterLab takes over this process: Ctrl-C stops it
-    return subprocess.call(command)
+    if os.name != "posix":
+        return subprocess.call(command)
+    os.execv(command[0], command)  # JupyterLab takes over this process: Ctrl-C stops it
+    return 0  # not reached
 
 
 if __name__ == "__main__":
