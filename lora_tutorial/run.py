@@ -77,12 +77,15 @@ def summary(results: dict) -> str:
 
 def _tidy(path: Path) -> float:
     """Keep papermill's recorded paths relative to the project (no machine paths in shared
-    notebooks); return the seconds the notebook's cells took, start-up excluded."""
+    notebooks) and merge each progress bar's updates into its final line, as Jupyter shows them;
+    return the seconds the notebook's cells took, start-up excluded."""
     import nbformat
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     from .checkpoints import atomic_write
 
     nb = nbformat.read(path, as_version=4)
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
     meta = nb.metadata.get("papermill", {})
     for key in ("input_path", "output_path"):
         if meta.get(key):

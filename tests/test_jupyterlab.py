@@ -26,6 +26,7 @@ import nbformat
 import pytest
 
 from lora_tutorial.settings import project_root
+from lora_tutorial.train import PROGRESS_ENV
 
 pytestmark = pytest.mark.browser
 
@@ -54,6 +55,12 @@ RUN_FINISHED = """() => {
     .some(e => e.offsetParent !== null && e.dataset.status !== 'idle');
   return prompts.length > 0 && !busy && !prompts.some(p => p.includes('*')) && /\\d/.test(prompts[0]);
 }"""
+
+
+# At least `count` tqdm bars drawn as ipywidgets (a progress widget in a row) and showing 100%.
+FINISHED_BARS = """count => [...document.querySelectorAll('.jp-NotebookPanel .widget-hbox')]
+  .filter(row => row.offsetParent !== null && row.querySelector('.widget-hprogress .progress-bar')
+                 && row.textContent.includes('100%')).length >= count"""
 
 
 def browser_or_skip():
@@ -108,6 +115,7 @@ def lab(tmp_path_factory):
                JUPYTER_CONFIG_DIR=str(jupyter / "config"), JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(jupyter / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(jupyter / "workspaces"))
+    env.pop(PROGRESS_ENV, None)  # a headless run in this process may have asked for text bars
     port = free_port()
     log = (root / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "lora_tutorial.lab", "--port", str(port), "--notebooks",
@@ -182,9 +190,13 @@ def run_all_cells(lab, name: str, timeout_s: float = 150) -> tuple[str, nbformat
             break
         time.sleep(0.5)
     images = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output img")
-    if images.count():
+    if any(o.get("data", {}).get("image/png") for o in outputs_of(nb, "display_data")):
+        images.last.wait_for(timeout=30_000)  # the plot the kernel sent is drawn on the page
         images.last.scroll_into_view_if_needed()
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    stderr = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output"
+                          '[data-mime-type="application/vnd.jupyter.stderr"]')  # errors and warnings
+    assert stderr.count() == 0, f"{name} shows an error or a warning: {stderr.first.inner_text()[:500]}"
     return page.locator(".jp-NotebookPanel:visible .jp-Notebook").inner_text(), nb
 
 
@@ -230,5 +242,8 @@ def test_06_compare_runs_in_jupyterlab_with_widget_progress_bars(lab):
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets, "tqdm's bars should be widgets in JupyterLab (ipywidgets installed)"
     bars = page.locator(".jp-NotebookPanel:visible .widget-hbox:has(.widget-hprogress .progress-bar)")
-    assert bars.count() >= 2, "the pre-training and fine-tuning bars, drawn as widgets"
-    assert all("100%" in text for text in bars.all_inner_texts())
+    try:  # widget views are drawn a moment after their models arrive
+        page.wait_for_function(FINISHED_BARS, arg=2, timeout=30_000)
+    except Exception:
+        raise AssertionError(f"expected the pre-training and fine-tuning bars drawn as finished widgets; "
+                             f"found {bars.all_inner_texts()}") from None
