@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .settings import Settings, ShortError, project_root, shown_path
-from .train import PROGRESS_ENV
+from .train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
 TRENDS = (
@@ -115,24 +114,24 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     preflight(settings)  # and so do a missing GPU, an unwritable folder, an empty data folder
     source = notebooks_dir()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ[PROGRESS_ENV] = "text"  # kernels inherit it: plain-text bars in executed copies
     results_path = settings.output_path / "results.json"
     started_all = time.perf_counter()
-    for step in steps:
-        target = out / f"{step}.ipynb"
-        print(f"Running {step} ...", end=" ", flush=True)
-        started = time.perf_counter()
-        try:
-            papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target),
-                                       parameters=parameters, cwd=str(source), kernel_name="python3",
-                                       progress_bar=False,
-                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
-        except PapermillExecutionError as err:
-            print("failed.")
-            raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                             f"The executed copy, with the error, is {shown_path(target)}.") from None
-        cells = _tidy(target)
-        print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
+    with text_progress_bars():  # plain-text bars in the executed copies
+        for step in steps:
+            target = out / f"{step}.ipynb"
+            print(f"Running {step} ...", end=" ", flush=True)
+            started = time.perf_counter()
+            try:
+                papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target),
+                                           parameters=parameters, cwd=str(source), kernel_name="python3",
+                                           progress_bar=False,
+                                           extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            except PapermillExecutionError as err:
+                print("failed.")
+                raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                                 f"The executed copy, with the error, is {shown_path(target)}.") from None
+            cells = _tidy(target)
+            print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
     print(f"All {len(steps)} notebooks ran in {time.perf_counter() - started_all:.1f} s; "
           f"executed copies are in {shown_path(out)}.")
     peak = _peak_kernel_mib()

@@ -27,7 +27,7 @@ from .checkpoints import atomic_write, write_json
 from .evaluate import from_confusion
 from .run import notebooks_dir, parse_value
 from .settings import Settings, ShortError, project_root, shown_path
-from .train import PROGRESS_ENV, progress_bar
+from .train import PROGRESS_ENV, progress_bar, text_progress_bars
 
 NOTEBOOK = "06_compare"
 COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", "lora_parameters",
@@ -238,8 +238,8 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
         else:
             todo.append(config)
     if todo:
-        os.environ[PROGRESS_ENV] = "text"
-        pretrain_once(out, extra)
+        with text_progress_bars():
+            pretrain_once(out, extra)
         bar = progress_bar(len(todo), "Sweep", progress)
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:

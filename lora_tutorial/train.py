@@ -13,11 +13,28 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 PROGRESS_ENV = "LORA_TUTORIAL_PROGRESS"  # "text" forces plain-text bars (headless runs)
+
+
+@contextmanager
+def text_progress_bars() -> Iterator[None]:
+    """Notebook kernels started inside this block draw plain-text bars (they inherit the
+    environment), as executed copies of a headless run should; the caller's setting comes back after."""
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "text"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = before
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True):
