@@ -70,8 +70,8 @@ HINTS = {
 def parse_device(name: Any) -> str:
     """Check a device name's spelling (not whether the device is here: see `device.pick_device`)."""
     text = str(name).strip().lower() if isinstance(name, str) else None
-    kind, _, index = (text or "").partition(":")
-    ok = text == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit()))
+    kind, colon, index = (text or "").partition(":")
+    ok = text == "auto" or (kind in ("cpu", "cuda", "mps") and (not colon or index.isdigit()))
     if not ok:
         raise SettingsError(f"device={name!r} is not valid: expected {DEVICES}.")
     return text

@@ -25,6 +25,7 @@ from lora_tutorial.settings import SettingsError, fingerprint, papermill_paramet
     ("train_samples", 0, r"train_samples=0 is not valid: .*\(or None for all 60,000"),
     ("device", "gpu0", r"device='gpu0' is not valid: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     ("device", "cuda:one", r"device='cuda:one' is not valid"),
+    ("device", "cuda:", r"device='cuda:' is not valid"),
     ("device", None, r"device=None is not valid"),
     ("download", "yes", r"download='yes' is not valid: expected True or False"),
     ("output_dir", "", r"output_dir='' is not valid: expected a folder path, or None"),
