@@ -225,3 +225,11 @@ def test_training_the_separate_path_trains_the_parametrized_model(images):
     assert torch.count_nonzero(lora.lora_B) > 0  # the step reached the parametrized model's B
     expected = base_weight(model.linear2) + (lora.lora_B @ lora.lora_A) * lora.scale
     assert torch.equal(model.linear2.weight, expected)
+
+
+def test_the_layer_shapes_settings_check_against_are_the_models():
+    """Settings check the rank against LAYER_SHAPES before a model exists: they must be the model's."""
+    from lora_tutorial.model import LAYER_SHAPES, linear_layers
+
+    layers = linear_layers(OversizedMLP())
+    assert LAYER_SHAPES == {name: tuple(layer.weight.shape) for name, layer in layers.items()}
