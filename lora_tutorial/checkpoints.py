@@ -108,29 +108,49 @@ def base_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _common_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The value most layers share (the larger on a tie), and the layers that differ from it."""
+    counts = {v: list(values.values()).count(v) for v in values.values()}
+    common = max(counts, key=lambda v: (counts[v], v))
+    return common, {name: v for name, v in values.items() if v != common}
+
+
+def layer_ranks(info: dict[str, Any]) -> dict[str, int]:
+    """Each adapted layer's rank, read off an adapter's metadata."""
+    return {name: info.get("rank_pattern", {}).get(name, info["rank"]) for name in info["target_modules"]}
+
+
+def layer_alphas(info: dict[str, Any]) -> dict[str, float]:
+    """Each adapted layer's alpha, read off an adapter's metadata."""
+    return {name: float(info.get("alpha_pattern", {}).get(name, info["alpha"]))
+            for name in info["target_modules"]}
+
+
 def save_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save only LoRA's A and B (safetensors), with what is needed to load them safely.
 
-    The metadata holds rank, alpha, the adapted layers and their weight shapes, a fingerprint
-    of the base weights, and the settings that produced the adapter. Returns that metadata.
+    The metadata holds rank and alpha (with `rank_pattern` / `alpha_pattern` for layers that
+    differ), the adapted layers and their weight shapes, a fingerprint of the base weights, and
+    the settings that produced the adapter. Returns that metadata.
     """
     loras = lora_modules(model)
     if not loras:
         raise ValueError("This model has no LoRA layers: there is no adapter to save.")
-    ranks = {lora.rank for lora in loras.values()}
-    alphas = {lora.alpha for lora in loras.values()}
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(f"save_adapter expects one rank and one alpha for all layers (as add_lora "
-                         f"makes them); found ranks {sorted(ranks)} and alphas {sorted(alphas)}.")
+    rank, rank_pattern = _common_and_pattern({n: lora.rank for n, lora in loras.items()})
+    alpha, alpha_pattern = _common_and_pattern({n: float(lora.alpha) for n, lora in loras.items()})
     info = {
         "format": ADAPTER_FORMAT,
-        "rank": ranks.pop(),
-        "alpha": float(alphas.pop()),
+        "rank": rank,
+        "alpha": alpha,
         "target_modules": list(loras),
         "base_shapes": {name: list(base_weight(model.get_submodule(name)).shape) for name in loras},
         "base_fingerprint": base_fingerprint(model),
         "settings": settings,
     }
+    if rank_pattern:  # only layers whose rank or alpha differs from the rest (PEFT's convention)
+        info["rank_pattern"] = rank_pattern
+    if alpha_pattern:
+        info["alpha_pattern"] = alpha_pattern
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
     metadata = {k: json.dumps(v) for k, v in info.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -178,15 +198,14 @@ def _check_fits(model: nn.Module, info: dict[str, Any], path: Path) -> None:
                               "settings and data).")
     loras = lora_modules(model)
     if loras:
-        here = {"rank": {lora.rank for lora in loras.values()},
-                "alpha": {float(lora.alpha) for lora in loras.values()},
-                "target_modules": list(loras)}
-        wanted = {"rank": {info["rank"]}, "alpha": {info["alpha"]}, "target_modules": info["target_modules"]}
+        here = {"rank": {n: lora.rank for n, lora in loras.items()},
+                "alpha": {n: float(lora.alpha) for n, lora in loras.items()}}
+        wanted = {"rank": layer_ranks(info), "alpha": layer_alphas(info)}
         if here != wanted:
-            raise CheckpointError(f"Adapter {shown} has rank {info['rank']}, alpha {info['alpha']:g} on "
-                                  f"{info['target_modules']}, but this model already carries LoRA with "
-                                  f"rank {sorted(here['rank'])}, alpha {sorted(here['alpha'])} on "
-                                  f"{here['target_modules']}: load it onto the model without LoRA.")
+            raise CheckpointError(f"Adapter {shown} has LoRA of rank {wanted['rank']}, alpha "
+                                  f"{wanted['alpha']}, but this model already carries LoRA of rank "
+                                  f"{here['rank']}, alpha {here['alpha']}: load it onto the model "
+                                  "without LoRA.")
 
 
 def load_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None = None) -> nn.Module:
@@ -205,7 +224,8 @@ def load_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None =
                               f"({_differences(info.get('settings') or {}, settings)}); it is not used.")
     _check_fits(model, info, path)
     if not lora_modules(model):
-        add_lora(model, rank=info["rank"], alpha=info["alpha"], target_modules=info["target_modules"])
+        add_lora(model, rank=info["rank"], alpha=info["alpha"], target_modules=info["target_modules"],
+                 rank_pattern=info.get("rank_pattern"), alpha_pattern=info.get("alpha_pattern"))
         mark_only_lora_as_trainable(model)
     expected = set(lora_state_dict(model))
     if set(tensors) != expected:

@@ -60,29 +60,40 @@ class LoRAParametrization(nn.Module):
 
 
 def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
-             target_modules: Iterable[str] | None = None, init: str = "normal") -> nn.Module:
+             target_modules: Iterable[str] | None = None, init: str = "normal",
+             rank_pattern: dict[str, int] | None = None,
+             alpha_pattern: dict[str, float] | None = None) -> nn.Module:
     """Register a LoRA parametrization on the weight of each targeted Linear layer (all by default).
 
+    `rank_pattern` and `alpha_pattern` (PEFT's names) give some layers their own rank or alpha,
+    e.g. `rank=16, rank_pattern={"linear3": 10}`: a 10 x 2000 weight has rank at most 10.
     Biases are left alone, as in the LoRA paper. Works in place and returns the model.
     """
     layers = linear_layers(model)
     targets = list(layers) if target_modules is None else list(target_modules)
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     unknown = [t for t in targets if t not in layers]
     if unknown or not targets:
         raise ValueError(f"target_modules={targets!r}: {unknown or 'none given'} are not Linear "
                          f"layers of this model; valid names are {list(layers)}.")
+    stray = [t for t in [*rank_pattern, *alpha_pattern] if t not in targets]
+    if stray:
+        raise ValueError(f"rank_pattern/alpha_pattern name {stray}, which LoRA does not adapt here: "
+                         f"name only layers among target_modules={targets}.")
     for name in targets:
         layer = layers[name]
         limit = min(layer.in_features, layer.out_features)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
-            raise ValueError(f"rank={rank!r} is not valid for layer {name} "
+        r = rank_pattern.get(name, rank)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
+            raise ValueError(f"rank={r!r} is not valid for layer {name} "
                              f"({layer.out_features} x {layer.in_features}): expected an integer "
                              f"from 1 to {limit}.")
         if parametrize.is_parametrized(layer, "weight"):
             raise ValueError(f"Layer {name} already has a parametrization: call add_lora once.")
     for name in targets:
         layer = layers[name]
-        lora = LoRAParametrization(layer.in_features, layer.out_features, rank, alpha, init)
+        lora = LoRAParametrization(layer.in_features, layer.out_features, rank_pattern.get(name, rank),
+                                   alpha_pattern.get(name, alpha), init)
         lora.to(device=layer.weight.device, dtype=layer.weight.dtype)
         parametrize.register_parametrization(layer, "weight", lora)
     return model

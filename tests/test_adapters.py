@@ -89,8 +89,8 @@ def test_other_shapes_are_refused_naming_the_layer(trained):
 def test_a_model_with_another_lora_is_refused(trained):
     base, _, path, _ = trained
     add_lora(base, rank=1, alpha=1.0)
-    message = (r"has rank 2, alpha 4 on \['linear1', 'linear3'\], but this model already carries LoRA "
-               r"with rank \[1\], alpha \[1\.0\] on \['linear1', 'linear2', 'linear3'\]")
+    message = (r"has LoRA of rank \{'linear1': 2, 'linear3': 2\}, alpha \{'linear1': 4.0, 'linear3': 4.0\}, "
+               r"but this model already carries LoRA of rank \{'linear1': 1, 'linear2': 1, 'linear3': 1\}")
     with pytest.raises(CheckpointError, match=message):
         load_adapter(base, path)
 
@@ -129,3 +129,33 @@ def test_saving_needs_lora(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(OversizedMLP(), tmp_path / "a.safetensors")
     assert not any(tmp_path.iterdir())
+
+
+def test_layers_of_their_own_rank_and_alpha_round_trip(tmp_path):
+    """rank 16 fits linear1 and linear2 but not linear3 (10 x 2000): rank_pattern gives it 10."""
+    torch.manual_seed(0)
+    base = OversizedMLP()
+    tuned = copy_of(base)
+    add_lora(tuned, rank=16, alpha=16.0, rank_pattern={"linear3": 10}, alpha_pattern={"linear3": 10.0})
+    with torch.no_grad():
+        for lora in lora_modules(tuned).values():
+            lora.lora_B.normal_()
+    path = tmp_path / "patterned.safetensors"
+    info = save_adapter(tuned, path)
+    assert (info["rank"], info["rank_pattern"]) == (16, {"linear3": 10})
+    assert (info["alpha"], info["alpha_pattern"]) == (16.0, {"linear3": 10.0})
+    load_adapter(base, path)
+    assert {n: (m.rank, m.scale) for n, m in lora_modules(base).items()} == {
+        "linear1": (16, 1.0), "linear2": (16, 1.0), "linear3": (10, 1.0)}
+    images = torch.randn(5, 28, 28)
+    assert torch.equal(base(images), tuned(images))
+    plain = OversizedMLP()
+    add_lora(plain, rank=2)
+    info = save_adapter(plain, tmp_path / "plain.safetensors")
+    assert "rank_pattern" not in info and "alpha_pattern" not in info  # one rank: no pattern written
+
+
+def copy_of(model):
+    twin = OversizedMLP()
+    twin.load_state_dict(model.state_dict())
+    return twin

@@ -233,3 +233,16 @@ def test_the_layer_shapes_settings_check_against_are_the_models():
 
     layers = linear_layers(OversizedMLP())
     assert LAYER_SHAPES == {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+
+
+def test_rank_pattern_gives_a_layer_its_own_rank_and_alpha():
+    model = OversizedMLP()
+    add_lora(model, rank=16, alpha=16.0, rank_pattern={"linear3": 10}, alpha_pattern={"linear3": 10.0})
+    shapes = {n: (tuple(m.lora_A.shape), m.scale) for n, m in lora_modules(model).items()}
+    assert shapes == {"linear1": ((16, 784), 1.0), "linear2": ((16, 1000), 1.0), "linear3": ((10, 2000), 1.0)}
+    with pytest.raises(ValueError, match=r"rank=16 is not valid for layer linear3"):
+        add_lora(OversizedMLP(), rank=16)
+    stray = OversizedMLP()
+    with pytest.raises(ValueError, match=r"name \['linear3'\], which LoRA does not adapt here"):
+        add_lora(stray, rank=4, target_modules=["linear1"], rank_pattern={"linear3": 2})
+    assert lora_modules(stray) == {}
