@@ -88,9 +88,11 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32).div(255).sub(MEAN).div(STD)
 
 
-def digit_subset(images: torch.Tensor, labels: torch.Tensor, digit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of one digit, as new tensors (the dataset itself is left untouched)."""
-    keep = labels == digit
+def digit_subset(images: torch.Tensor, labels: torch.Tensor, digit: int,
+                 others: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of one digit (with `others`, of every other digit), as new tensors; the
+    dataset itself is left untouched."""
+    keep = (labels != digit) if others else (labels == digit)
     return images[keep], labels[keep]
 
 

@@ -116,6 +116,23 @@ def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
     return model
 
 
+def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
+                    verbose: bool = True) -> list[float]:
+    """Train whatever in `model` is trainable on the target digit, as the settings say: the
+    steps, batch size, learning rate and seed, and `replay_share` of each batch drawn from the
+    other digits' training images. Returns the losses."""
+    digit = settings.target_digit
+    images, labels = digit_subset(data.train_images, data.train_labels, digit)
+    replay = None
+    if settings.replay_share:
+        replay = digit_subset(data.train_images, data.train_labels, digit, others=True)
+    if desc is None:
+        desc = f"Fine-tuning on digit {digit}" + (f" ({settings.replay_share:g} replay)" if replay else "")
+    return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,
+                 lr=settings.learning_rate, seed=settings.seed, desc=desc, progress=verbose,
+                 replay=replay, replay_share=settings.replay_share)
+
+
 def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True,
              fast_path: bool = True) -> list[float]:
     """Train the LoRA adapter on the target digit alone; save it; return the losses.
@@ -124,11 +141,8 @@ def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = 
     A and B without rebuilding W + scale * B @ A at every step; `fast_path=False` trains
     through the parametrization itself (slower; results equal up to float rounding).
     """
-    images, labels = digit_subset(data.train_images, data.train_labels, settings.target_digit)
     trained = separate_path(model) if fast_path else model
-    losses = train(trained, images, labels, max_steps=settings.finetune_steps,
-                   batch_size=settings.batch_size, lr=settings.learning_rate, seed=settings.seed,
-                   desc=f"Fine-tuning on digit {settings.target_digit}", progress=verbose)
+    losses = train_on_target(settings, data, trained, verbose=verbose)
     path = adapter_path(settings, data)
     save_adapter(model, path, finetune_key(settings, data))
     if verbose:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .model import LAYER_SHAPES
+from .train import replay_count
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Part of every checkpoint's fingerprint: raise it when a change to the code would train
@@ -64,6 +65,7 @@ HINTS = {
     "train_samples": "or None for all 60,000 training images",
     "alpha": "the post uses 1.0",
     "learning_rate": "the post uses 0.001",
+    "replay_share": "0, as in the post, replays nothing; 0.3 puts 3 other-digit images in each batch of 10",
 }
 
 
@@ -96,6 +98,7 @@ class Settings:
     output_dir: str | None = None  # None: <project root>/outputs
     checkpoint_dir: str | None = None  # None: <output_dir>/checkpoints (a sweep shares one)
     target_modules: tuple[str, ...] | None = None  # layers LoRA adapts; None: every Linear layer
+    replay_share: float = 0.0  # share of each fine-tuning batch drawn from the other digits
 
     def __post_init__(self) -> None:
         """Check every value on its own terms; nothing here looks at the machine (see `preflight`)."""
@@ -123,6 +126,15 @@ class Settings:
             if not number or not 0 < value < float("inf"):
                 raise SettingsError(f"{name}={value!r} is not valid: expected a number > 0 "
                                     f"({HINTS[name]}).")
+        share = self.replay_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise SettingsError(f"replay_share={share!r} is not valid: expected a number from 0 up to, "
+                                f"not including, 1 ({HINTS['replay_share']}).")
+        extra = replay_count(share, self.batch_size)
+        if share > 0 and not 1 <= extra < self.batch_size:
+            raise SettingsError(f"replay_share={share!r} puts {extra} of every {self.batch_size} images "
+                                f"from other digits (batch_size={self.batch_size}): choose a share "
+                                f"that gives between 1 and {self.batch_size - 1}, or 0 for none.")
         parse_device(self.device)
         if not isinstance(self.download, bool):
             raise SettingsError(f"download={self.download!r} is not valid: expected True or False.")
@@ -217,6 +229,8 @@ class Settings:
             "target_digit": self.target_digit,
             "finetune_steps": self.finetune_steps,
             "target_modules": self.target_list(),
+            # only when used, so adapters made before replay existed keep their names
+            **({"replay_share": float(self.replay_share)} if self.replay_share else {}),
         }
 
     def target_list(self) -> list[str] | None:

@@ -55,6 +55,11 @@ def _generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed)
 
 
+def replay_count(share: float, batch_size: int) -> int:
+    """How many images of each batch replay other digits: share x batch size, rounded half up."""
+    return math.floor(share * batch_size + 0.5)
+
+
 def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """Adam with the fused kernel where this PyTorch and device have it, else the default."""
     try:
@@ -65,22 +70,37 @@ def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 1,
           max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
-          seed: int | None = 0, desc: str = "Training", progress: bool = True) -> list[float]:
+          seed: int | None = 0, desc: str = "Training", progress: bool = True,
+          replay: tuple[torch.Tensor, torch.Tensor] | None = None,
+          replay_share: float = 0.0) -> list[float]:
     """Train the model's trainable parameters; return the loss of every step.
 
     One epoch visits every image once in a random order, the same order as the post's loop
     (`train_with_dataloader`) given the same `seed`; `seed=None` draws it from PyTorch's global
     generator, as the post does after its one `torch.manual_seed`. With `max_steps` training
     stops after that many batches (starting new epochs if it needs more).
+    With `replay=(images, labels)` and a `replay_share` > 0, that share of every batch is drawn
+    at random from the replay images (old data, so the network keeps what it knew) and the rest
+    from `images`; at share 0 training is exactly the plain run.
     Raises FloatingPointError, naming the step, if the loss stops being finite.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters: nothing to train.")
+    extra = replay_count(replay_share, batch_size)
+    if not 0 <= replay_share < 1 or (replay_share > 0 and not 1 <= extra < batch_size):
+        raise ValueError(f"replay_share={replay_share!r} with batch_size={batch_size}: expected 0, or a "
+                         "share that puts between 1 and batch_size - 1 replayed images in each batch.")
+    if extra and (replay is None or len(replay[1]) == 0):
+        raise ValueError(f"replay_share={replay_share} needs replay=(images, labels) to draw from.")
     device = params[0].device
     images, labels = images.to(device), labels.to(device)
+    if extra:
+        replay_images, replay_labels = replay[0].to(device), replay[1].to(device)
+        replay_generator = _generator(None if seed is None else seed + 1)
     n = len(labels)
-    per_epoch = math.ceil(n / batch_size)
+    fresh = batch_size - extra  # images of each batch taken from `images`
+    per_epoch = math.ceil(n / fresh)
     steps = max_steps if max_steps is not None else epochs * per_epoch
     optimizer = make_adam(params, lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -99,10 +119,15 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
         step = 0
         while step < steps:
             order = torch.cat(list(shuffler)).to(device)  # one epoch's order (exhausts the sampler)
-            for start in range(0, n, batch_size):
-                batch = order[start:start + batch_size]
+            for start in range(0, n, fresh):
+                batch = order[start:start + fresh]
+                x, y = images[batch], labels[batch]
+                if extra:
+                    pick = torch.randint(len(replay_labels), (extra,), generator=replay_generator)
+                    pick = pick.to(device)
+                    x, y = torch.cat([x, replay_images[pick]]), torch.cat([y, replay_labels[pick]])
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images[batch]), labels[batch])
+                loss = loss_fn(model(x), y)
                 loss.backward()
                 optimizer.step()
                 losses[step] = loss.detach()

@@ -34,6 +34,14 @@ from lora_tutorial.settings import SettingsError, fingerprint, papermill_paramet
                                     r"'linear3'\], or None for all"),
     ("target_modules", [], r"target_modules=\[\] is not valid"),
     ("target_modules", ["linear1", "linear1"], r"is not valid: expected a list of distinct layer names"),
+    ("replay_share", 1, r"replay_share=1 is not valid: expected a number from 0 up to, not including, 1 "
+                        r"\(0, as in the post, replays nothing; 0.3 puts 3 other-digit images"),
+    ("replay_share", -0.1, r"replay_share=-0.1 is not valid"),
+    ("replay_share", "0.3", r"replay_share='0.3' is not valid"),
+    ("replay_share", 0.04, r"replay_share=0.04 puts 0 of every 10 images from other digits "
+                           r"\(batch_size=10\): "
+                           r"choose a share that gives between 1 and 9, or 0 for none"),
+    ("replay_share", 0.97, r"replay_share=0.97 puts 10 of every 10 images"),
 ])
 def test_bad_values_name_themselves_and_the_fix(name, value, message):
     with pytest.raises(SettingsError, match=message):
@@ -103,6 +111,8 @@ def test_fingerprints_separate_what_matters():
     assert fine != fingerprint(Settings(rank=2).finetune_key(), "mnist:60000/10000")
     assert fine != fingerprint(Settings(alpha=2).finetune_key(), "mnist:60000/10000")
     assert fine != fingerprint(Settings(target_modules=["linear3"]).finetune_key(), "mnist:60000/10000")
+    assert fine != fingerprint(Settings(replay_share=0.3).finetune_key(), "mnist:60000/10000")
+    assert fine == fingerprint(Settings(replay_share=0.0).finetune_key(), "mnist:60000/10000")
 
 
 def test_auto_and_cpu():

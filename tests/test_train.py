@@ -128,3 +128,53 @@ def test_text_progress_bars_are_asked_for_only_inside_the_block(monkeypatch):
     with pytest.raises(KeyboardInterrupt), text_progress_bars():
         raise KeyboardInterrupt
     assert os.environ[PROGRESS_ENV] == "widgets"
+
+
+def lora_on_small(mnist):
+    model, _ = pretrain_small(mnist, samples=300)
+    torch.manual_seed(0)
+    add_lora(model, rank=2)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def test_replay_at_share_0_is_the_plain_run_and_a_share_mixes_other_digits_in(mnist):
+    nines = mnist.train_labels == 9
+    target = (mnist.train_images[nines][:200], mnist.train_labels[nines][:200])
+    others = (mnist.train_images[~nines][:500], mnist.train_labels[~nines][:500])
+    plain, zero, mixed = lora_on_small(mnist), lora_on_small(mnist), lora_on_small(mnist)
+    plain_losses = train(plain, *target, max_steps=15, seed=2, progress=False)
+    zero_losses = train(zero, *target, max_steps=15, seed=2, progress=False, replay=others, replay_share=0.0)
+    assert zero_losses == plain_losses
+    for a, b in zip(plain.state_dict().values(), zero.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    seen = []
+    mixed.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    train(mixed, *target, max_steps=15, seed=2, progress=False, replay=others, replay_share=0.3)
+    assert seen == [10] * 15  # 7 nines and 3 replayed images in every batch
+    assert not torch.equal(mixed.linear1.parametrizations.weight[0].lora_B,
+                           plain.linear1.parametrizations.weight[0].lora_B)
+
+
+def test_replayed_images_come_from_the_replay_set_three_in_ten(mnist):
+    model = lora_on_small(mnist)
+    nines = mnist.train_labels == 9
+    ones = mnist.train_labels == 1
+    batches = []
+    model.register_forward_pre_hook(lambda _, args: batches.append(args[0].clone()))
+    train(model, mnist.train_images[nines][:70], mnist.train_labels[nines][:70], max_steps=10,
+          progress=False, replay=(mnist.train_images[ones][:50], mnist.train_labels[ones][:50]),
+          replay_share=0.3)
+    assert len(batches) == 10  # one epoch of 70 nines, 7 per batch
+    predicted_one = [sum(bool((img == mnist.train_images[ones][:50]).flatten(1).all(1).any())
+                         for img in batch) for batch in batches]
+    assert predicted_one == [3] * 10
+
+
+def test_replay_needs_images_and_a_share_that_fits_the_batch(mnist):
+    model = lora_on_small(mnist)
+    data = (mnist.train_images[:50], mnist.train_labels[:50])
+    with pytest.raises(ValueError, match=r"replay_share=0.3 needs replay=\(images, labels\)"):
+        train(model, *data, max_steps=2, progress=False, replay_share=0.3)
+    with pytest.raises(ValueError, match=r"replay_share=0.01 with batch_size=10: expected 0, or a share"):
+        train(model, *data, max_steps=2, progress=False, replay=data, replay_share=0.01)
