@@ -24,6 +24,11 @@ class Evaluation:
     def per_digit_accuracy(self) -> list[float]:
         return [row[d] / max(1, sum(row)) for d, row in enumerate(self.confusion)]
 
+    def mean_accuracy_except(self, digit: int) -> float:
+        """The mean of the other nine digits' accuracies: what fine-tuning on `digit` may cost."""
+        per_digit = self.per_digit_accuracy()
+        return sum(a for d, a in enumerate(per_digit) if d != digit) / 9
+
     def worst_digit(self) -> int:
         """The digit with the most wrong answers (the smallest such digit on a tie)."""
         return max(range(10), key=lambda d: (self.wrong_counts[d], -d))

@@ -168,12 +168,6 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
                finetune_seconds: float | None = None) -> dict:
     """The numbers a run reports, as plain data (the results JSON that `run` reads)."""
     digit = settings.target_digit
-    others = [d for d in range(10) if d != digit]
-
-    def other_mean(e: Evaluation) -> float:
-        acc = e.per_digit_accuracy()
-        return sum(acc[d] for d in others) / len(others)
-
     return {
         "settings": settings.as_dict(),
         "data": {"source": data.source, "location": data.location, "identity": data.identity,
@@ -185,8 +179,8 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
         "target_digit": digit,
         "target_wrong_before": pretrained.wrong_counts[digit],
         "target_wrong_after": lora_on.wrong_counts[digit],
-        "other_digits_accuracy_before": other_mean(pretrained),
-        "other_digits_accuracy_after": other_mean(lora_on),
+        "other_digits_accuracy_before": pretrained.mean_accuracy_except(digit),
+        "other_digits_accuracy_after": lora_on.mean_accuracy_except(digit),
         "lora_off_equals_pretrained": lora_off == pretrained,
         "finetune_seconds": finetune_seconds,
         "pretrained": pretrained.as_dict(),

@@ -1,0 +1,87 @@
+"""What fine-tuning on one digit costs the other nine, what helps, and what merging saves.
+
+Every remedy here is a setting of the fine-tuning step (`replay_share`, `finetune_steps`,
+`alpha`, `target_modules`), so each one runs through the same pipeline as the tutorial's own
+fine-tuning, saves its adapter, and is re-used when the notebook runs again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Mnist
+from .evaluate import Evaluation, evaluate
+from .pipeline import finetuned_model
+from .settings import Settings
+
+
+def per_digit_change(before: Evaluation, after: Evaluation) -> list[float]:
+    """Each digit's accuracy after minus before, in percentage points."""
+    return [100 * (a - b) for b, a in zip(before.per_digit_accuracy(), after.per_digit_accuracy(),
+                                          strict=True)]
+
+
+def others_lose_points(before: Evaluation, after: Evaluation, digit: int) -> float:
+    """How many percentage points the other nine digits lose on average (negative: they gain)."""
+    return 100 * (before.mean_accuracy_except(digit) - after.mean_accuracy_except(digit))
+
+
+def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict[str, dict[str, Any]],
+                verbose: bool = True) -> list[dict]:
+    """Fine-tune LoRA once per variant (the settings with those values changed) and evaluate it.
+
+    A bad value in a variant fails here, before any of them trains. Adapters already saved for
+    the same settings are loaded instead of trained again.
+    """
+    chosen = {name: dataclasses.replace(settings, **changes) for name, changes in variants.items()}
+    rows = []
+    for name, variant in chosen.items():
+        if verbose:
+            print(f"{name}:")
+        model = finetuned_model(variant, data, base, verbose=verbose)
+        result = evaluate(model, data.test_images, data.test_labels)
+        digit = variant.target_digit
+        rows.append({"name": name, "changes": variants[name], "target_wrong": result.wrong_counts[digit],
+                     "others_accuracy": result.mean_accuracy_except(digit), "accuracy": result.accuracy,
+                     "evaluation": result})
+    return rows
+
+
+def choose_setting(rows: list[dict], others_before: float, max_loss_points: float = 1.0) -> dict:
+    """The row with the fewest target-digit errors among those whose other digits lose at most
+    `max_loss_points` on average; when none stays within that, the one that loses least."""
+    kept = [r for r in rows if 100 * (others_before - r["others_accuracy"]) <= max_loss_points]
+    if kept:
+        return min(kept, key=lambda r: (r["target_wrong"], -r["others_accuracy"]))
+    return max(rows, key=lambda r: r["others_accuracy"])
+
+
+def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one forward pass over all `images`, per model, measured in one run.
+
+    The models take turns in every round, after one warm-up each, so a machine that speeds up
+    or slows down mid-way affects them alike; compare the ratios, not the seconds.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r}: expected at least 1.")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model.eval()
+            model(images)  # warm-up: memory allocation, first-call costs
+        for _ in range(repeats):
+            for name, model in models.items():
+                if images.is_cuda:
+                    torch.cuda.synchronize(images.device)
+                started = time.perf_counter()
+                model(images)
+                if images.is_cuda:
+                    torch.cuda.synchronize(images.device)
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
