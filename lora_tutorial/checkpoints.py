@@ -56,7 +56,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    """Write `data` as JSON, atomically; objects with an `as_dict()` (an Evaluation) as that dict."""
+    text = json.dumps(data, indent=2, default=_as_plain) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _as_plain(value: Any) -> Any:
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    raise TypeError(f"{type(value).__name__} cannot be written as JSON")
 
 
 def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:

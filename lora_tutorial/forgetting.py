@@ -18,7 +18,7 @@ from torch import nn
 from .data import Mnist
 from .evaluate import Evaluation, evaluate
 from .pipeline import finetuned_model
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 
 def per_digit_change(before: Evaluation, after: Evaluation) -> list[float]:
@@ -39,6 +39,12 @@ def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict
     A bad value in a variant fails here, before any of them trains. Adapters already saved for
     the same settings are loaded instead of trained again.
     """
+    names = {f.name for f in dataclasses.fields(Settings)}
+    for name, changes in variants.items():
+        unknown = sorted(set(changes) - names) if isinstance(changes, dict) else None
+        if unknown is None or unknown:
+            raise SettingsError(f"The remedy {name!r} changes {changes!r}: expected a dict of settings to "
+                                f"change, from {sorted(names)}.")
     chosen = {name: dataclasses.replace(settings, **changes) for name, changes in variants.items()}
     rows = []
     for name, variant in chosen.items():
@@ -62,26 +68,34 @@ def choose_setting(rows: list[dict], others_before: float, max_loss_points: floa
     return max(rows, key=lambda r: r["others_accuracy"])
 
 
-def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of one forward pass over all `images`, per model, measured in one run.
+def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
+                    batch_size: int | None = None) -> dict[str, float]:
+    """Median seconds to run all `images` forward through each model, `batch_size` images per
+    call (all at once by default), measured in one run.
 
     The models take turns in every round, after one warm-up each, so a machine that speeds up
     or slows down mid-way affects them alike; compare the ratios, not the seconds.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats!r}: expected at least 1.")
+    size = batch_size or len(images)
+    if size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected at least 1, or None for all images at once.")
+
+    def one_pass(model: nn.Module) -> None:
+        for start in range(0, len(images), size):
+            model(images[start:start + size])
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)  # GPU work is asynchronous: wait for it
+
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
             model.eval()
-            model(images)  # warm-up: memory allocation, first-call costs
+            one_pass(model)  # warm-up: memory allocation, first-call costs
         for _ in range(repeats):
             for name, model in models.items():
-                if images.is_cuda:
-                    torch.cuda.synchronize(images.device)
                 started = time.perf_counter()
-                model(images)
-                if images.is_cuda:
-                    torch.cuda.synchronize(images.device)
+                one_pass(model)
                 times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}

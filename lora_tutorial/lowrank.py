@@ -26,8 +26,18 @@ from .evaluate import evaluate
 from .lora import add_lora, lora_modules, mark_only_lora_as_trainable, separate_path
 from .model import linear_layers
 from .pipeline import train_on_target
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .train import make_adam
+
+
+def check_ranks(name: str, values: object) -> list[int]:
+    """A notebook's list of ranks, checked before any work: whole numbers >= 1, sorted."""
+    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in values)
+    if not ok:
+        raise SettingsError(f"{name}={values!r} is not valid: expected a list of whole numbers >= 1, "
+                            "e.g. [1, 2, 4, 8, 16, 32].")
+    return sorted(set(values))
 
 
 def fully_trainable(base: nn.Module) -> nn.Module:
@@ -77,6 +87,15 @@ def singular_values(delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(delta.double())
 
 
+def top_direction_cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """|cos| between the top singular directions of two matrices of one shape: (output side u,
+    input side v). 1: the same direction; two random directions in n dimensions give about
+    1 / sqrt(n)."""
+    ua, _, vha = torch.linalg.svd(a.double(), full_matrices=False)
+    ub, _, vhb = torch.linalg.svd(b.double(), full_matrices=False)
+    return abs(float(ua[:, 0] @ ub[:, 0])), abs(float(vha[0] @ vhb[0]))
+
+
 def energy_shares(values: torch.Tensor, ranks: list[int]) -> list[float]:
     """The share of the matrix's energy (sum of squared singular values) held by the top r, per r.
 
@@ -91,12 +110,13 @@ def energy_shares(values: torch.Tensor, ranks: list[int]) -> list[float]:
     return [float(cumulative[min(r, len(values)) - 1] / total) for r in ranks]
 
 
-def low_rank_approximation(delta: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-`rank` approximation of `delta` (truncated SVD): its top singular directions."""
-    if rank < 1:
-        raise ValueError(f"rank={rank!r}: expected at least 1.")
+def low_rank_approximations(delta: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:
+    """The best rank-r approximation of `delta` for each r (truncated SVD: its top r singular
+    directions, U_r diag(s_r) V_r^T), from one decomposition."""
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"ranks={ranks!r}: expected ranks of at least 1.")
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(delta.dtype)
+    return {r: ((u[:, :r] * s[:r]) @ vh[:r]).to(delta.dtype) for r in ranks}
 
 
 def with_deltas(base: nn.Module, deltas: dict[str, torch.Tensor]) -> nn.Module:
@@ -143,7 +163,8 @@ def saved_bytes(model: nn.Module) -> int:
 def finetune_and_measure(settings: Settings, data: Mnist, model: nn.Module, name: str,
                          verbose: bool = True) -> dict:
     """Fine-tune what is trainable in `model` on the target digit (in place), as the settings say,
-    and measure it: trainable numbers, Adam's state, the saved file, seconds, test results."""
+    and measure it: trainable numbers, Adam's state, the saved file, seconds, test results.
+    The row also holds the trained model, under "model"."""
     trained = separate_path(model) if lora_modules(model) else model
     started = time.perf_counter()
     train_on_target(settings, data, trained, desc=f"Fine-tuning: {name}", verbose=verbose)
@@ -159,4 +180,35 @@ def finetune_and_measure(settings: Settings, data: Mnist, model: nn.Module, name
         "others_accuracy": result.mean_accuracy_except(settings.target_digit),
         "accuracy": result.accuracy,
         "evaluation": result,
+        "model": model,
     }
+
+
+def truncated_rows(settings: Settings, base: nn.Module, deltas: dict[str, torch.Tensor], data: Mnist,
+                   ranks: list[int]) -> list[dict]:
+    """Evaluate the pre-trained network plus each layer's delta W cut to rank r, for every r."""
+    pieces = {name: low_rank_approximations(delta, ranks) for name, delta in deltas.items()}
+    rows = []
+    for r in ranks:
+        result = evaluate(with_deltas(base, {name: cut[r] for name, cut in pieces.items()}),
+                          data.test_images, data.test_labels)
+        rows.append({"rank": r, "target_wrong": result.wrong_counts[settings.target_digit],
+                     "others_accuracy": result.mean_accuracy_except(settings.target_digit),
+                     "accuracy": result.accuracy})
+    return rows
+
+
+def cost_table(rows: list[dict], digit: int) -> str:
+    """The measured costs and results of each way to fine-tune, as a text table."""
+    head = (f"{'':<20}{'trained numbers':>16}{'Adam state':>12}{'saved file':>12}"
+            f"{f'digit {digit} wrong':>15}{'other digits':>14}{'seconds':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name']:<20}{r['trainable']:>16,}{_size(r['optimizer_bytes']):>12}"
+                     f"{_size(r['file_bytes']):>12}{r['target_wrong']:>15}{r['others_accuracy']:>14.3f}"
+                     f"{r['seconds']:>9.2f}")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"

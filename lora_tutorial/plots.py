@@ -101,3 +101,91 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
         fig.tight_layout()
         figures[name] = fig
     return figures
+
+
+def plot_singular_values(values: dict[str, torch.Tensor], shares: dict[str, list[float]],
+                         ranks: Sequence[int], show: int = 100) -> plt.Figure:
+    """Left: each layer's singular values of delta W, largest first (log scale). Right: the share
+    of each layer's energy the top r hold, against r."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, s in values.items():
+        s = s.detach().cpu().double().numpy()[:show]
+        left.semilogy(np.arange(1, len(s) + 1), s, ".-", markersize=3, label=f"{name} ({len(values[name])})")
+        right.plot(ranks, shares[name], "o-", label=name)
+    left.set(xlabel="index of the singular value", ylabel="singular value (log scale)",
+             title=f"Singular values of delta W (first {show})")
+    left.legend(fontsize=8, title="layer (how many)", title_fontsize=8)
+    right.set_xscale("log", base=2)
+    right.set_xticks(list(ranks))
+    right.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    right.xaxis.set_minor_formatter(NullFormatter())
+    right.set(xlabel="rank r", ylabel="share of the energy in the top r", ylim=(0, 1.02),
+              title="How much of delta W the top r directions hold")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_rank_comparison(ranks: Sequence[int], truncated: Sequence[dict], lora: Sequence[dict],
+                         full: dict, pretrained: dict, digit: int) -> plt.Figure:
+    """Wrong answers on the target digit and the other digits' accuracy against the rank r, for
+    full fine-tuning's delta W cut to rank r and for LoRA trained at rank r; the full fine-tune
+    and the pre-trained network as horizontal lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key, ylabel in ((axes[0], "target_wrong", f"wrong answers on digit {digit}"),
+                            (axes[1], "others_accuracy", "mean accuracy, the other nine digits")):
+        ax.plot(ranks, [r[key] for r in truncated], "o-", label="full fine-tune's delta W, cut to rank r")
+        ax.plot(ranks, [r[key] for r in lora], "s--", label="LoRA trained at rank r")
+        ax.axhline(full[key], color="tab:red", linewidth=0.9, label="full fine-tune")
+        ax.axhline(pretrained[key], color="gray", linewidth=0.9, linestyle=":", label="pre-trained")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(ranks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="rank r", ylabel=ylabel)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Rank r: the best rank-r piece of the full update, and LoRA")
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float], target_digit: int) -> plt.Figure:
+    """Each digit's test accuracy before and after fine-tuning, with the change in points."""
+    digits = np.arange(10)
+    before, after = 100 * np.asarray(before), 100 * np.asarray(after)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.bar(digits - 0.2, before, width=0.4, label="pre-trained", color="tab:gray")
+    ax.bar(digits + 0.2, after, width=0.4, label="after LoRA fine-tuning", color="tab:orange")
+    ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
+               label=f"target digit {target_digit}")
+    for x, (b, a) in enumerate(zip(before, after, strict=True)):
+        ax.text(x + 0.2, a + 0.5, f"{a - b:+.1f}", ha="center", va="bottom", fontsize=8)
+    low = min(before.min(), after.min())
+    ax.set(xticks=digits, xlabel="true digit", ylabel="accuracy (%)", ylim=(max(0, low - 10), 104),
+           title="Accuracy per digit (the numbers: change in points)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tradeoff(rows: Sequence[dict], pretrained: dict, chosen: str, digit: int) -> plt.Figure:
+    """One point per fine-tuning setting: wrong answers on the target digit against the other
+    digits' mean accuracy. Down and to the left is better on both counts."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row in rows:
+        mine = row["name"] == chosen
+        ax.scatter(row["target_wrong"], 100 * row["others_accuracy"], s=70 if mine else 30,
+                   color="tab:green" if mine else "tab:blue", zorder=3)
+        point = (row["target_wrong"], 100 * row["others_accuracy"])
+        ax.annotate(row["name"] + (" (chosen)" if mine else ""), point, textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.scatter(pretrained["target_wrong"], 100 * pretrained["others_accuracy"], marker="x", color="gray",
+               zorder=3)
+    ax.annotate("pre-trained", (pretrained["target_wrong"], 100 * pretrained["others_accuracy"]),
+                textcoords="offset points", xytext=(-10, 6), fontsize=8, ha="right")
+    ax.set(xlabel=f"wrong answers on digit {digit} (fewer is better)",
+           ylabel="mean accuracy of the other nine digits (%)",
+           title="What each setting buys on the target digit, and what it costs the others")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

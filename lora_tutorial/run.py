@@ -2,7 +2,8 @@
 
 Executes the six notebooks in order with papermill, each into an executed copy under --out,
 all with the same parameters, then prints a short summary of the results. With --check it
-also fails unless the post's trends hold (see TRENDS).
+also fails unless the post's trends hold (see TRENDS). `--only 08_why_low_rank 09_forgetting`
+runs the two notebooks that go beyond the post.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .settings import Settings, ShortError, project_root, shown_path
 from .train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
+BEYOND = ("08_why_low_rank", "09_forgetting")  # beyond the post: run them with --only
 TRENDS = (
     "pre-trained accuracy >= 0.94",
     "wrong answers on the target digit fall by >= 70 %",
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the executed notebooks (default: outputs/run)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
                         metavar=("NAME", "VALUE"), help="a notebook parameter, e.g. -p rank 4")
-    parser.add_argument("--only", nargs="+", choices=STEPS, help="run only these notebooks")
+    parser.add_argument("--only", nargs="+", choices=STEPS + BEYOND,
+                        help="run only these notebooks (08 and 09 run only when named here)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless the post's trends hold: " + "; ".join(TRENDS))
     args = parser.parse_args(argv)

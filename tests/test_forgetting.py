@@ -74,6 +74,8 @@ def test_a_bad_variant_fails_before_any_variant_trains(small, tmp_path):
                                 checkpoint_dir=str(settings.checkpoint_path))
     with pytest.raises(SettingsError, match=r"replay_share=1.5 is not valid"):
         remedy_runs(fresh, data, base, {"plain": {}, "too much": {"replay_share": 1.5}}, verbose=False)
+    with pytest.raises(SettingsError, match=r"The remedy 'typo' changes \{'replay': 0.3\}: expected a dict"):
+        remedy_runs(fresh, data, base, {"plain": {}, "typo": {"replay": 0.3}}, verbose=False)
     assert not (tmp_path / "out" / "adapters").exists()
 
 
@@ -92,5 +94,9 @@ def test_merged_equals_parametrized_exactly_and_all_three_are_timed(small):
     times = forward_latency({"parametrized": model, "separate": separate, "merged": merged}, images, 2)
     assert list(times) == ["parametrized", "separate", "merged"] and all(t > 0 for t in times.values())
     assert evaluate(merged, images, data.test_labels[:500]) == evaluate(model, images, data.test_labels[:500])
+    calls = []
+    merged.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    forward_latency({"merged": merged}, images, repeats=2, batch_size=200)
+    assert calls == [200, 200, 100] * 3  # a warm-up pass, then two timed ones
     with pytest.raises(ValueError, match="repeats=0"):
         forward_latency({"merged": merged}, images, 0)

@@ -11,9 +11,10 @@ from lora_tutorial.lowrank import (
     fully_trainable,
     last_layer_trainable,
     lora_at_rank,
-    low_rank_approximation,
+    low_rank_approximations,
     saved_bytes,
     singular_values,
+    top_direction_cosines,
     weight_deltas,
     with_deltas,
 )
@@ -41,14 +42,16 @@ def test_energy_shares_grow_with_the_rank_and_reach_one_at_full_rank():
 def test_a_rank_r_approximation_has_rank_at_most_r_and_is_the_best(rank):
     torch.manual_seed(1)
     delta = torch.randn(50, 20)
-    approx = low_rank_approximation(delta, rank)
+    approx = low_rank_approximations(delta, [rank, 20])[rank]
     assert approx.shape == delta.shape and approx.dtype == delta.dtype
     assert torch.linalg.matrix_rank(approx) <= rank
     values = singular_values(delta)
     # Eckart-Young: what is left out is exactly the energy of the singular values dropped
     left = torch.linalg.matrix_norm((delta - approx).double()) ** 2
     assert float(left) == pytest.approx(float((values[rank:] ** 2).sum()), rel=1e-4)
-    assert torch.allclose(low_rank_approximation(delta, 20), delta, atol=1e-5)
+    assert torch.allclose(low_rank_approximations(delta, [20])[20], delta, atol=1e-5)
+    with pytest.raises(ValueError, match=r"ranks=\[0\]"):
+        low_rank_approximations(delta, [0])
 
 
 def test_deltas_of_a_lora_model_are_its_low_rank_update_and_go_back_on_exactly():
@@ -109,3 +112,11 @@ def test_fine_tuning_the_last_layer_moves_only_it_and_is_measured(small_settings
     assert row["trainable"] == 20_010 and row["seconds"] > 0
     assert row["target_wrong"] == row["evaluation"].wrong_counts[9]
     assert 0 < row["others_accuracy"] <= 1
+
+
+def test_top_direction_cosines_see_the_same_and_orthogonal_directions():
+    u, v = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    big = 5 * torch.outer(u, v) + 0.1 * torch.outer(torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 1.0, 0]))
+    assert top_direction_cosines(big, -2 * torch.outer(u, v)) == pytest.approx((1.0, 1.0))
+    other_input = torch.outer(u, torch.tensor([0, 0, 0, 1.0]))
+    assert top_direction_cosines(big, other_input) == pytest.approx((1.0, 0.0))
