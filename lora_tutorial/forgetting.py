@@ -32,6 +32,43 @@ def others_lose_points(before: Evaluation, after: Evaluation, digit: int) -> flo
     return 100 * (before.mean_accuracy_except(digit) - after.mean_accuracy_except(digit))
 
 
+def check_remedies(settings: Settings, variants: object) -> dict[str, Settings]:
+    """Each remedy's settings (the notebook's settings with its changes), all checked before any
+    of them trains: a name that is not a setting, or a value a setting refuses, is one clear error."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    if not isinstance(variants, dict) or not variants:
+        raise SettingsError(f"remedies={variants!r} is not valid: expected a dict of name: {{setting: "
+                            "value}, e.g. {'replay 0.3': {'replay_share': 0.3}}.")
+    for name, changes in variants.items():
+        unknown = sorted(set(changes) - names) if isinstance(changes, dict) else None
+        if unknown is None or unknown:
+            raise SettingsError(f"The remedy {name!r} changes {changes!r}: expected a dict of settings to "
+                                f"change, from {sorted(names)}.")
+    return {name: dataclasses.replace(settings, **changes) for name, changes in variants.items()}
+
+
+def check_limit(points: object) -> float:
+    """max_forgetting_points, checked before any work: a number of points >= 0."""
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or not 0 <= points < float("inf"):
+        raise SettingsError(f"max_forgetting_points={points!r} is not valid: expected a number of "
+                            "percentage points >= 0, e.g. 1.0.")
+    return float(points)
+
+
+def check_latency(batches: object, repeats: object) -> tuple[list[int], int]:
+    """The image counts per forward call and the timed passes, checked before any work."""
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not isinstance(batches, (list, tuple)) or not batches or not all(whole(b) for b in batches):
+        raise SettingsError(f"latency_batches={batches!r} is not valid: expected a list of whole numbers "
+                            ">= 1, e.g. [10000, 100].")
+    if not whole(repeats):
+        raise SettingsError(f"latency_repeats={repeats!r} is not valid: expected a whole number >= 1, "
+                            "e.g. 3.")
+    return list(batches), repeats
+
+
 def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict[str, dict[str, Any]],
                 verbose: bool = True) -> list[dict]:
     """Fine-tune LoRA once per variant (the settings with those values changed) and evaluate it.
@@ -39,13 +76,7 @@ def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict
     A bad value in a variant fails here, before any of them trains. Adapters already saved for
     the same settings are loaded instead of trained again.
     """
-    names = {f.name for f in dataclasses.fields(Settings)}
-    for name, changes in variants.items():
-        unknown = sorted(set(changes) - names) if isinstance(changes, dict) else None
-        if unknown is None or unknown:
-            raise SettingsError(f"The remedy {name!r} changes {changes!r}: expected a dict of settings to "
-                                f"change, from {sorted(names)}.")
-    chosen = {name: dataclasses.replace(settings, **changes) for name, changes in variants.items()}
+    chosen = check_remedies(settings, variants)
     rows = []
     for name, variant in chosen.items():
         if verbose:

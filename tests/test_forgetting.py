@@ -8,6 +8,9 @@ import torch
 from lora_tutorial import SettingsError, evaluate, merge_and_unload, separate_path
 from lora_tutorial.evaluate import from_confusion
 from lora_tutorial.forgetting import (
+    check_latency,
+    check_limit,
+    check_remedies,
     choose_setting,
     forward_latency,
     others_lose_points,
@@ -100,3 +103,21 @@ def test_merged_equals_parametrized_exactly_and_all_three_are_timed(small):
     assert calls == [200, 200, 100] * 3  # a warm-up pass, then two timed ones
     with pytest.raises(ValueError, match="repeats=0"):
         forward_latency({"merged": merged}, images, 0)
+
+
+def test_the_notebook_parameters_are_checked_with_the_fix():
+    from lora_tutorial import Settings
+    plain = Settings()
+    assert check_remedies(plain, {"r": {"replay_share": 0.3}})["r"].replay_share == 0.3
+    with pytest.raises(SettingsError, match=r"remedies=\[\] is not valid: expected a dict"):
+        check_remedies(plain, [])
+    with pytest.raises(SettingsError, match=r"target_digit=12 is not valid"):
+        check_remedies(plain, {"other digit": {"target_digit": 12}})
+    assert check_limit(1) == 1.0
+    with pytest.raises(SettingsError, match=r"max_forgetting_points=-1 is not valid: expected a number"):
+        check_limit(-1)
+    assert check_latency([10000, 100], 3) == ([10000, 100], 3)
+    with pytest.raises(SettingsError, match=r"latency_batches=\[0\] is not valid"):
+        check_latency([0], 3)
+    with pytest.raises(SettingsError, match=r"latency_repeats=0 is not valid: expected a whole number >= 1"):
+        check_latency([100], 0)

@@ -6,6 +6,7 @@ import torch
 from lora_tutorial import OversizedMLP, add_lora, lora_modules
 from lora_tutorial.lowrank import (
     adam_state_bytes,
+    check_ranks,
     energy_shares,
     finetune_and_measure,
     fully_trainable,
@@ -120,3 +121,11 @@ def test_top_direction_cosines_see_the_same_and_orthogonal_directions():
     assert top_direction_cosines(big, -2 * torch.outer(u, v)) == pytest.approx((1.0, 1.0))
     other_input = torch.outer(u, torch.tensor([0, 0, 0, 1.0]))
     assert top_direction_cosines(big, other_input) == pytest.approx((1.0, 0.0))
+
+
+def test_a_notebooks_ranks_are_checked_with_the_fix():
+    from lora_tutorial import SettingsError
+    assert check_ranks("ranks", [8, 1, 2, 1]) == [1, 2, 8]
+    for bad in ([], [0], [1.5], "1, 2", [True]):
+        with pytest.raises(SettingsError, match=r"ranks=.* is not valid: expected a list of whole numbers"):
+            check_ranks("ranks", bad)
