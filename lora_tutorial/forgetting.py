@@ -116,8 +116,10 @@ def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats:
     def one_pass(model: nn.Module) -> None:
         for start in range(0, len(images), size):
             model(images[start:start + size])
-        if images.is_cuda:
+        if images.device.type == "cuda":  # NVIDIA and AMD (ROCm) GPUs
             torch.cuda.synchronize(images.device)  # GPU work is asynchronous: wait for it
+        elif images.device.type == "mps":
+            torch.mps.synchronize()
 
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
