@@ -160,10 +160,12 @@ def run_all_cells(lab, name: str, timeout_s: float = 150) -> tuple[str, nbformat
     page.locator(".jp-NotebookPanel:visible .jp-Notebook").wait_for(timeout=60_000)
     # the kernel has started when the status bar says so; then make the notebook the active widget
     page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=90_000)
+    accept_kernel_dialog(page)
     page.locator(".jp-NotebookPanel:visible .jp-CodeCell .jp-InputPrompt").first.click()
     started = ("[...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
                ".some(e => /[*\\d]/.test(e.textContent))")
     for _ in range(3):  # a click that lands while JupyterLab is still settling can be lost: retry
+        accept_kernel_dialog(page)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
         try:
@@ -184,7 +186,13 @@ def run_all_cells(lab, name: str, timeout_s: float = 150) -> tuple[str, nbformat
     path = folder / f"{name}.ipynb"
     deadline = time.monotonic() + 30
     while True:  # the save has landed when every code cell on disk has an execution count
-        nb = nbformat.read(path, as_version=4)
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except Exception:  # caught half-written while JupyterLab saves it: read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
         code = [c for c in nb.cells if c.cell_type == "code"]
         if all(c.execution_count for c in code) or time.monotonic() > deadline:
             break
@@ -198,6 +206,19 @@ def run_all_cells(lab, name: str, timeout_s: float = 150) -> tuple[str, nbformat
                           '[data-mime-type="application/vnd.jupyter.stderr"]')  # errors and warnings
     assert stderr.count() == 0, f"{name} shows an error or a warning: {stderr.first.inner_text()[:500]}"
     return page.locator(".jp-NotebookPanel:visible .jp-Notebook").inner_text(), nb
+
+
+def accept_kernel_dialog(page, wait_s: float = 3) -> None:
+    """JupyterLab sometimes asks which kernel to start for the second notebook opened (a modal
+    "Select Kernel" dialog that swallows every click until answered): accept what it offers."""
+    dialog = page.locator(".jp-Dialog", has_text="Select Kernel")
+    try:
+        dialog.wait_for(state="visible", timeout=wait_s * 1000)
+    except Exception:
+        return
+    dialog.get_by_role("button", name="Select", exact=True).click()
+    dialog.wait_for(state="hidden", timeout=10_000)
+    page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=90_000)
 
 
 def outputs_of(nb: nbformat.NotebookNode, kind: str) -> list[dict]:

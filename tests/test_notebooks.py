@@ -124,7 +124,7 @@ def execute(name, out, parameters):
 
 def test_why_low_rank_in_small_settings(quick_run, tmp_path):
     """08 on 2,000 images and 30 steps, ranks 1 and 16: what it computes, read from its results."""
-    root, _ = quick_run
+    root, results = quick_run
     parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
                   "ranks": [1, 16], "table_ranks": [1]}
     executed = execute("08_why_low_rank", tmp_path, parameters)
@@ -144,8 +144,7 @@ def test_why_low_rank_in_small_settings(quick_run, tmp_path):
     rank16 = [r for r in report["lora"] if r["name"] == "LoRA, rank 16"][0]
     assert rank16["trainable"] == 16 * (784 + 1000) + 16 * (1000 + 2000) + 10 * (2000 + 10)
     # LoRA rank 1 with alpha 1 is the tutorial's own run: the same wrong answers as 06 reported
-    assert report["lora"][0]["target_wrong"] == json.loads((root / "out" / "results.json").read_text())[
-        "target_wrong_after"]
+    assert report["lora"][0]["target_wrong"] == results["target_wrong_after"]
     assert "a random matrix" in text_of(executed)
 
 
