@@ -35,8 +35,10 @@ def check_ranks(name: str, values: object) -> list[int]:
     ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
         isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in values)
     if not ok:
+        hint = (f" (papermill's -p passes text: give a list with -y '{{{name}: [1, 4]}}')"
+                if isinstance(values, str) else "")
         raise SettingsError(f"{name}={values!r} is not valid: expected a list of whole numbers >= 1, "
-                            "e.g. [1, 2, 4, 8, 16, 32].")
+                            f"e.g. [1, 2, 4, 8, 16, 32]{hint}.")
     return sorted(set(values))
 
 

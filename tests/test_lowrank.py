@@ -129,3 +129,5 @@ def test_a_notebooks_ranks_are_checked_with_the_fix():
     for bad in ([], [0], [1.5], "1, 2", [True]):
         with pytest.raises(SettingsError, match=r"ranks=.* is not valid: expected a list of whole numbers"):
             check_ranks("ranks", bad)
+    with pytest.raises(SettingsError, match=r"give a list with -y '\{ranks: \[1, 4\]\}'"):
+        check_ranks("ranks", "[0, 2]")
