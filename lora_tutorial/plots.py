@@ -170,22 +170,28 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float], tar
 
 def plot_tradeoff(rows: Sequence[dict], pretrained: dict, chosen: str, digit: int) -> plt.Figure:
     """One point per fine-tuning setting: wrong answers on the target digit against the other
-    digits' mean accuracy. Down and to the left is better on both counts."""
+    digits' mean accuracy. Up and to the left is better on both counts; settings that land on
+    (nearly) the same point share one label; the chosen one is green, named in the legend."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    groups: dict[tuple[int, float], list[dict]] = {}
     for row in rows:
-        mine = row["name"] == chosen
-        ax.scatter(row["target_wrong"], 100 * row["others_accuracy"], s=70 if mine else 30,
-                   color="tab:green" if mine else "tab:blue", zorder=3)
-        point = (row["target_wrong"], 100 * row["others_accuracy"])
-        ax.annotate(row["name"] + (" (chosen)" if mine else ""), point, textcoords="offset points",
+        if row["name"] != chosen:
+            key = (row["target_wrong"], round(100 * row["others_accuracy"], 1))
+            groups.setdefault(key, []).append(row)
+    for members in groups.values():
+        xs, ys = [r["target_wrong"] for r in members], [100 * r["others_accuracy"] for r in members]
+        ax.scatter(xs, ys, s=30, color="tab:blue", zorder=3)
+        ax.annotate(" / ".join(r["name"] for r in members), (xs[0], max(ys)), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
+    best = next(r for r in rows if r["name"] == chosen)
+    ax.scatter(best["target_wrong"], 100 * best["others_accuracy"], s=80, color="tab:green", zorder=3,
+               label=f"chosen: {chosen}")
     ax.scatter(pretrained["target_wrong"], 100 * pretrained["others_accuracy"], marker="x", color="gray",
-               zorder=3)
-    ax.annotate("pre-trained", (pretrained["target_wrong"], 100 * pretrained["others_accuracy"]),
-                textcoords="offset points", xytext=(-10, 6), fontsize=8, ha="right")
+               zorder=3, label="pre-trained")
     ax.set(xlabel=f"wrong answers on digit {digit} (fewer is better)",
            ylabel="mean accuracy of the other nine digits (%)",
            title="What each setting buys on the target digit, and what it costs the others")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
