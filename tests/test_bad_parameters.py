@@ -38,7 +38,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def failed_runs(tmp_path_factory):
-    """Every case through `python -m papermill` on 01_data, three at a time."""
+    """Every case through `python -m papermill` on 01_data, all at once."""
     root = tmp_path_factory.mktemp("bad")
     empty = root / "empty"
     empty.mkdir()
@@ -53,7 +53,7 @@ def failed_runs(tmp_path_factory):
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         return name, (done, out)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
         runs = dict(pool.map(run, CASES.items()))
     return runs, empty
 

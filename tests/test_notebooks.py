@@ -96,17 +96,16 @@ def test_trend_check():
 
 
 def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path):
-    command = [sys.executable, "-m", "lora_tutorial.run", "--out", str(tmp_path), "-p", "rank", "0"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "error: rank=0 is not valid: expected an integer >= 1 (the post uses 1)." in done.stderr
-    assert "Running" not in done.stdout and not any(tmp_path.iterdir())
-    empty = tmp_path / "empty"
+    out, empty = tmp_path / "out", tmp_path / "empty"
     empty.mkdir()
-    command[-2:] = ["data_dir", str(empty)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Running" not in done.stdout
-    assert f"error: The MNIST folder {empty} (data_dir) holds no MNIST files" in done.stderr
+    base = [sys.executable, "-m", "lora_tutorial.run", "--out", str(out), "-p"]
+    runs = [subprocess.Popen(base + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for extra in (["rank", "0"], ["data_dir", str(empty)])]  # both at once: half the wait
+    (bad_rank, _), (no_data, _) = [(run.communicate(timeout=120), run.returncode) for run in runs]
+    assert [run.returncode for run in runs] == [2, 2]
+    assert "error: rank=0 is not valid: expected an integer >= 1 (the post uses 1)." in bad_rank[1]
+    assert f"error: The MNIST folder {empty} (data_dir) holds no MNIST files" in no_data[1]
+    assert "Running" not in bad_rank[0] + no_data[0] and not out.exists()
 
 
 def execute(name, out, parameters):
