@@ -99,6 +99,19 @@ def choose_setting(rows: list[dict], others_before: float, max_loss_points: floa
     return max(rows, key=lambda r: r["others_accuracy"])
 
 
+def describe_choice(chosen: dict, others_before: float, max_loss_points: float, digit: int) -> str:
+    """One sentence: which setting was chosen and why, including when none kept within the limit."""
+    lost = 100 * (others_before - chosen["others_accuracy"])
+    limit = f"{max_loss_points:g} point{'' if max_loss_points == 1 else 's'}"
+    if lost <= max_loss_points:
+        return (f"Chosen: {chosen['name']} ({chosen['changes']}): the fewest wrong answers on digit {digit} "
+                f"({chosen['target_wrong']}) among the settings whose other digits lose at most {limit} on "
+                f"average (it loses {lost:.2f}).")
+    return (f"No setting keeps the other digits within {limit}; the one that loses least is {chosen['name']} "
+            f"({lost:.2f} points, {chosen['target_wrong']} wrong on digit {digit}). Raise "
+            "max_forgetting_points, or try more replay.")
+
+
 def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
                     batch_size: int | None = None) -> dict[str, float]:
     """Median seconds to run all `images` forward through each model, `batch_size` images per

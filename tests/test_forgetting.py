@@ -12,6 +12,7 @@ from lora_tutorial.forgetting import (
     check_limit,
     check_remedies,
     choose_setting,
+    describe_choice,
     forward_latency,
     others_lose_points,
     per_digit_change,
@@ -46,6 +47,15 @@ def test_the_chosen_setting_keeps_the_other_digits_within_the_limit():
     assert choose_setting(rows, others_before=0.964)["name"] == "replay"
     assert choose_setting(rows, others_before=0.964, max_loss_points=0.1)["name"] == "gentle"
     assert choose_setting(rows, others_before=0.964, max_loss_points=10)["name"] == "plain"
+    for row in rows:
+        row["changes"] = {}
+    kept = describe_choice(choose_setting(rows, 0.964), 0.964, 1.0, 9)
+    assert kept.startswith("Chosen: replay ({}): the fewest wrong answers on digit 9 (50) among the settings "
+                           "whose other digits lose at most 1 point on average (it loses 0.60).")
+    nothing = choose_setting(rows, others_before=0.964, max_loss_points=0.1)
+    assert describe_choice(nothing, 0.964, 0.1, 9).startswith(
+        "No setting keeps the other digits within 0.1 points; the one that loses least is gentle "
+        "(0.50 points")
 
 
 @pytest.fixture(scope="module")
