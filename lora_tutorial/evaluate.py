@@ -29,6 +29,12 @@ class Evaluation:
         per_digit = self.per_digit_accuracy()
         return sum(a for d, a in enumerate(per_digit) if d != digit) / 9
 
+    def digit_summary(self, digit: int) -> dict:
+        """What fine-tuning on `digit` is judged by: its wrong answers, the other digits' mean
+        accuracy, the overall accuracy (one row of 08's and 09's tables)."""
+        return {"target_wrong": self.wrong_counts[digit], "others_accuracy": self.mean_accuracy_except(digit),
+                "accuracy": self.accuracy}
+
     def worst_digit(self) -> int:
         """The digit with the most wrong answers (the smallest such digit on a tie)."""
         return max(range(10), key=lambda d: (self.wrong_counts[d], -d))

@@ -84,8 +84,7 @@ def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict
         model = finetuned_model(variant, data, base, verbose=verbose)
         result = evaluate(model, data.test_images, data.test_labels)
         digit = variant.target_digit
-        rows.append({"name": name, "changes": variants[name], "target_wrong": result.wrong_counts[digit],
-                     "others_accuracy": result.mean_accuracy_except(digit), "accuracy": result.accuracy,
+        rows.append({"name": name, "changes": variants[name], **result.digit_summary(digit),
                      "evaluation": result})
     return rows
 

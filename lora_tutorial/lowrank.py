@@ -178,9 +178,7 @@ def finetune_and_measure(settings: Settings, data: Mnist, model: nn.Module, name
         "optimizer_bytes": adam_state_bytes(model),
         "file_bytes": saved_bytes(model),
         "seconds": seconds,
-        "target_wrong": result.wrong_counts[settings.target_digit],
-        "others_accuracy": result.mean_accuracy_except(settings.target_digit),
-        "accuracy": result.accuracy,
+        **result.digit_summary(settings.target_digit),
         "evaluation": result,
         "model": model,
     }
@@ -194,9 +192,7 @@ def truncated_rows(settings: Settings, base: nn.Module, deltas: dict[str, torch.
     for r in ranks:
         result = evaluate(with_deltas(base, {name: cut[r] for name, cut in pieces.items()}),
                           data.test_images, data.test_labels)
-        rows.append({"rank": r, "target_wrong": result.wrong_counts[settings.target_digit],
-                     "others_accuracy": result.mean_accuracy_except(settings.target_digit),
-                     "accuracy": result.accuracy})
+        rows.append({"rank": r, **result.digit_summary(settings.target_digit)})
     return rows
 
 

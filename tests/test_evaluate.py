@@ -1,5 +1,6 @@
 """Batched evaluation against the post's one-image-at-a-time loop."""
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -53,3 +54,14 @@ def test_report_worst_digit_and_per_digit_accuracy(mnist):
     accuracy = result.per_digit_accuracy()
     for digit, row in enumerate(result.confusion):
         assert accuracy[digit] == row[digit] / sum(row)
+
+
+def test_digit_summary_is_what_fine_tuning_on_a_digit_is_judged_by():
+    from lora_tutorial.evaluate import from_confusion
+    confusion = [[0] * 10 for _ in range(10)]
+    for d in range(10):
+        confusion[d][d] = 9 if d != 9 else 6
+        confusion[d][(d + 1) % 10] = 1 if d != 9 else 4
+    result = from_confusion(confusion)
+    summary = result.digit_summary(9)
+    assert summary == {"target_wrong": 4, "others_accuracy": pytest.approx(0.9), "accuracy": 0.87}
