@@ -23,9 +23,9 @@ from torch import nn
 from .checkpoints import save_adapter
 from .data import Mnist
 from .evaluate import evaluate
-from .lora import add_lora, lora_modules, mark_only_lora_as_trainable, separate_path
+from .lora import lora_modules, separate_path
 from .model import linear_layers
-from .pipeline import train_on_target
+from .pipeline import lora_copy, train_on_target
 from .settings import Settings, SettingsError
 from .train import make_adam
 
@@ -64,18 +64,15 @@ def lora_at_rank(settings: Settings, base: nn.Module, rank: int, alpha: float | 
     A layer whose weight cannot hold that rank (linear3 is 10 x 2000: rank 10 at most) gets
     its largest. `alpha=None` gives each layer alpha = its rank, so the update's scale
     alpha / r is 1 at every rank (the convention of 07's sweep); LoRA's random A is drawn after
-    seeding with the settings' seed, as `pipeline.lora_model` does.
+    seeding with the settings' seed (`pipeline.lora_copy`, which the tutorial's own LoRA uses too).
     """
-    model = copy.deepcopy(base)
     ranks = {name: min(rank, layer.in_features, layer.out_features)
-             for name, layer in linear_layers(model).items()}
+             for name, layer in linear_layers(base).items()}
     common = float(rank) if alpha is None else float(alpha)
     alphas = {name: float(r) if alpha is None else float(alpha) for name, r in ranks.items()}
-    torch.manual_seed(settings.seed)
-    add_lora(model, rank=rank, alpha=common, rank_pattern={n: r for n, r in ranks.items() if r != rank},
-             alpha_pattern={n: a for n, a in alphas.items() if a != common})
-    mark_only_lora_as_trainable(model)
-    return model
+    return lora_copy(base, settings.seed, rank=rank, alpha=common,
+                     rank_pattern={n: r for n, r in ranks.items() if r != rank},
+                     alpha_pattern={n: a for n, a in alphas.items() if a != common})
 
 
 def weight_deltas(before: nn.Module, after: nn.Module) -> dict[str, torch.Tensor]:

@@ -107,13 +107,22 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retr
     return Pretrained(model, losses, evaluate(model, data.test_images, data.test_labels), path, loaded)
 
 
-def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
-    """A copy of `base` with LoRA on the target layers (all by default) and everything else frozen."""
+def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
+    """A copy of `base` with LoRA added (`add_lora`'s arguments) and everything else frozen.
+
+    LoRA's A is drawn at random right after seeding with `seed`, so the same seed gives the same A.
+    """
     model = copy.deepcopy(base)
-    torch.manual_seed(settings.seed)  # LoRA's A is drawn at random: make it reproducible
-    add_lora(model, rank=settings.rank, alpha=settings.alpha, target_modules=settings.target_modules)
+    torch.manual_seed(seed)
+    add_lora(model, **lora_args)
     mark_only_lora_as_trainable(model)
     return model
+
+
+def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
+    """A copy of `base` with LoRA on the target layers (all by default) and everything else frozen."""
+    return lora_copy(base, settings.seed, rank=settings.rank, alpha=settings.alpha,
+                     target_modules=settings.target_modules)
 
 
 def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
