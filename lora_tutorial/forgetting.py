@@ -18,7 +18,7 @@ from torch import nn
 from .data import Mnist
 from .evaluate import Evaluation, evaluate
 from .pipeline import finetuned_model
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, check_whole_numbers
 
 
 def per_digit_change(before: Evaluation, after: Evaluation) -> list[float]:
@@ -60,13 +60,11 @@ def check_latency(batches: object, repeats: object) -> tuple[list[int], int]:
     def whole(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-    if not isinstance(batches, (list, tuple)) or not batches or not all(whole(b) for b in batches):
-        raise SettingsError(f"latency_batches={batches!r} is not valid: expected a list of whole numbers "
-                            ">= 1, e.g. [10000, 100].")
+    batches = check_whole_numbers("latency_batches", batches, "[10000, 100]")
     if not whole(repeats):
         raise SettingsError(f"latency_repeats={repeats!r} is not valid: expected a whole number >= 1, "
                             "e.g. 3.")
-    return list(batches), repeats
+    return batches, repeats
 
 
 def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict[str, dict[str, Any]],
@@ -134,6 +132,7 @@ def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats:
             torch.mps.synchronize()
 
     times: dict[str, list[float]] = {name: [] for name in models}
+    was_training = {name: model.training for name, model in models.items()}
     with torch.inference_mode():
         for model in models.values():
             model.eval()
@@ -143,4 +142,6 @@ def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats:
                 started = time.perf_counter()
                 one_pass(model)
                 times[name].append(time.perf_counter() - started)
+    for name, model in models.items():
+        model.train(was_training[name])  # as `evaluate.predict` does: leave each model as it was
     return {name: statistics.median(values) for name, values in times.items()}

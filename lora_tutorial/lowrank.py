@@ -26,20 +26,13 @@ from .evaluate import evaluate
 from .lora import lora_modules, separate_path
 from .model import linear_layers
 from .pipeline import lora_copy, train_on_target
-from .settings import Settings, SettingsError
+from .settings import Settings, check_whole_numbers
 from .train import make_adam
 
 
 def check_ranks(name: str, values: object) -> list[int]:
     """A notebook's list of ranks, checked before any work: whole numbers >= 1, sorted."""
-    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
-        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in values)
-    if not ok:
-        hint = (f" (papermill's -p passes text: give a list with -y '{{{name}: [1, 4]}}')"
-                if isinstance(values, str) else "")
-        raise SettingsError(f"{name}={values!r} is not valid: expected a list of whole numbers >= 1, "
-                            f"e.g. [1, 2, 4, 8, 16, 32]{hint}.")
-    return sorted(set(values))
+    return sorted(set(check_whole_numbers(name, values, "[1, 2, 4, 8, 16, 32]")))
 
 
 def fully_trainable(base: nn.Module) -> nn.Module:

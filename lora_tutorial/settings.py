@@ -240,6 +240,18 @@ class Settings:
         return {**asdict(self), "target_modules": self.target_list()}
 
 
+def check_whole_numbers(name: str, values: Any, example: str) -> list[int]:
+    """A notebook's list of whole numbers >= 1 (ranks, batch sizes), checked before any work."""
+    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+    if not ok:
+        hint = (f" (papermill's -p passes text: give a list with -y '{{{name}: [1, 4]}}')"
+                if isinstance(values, str) else "")
+        raise SettingsError(f"{name}={values!r} is not valid: expected a list of whole numbers >= 1, "
+                            f"e.g. {example}{hint}.")
+    return list(values)
+
+
 def papermill_parameters(namespace: dict[str, Any]) -> list[str]:
     """The names assigned by papermill's injected cell, found in this kernel's input history."""
     for source in reversed(namespace.get("In") or []):

@@ -107,10 +107,12 @@ def test_merged_equals_parametrized_exactly_and_all_three_are_timed(small):
     times = forward_latency({"parametrized": model, "separate": separate, "merged": merged}, images, 2)
     assert list(times) == ["parametrized", "separate", "merged"] and all(t > 0 for t in times.values())
     assert evaluate(merged, images, data.test_labels[:500]) == evaluate(model, images, data.test_labels[:500])
+    merged.train()
     calls = []
     merged.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
     forward_latency({"merged": merged}, images, repeats=2, batch_size=200)
     assert calls == [200, 200, 100] * 3  # a warm-up pass, then two timed ones
+    assert merged.training, "timing leaves the model's train/eval mode as it found it"
     with pytest.raises(ValueError, match="repeats=0"):
         forward_latency({"merged": merged}, images, 0)
 
