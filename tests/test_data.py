@@ -1,6 +1,8 @@
 """Where MNIST comes from, in which order, and what happens when files are bad."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +50,14 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "project_root", lambda: project)
     monkeypatch.setattr(settings_module, "project_root", lambda: project)
 
-    real_mnist = data_module.MNIST
+    def no_download(root):  # like torchvision offline: folders made, a partial file left, then the error
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got:\n"
+                           "<urlopen error network unreachable>\n")
 
-    def no_download(root, train=True, download=False, **kwargs):
-        if download:  # like torchvision offline: folders made, a partial file left, then the error
-            raw = Path(root) / "MNIST" / "raw"
-            raw.mkdir(parents=True, exist_ok=True)
-            (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
-            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got:\n"
-                               "<urlopen error network unreachable>\n")
-        return real_mnist(root, train=train, download=False, **kwargs)
-
-    monkeypatch.setattr(data_module, "MNIST", no_download)
+    monkeypatch.setattr(data_module, "_fetch", no_download)
     return project
 
 
@@ -111,9 +109,36 @@ def test_download_false_goes_straight_to_the_sample(isolated, monkeypatch, capsy
     assert "download=False" in capsys.readouterr().out
 
 
-def test_sample_is_split_per_digit_and_normalised():
+def test_our_idx_reader_reads_what_torchvision_reads(tmp_path):
+    """The files are read without torchvision (seconds of import per kernel); the result must not change."""
+    from torchvision.datasets import MNIST
+
+    write_fake_mnist(tmp_path / "fake")
+    raw = tmp_path / "fake" / "MNIST" / "raw"
+    images = np.random.default_rng(1).integers(0, 256, (60_000, 28, 28), dtype=np.uint8)
+    head = (raw / "train-images-idx3-ubyte").read_bytes()[:16]
+    (raw / "train-images-idx3-ubyte").write_bytes(head + images.tobytes())
+    ours = load_mnist(tmp_path / "fake", verbose=False)
+    theirs = MNIST(str(tmp_path / "fake"), train=True, download=False)
+    assert torch.equal(ours.train_images, normalize(theirs.data))
+    assert torch.equal(ours.train_labels, theirs.targets)
+    assert data_module.read_idx(raw / "t10k-labels-idx1-ubyte").shape == (10_000,)
+
+
+def test_importing_the_package_and_loading_data_leave_torchvision_alone():
+    code = ("import sys, lora_tutorial; from lora_tutorial.data import load_sample; load_sample(); "
+            "print('torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_sample_is_split_per_digit_shuffled_and_normalised():
     sample = load_sample()
     assert sample.train_labels.bincount().tolist() == [400] * 10
+    # shuffled: any prefix holds every digit in proportion (the small test settings take the first images)
+    first = sample.train_labels[:1000].bincount(minlength=10)
+    assert first.min() >= 70 and first.max() <= 130, first.tolist()
+    assert sample.test_labels[:200].bincount(minlength=10).min() >= 10
     assert sample.test_labels.bincount().tolist() == [100] * 10
     assert sample.train_images.shape == (4000, 28, 28) and sample.train_images.dtype == torch.float32
     assert abs(sample.train_images.mean().item()) < 0.1 and abs(sample.train_images.std().item() - 1) < 0.1
