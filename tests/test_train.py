@@ -71,9 +71,22 @@ def test_nothing_trainable_is_an_error(mnist):
         train(model, mnist.train_images[:10], mnist.train_labels[:10], progress=False)
 
 
-def test_denormal_flushing_is_switched_off_again(mnist):
+def test_denormal_flushing_and_one_thread_while_training_then_as_before(mnist):
+    """Only the thread that asks flushes denormals, so a CPU trains on that one thread; after
+    training, both settings are the caller's again."""
     torch.manual_seed(0)
-    train(OversizedMLP(), mnist.train_images[:20], mnist.train_labels[:20], progress=False)
+    model = OversizedMLP()
+    inside = []
+    model.register_forward_pre_hook(lambda *_: inside.append(
+        (torch.get_num_threads(), torch.tensor([1e-40], dtype=torch.float32).item())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(model, mnist.train_images[:20], mnist.train_labels[:20], progress=False)
+        assert inside == [(1, 0.0), (1, 0.0)]  # one thread, and a denormal float32 reads as 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     tiny = torch.tensor([1e-40], dtype=torch.float32)  # a denormal float32
     assert tiny.item() != 0.0, "train() left denormals flushed to zero for the rest of the session"
 
