@@ -25,6 +25,7 @@ from .model import OversizedMLP, RichBoyNet, count_parameters, describe_layers, 
 from .pipeline import (
     Pretrained,
     adapter_path,
+    choose_target,
     finetune,
     finetuned_model,
     lora_model,
@@ -38,7 +39,8 @@ from .train import train
 __all__ = [
     "CheckpointError", "Evaluation", "LoRALinear", "LoRAParametrization", "Mnist", "MnistError",
     "OversizedMLP", "Pretrained", "RichBoyNet", "Settings", "SettingsError", "adapter_path",
-    "add_lora", "base_fingerprint", "base_weight", "count_parameters", "load_adapter", "preflight",
+    "add_lora", "base_fingerprint", "choose_target", "base_weight", "count_parameters", "load_adapter",
+    "preflight",
     "read_adapter", "save_adapter",
     "describe_device", "describe_layers", "describe_lora", "digit_subset", "disable_adapter",
     "evaluate", "finetune", "finetuned_model", "linear_layers", "load_mnist", "lora_model",

@@ -21,6 +21,10 @@ class Evaluation:
     wrong_counts: list[int]  # per true digit
     confusion: list[list[int]]  # confusion[true][predicted]
 
+    def per_digit_totals(self) -> list[int]:
+        """How many images of each digit were evaluated."""
+        return [sum(row) for row in self.confusion]
+
     def per_digit_accuracy(self) -> list[float]:
         return [row[d] / max(1, sum(row)) for d, row in enumerate(self.confusion)]
 

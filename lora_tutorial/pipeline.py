@@ -1,7 +1,8 @@
 """The tutorial's steps as functions, so that every notebook can run alone or in order.
 
 A notebook asks for the model at the stage it teaches: `pretrained_model` loads the
-checkpoint written for these settings, or pre-trains and writes it; `lora_model` adds LoRA
+checkpoint written for these settings, or pre-trains and writes it; `choose_target` decides
+the digit to fine-tune on from its errors on the training images; `lora_model` adds LoRA
 and freezes the rest; `finetune` trains the adapter and saves it; `finetuned_model` loads
 that adapter, or fine-tunes when there is none.
 """
@@ -9,7 +10,7 @@ that adapter, or fine-tunes when there is none.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,10 +19,10 @@ from torch import nn
 from .checkpoints import load_adapter, load_pretrained, save_adapter, save_pretrained
 from .data import Mnist, check_raw_files, digit_subset, load_mnist, named_folder
 from .device import describe_device, pick_device
-from .evaluate import Evaluation, evaluate
+from .evaluate import Evaluation, evaluate, from_confusion
 from .lora import add_lora, mark_only_lora_as_trainable, separate_path
 from .model import OversizedMLP
-from .settings import Settings, check_writable, fingerprint, shown_path
+from .settings import WORST, Settings, check_writable, fingerprint, shown_path
 from .train import train
 
 
@@ -74,7 +75,8 @@ def adapter_path(settings: Settings, data: Mnist) -> Path:
 class Pretrained:
     model: nn.Module
     losses: list[float]  # one per pre-training step
-    evaluation: Evaluation  # on the test images
+    evaluation: Evaluation  # on the test images: what is reported
+    training: Evaluation  # on its own training images: what the target digit is chosen from
     path: Path
     loaded: bool  # True when read from an earlier run's checkpoint
 
@@ -90,6 +92,8 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retr
         model = OversizedMLP().to(device)
         model.load_state_dict(payload["state_dict"])
         losses = payload["losses"]
+        training = (from_confusion(payload["training_confusion"]) if "training_confusion" in payload
+                    else evaluate(model, data.train_images, data.train_labels))
         if verbose:
             print(f"Loaded the pre-trained weights for these settings from {shown_path(path)}.")
     else:
@@ -100,11 +104,38 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retr
         losses = train(model, data.train_images, data.train_labels, epochs=settings.pretrain_epochs,
                        batch_size=settings.batch_size, lr=settings.learning_rate,
                        seed=None, desc="Pre-training", progress=verbose)
+        training = evaluate(model, data.train_images, data.train_labels)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_pretrained(path, state, key, {"losses": losses})
+        save_pretrained(path, state, key, {"losses": losses, "training_confusion": training.confusion})
         if verbose:
             print(f"Saved the pre-trained weights to {shown_path(path)}.")
-    return Pretrained(model, losses, evaluate(model, data.test_images, data.test_labels), path, loaded)
+    return Pretrained(model, losses, evaluate(model, data.test_images, data.test_labels), training, path,
+                      loaded)
+
+
+def choose_target(settings: Settings, pretrained: Pretrained, verbose: bool = True) -> Settings:
+    """The settings with the digit to fine-tune on decided, and said in one line.
+
+    A digit given as a number stays. "worst" (the default) becomes the digit the pre-trained
+    network gets wrong most on its training images, as the post chose 9 from its own run. The
+    test images are not looked at: a choice made on them would flatter the results reported on
+    them. Checkpoints and adapters are keyed on the digit itself.
+    """
+    if settings.target_digit != WORST:
+        if verbose:
+            print(f"Target digit: {settings.target_digit} (given)")
+        return settings
+    seen = pretrained.training
+    digit = seen.worst_digit()
+    if verbose:
+        print(f"Target digit: {digit} (the worst: {seen.wrong_counts[digit]:,} of its "
+              f"{seen.per_digit_totals()[digit]:,} training images wrong; per digit {seen.wrong_counts})")
+    return replace(settings, target_digit=digit, target_rule=WORST)
+
+
+def describe_target(digit: int, rule: str | None) -> str:
+    """'9 (the worst)' or '9 (given)': the target digit and how it was decided, for summaries."""
+    return f"{digit} (the worst)" if rule == WORST else f"{digit} (given)"
 
 
 def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
@@ -186,6 +217,7 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
         "lora_share_percent": 100 * lora_parameters / base_parameters,
         "worst_digit_pretrained": pretrained.worst_digit(),
         "target_digit": digit,
+        "target_rule": settings.target_rule,  # "worst": chosen on the validation images
         "target_wrong_before": pretrained.wrong_counts[digit],
         "target_wrong_after": lora_on.wrong_counts[digit],
         "other_digits_accuracy_before": pretrained.mean_accuracy_except(digit),

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .pipeline import describe_target
 from .settings import Settings, ShortError, project_root, shown_path
 from .train import text_progress_bars
 
@@ -64,8 +65,8 @@ def summary(results: dict) -> str:
     return "\n".join([
         f"Data: {results['data']['location']} ({results['data']['train_images']:,} training, "
         f"{results['data']['test_images']:,} test images)",
-        f"Pre-trained accuracy:        {pre['accuracy']:.4f} (worst digit: "
-        f"{results['worst_digit_pretrained']})",
+        f"Target digit:                {describe_target(digit, results.get('target_rule'))}",
+        f"Pre-trained accuracy:        {pre['accuracy']:.4f}",
         f"With LoRA (rank {results['settings']['rank']}):          {on['accuracy']:.4f}",
         f"Wrong answers on digit {digit}:    {before} -> {after}",
         f"Other digits, mean accuracy: {results['other_digits_accuracy_before']:.4f} -> "
@@ -76,10 +77,14 @@ def summary(results: dict) -> str:
     ])
 
 
-def _tidy(path: Path) -> float:
+PRETRAINING_TAG = "pretraining"  # the cell of 02_pretrain that pre-trains (or loads) the network
+
+
+def _tidy(path: Path) -> tuple[float, float]:
     """Keep papermill's recorded paths relative to the project (no machine paths in shared
     notebooks) and merge each progress bar's updates into its final line, as Jupyter shows them;
-    return the seconds the notebook's cells took, start-up excluded."""
+    return the seconds the notebook's cells took (start-up excluded) and, of those, the seconds
+    of the cell tagged 'pretraining'."""
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
@@ -92,7 +97,12 @@ def _tidy(path: Path) -> float:
         if meta.get(key):
             meta[key] = shown_path(Path(meta[key]))
     atomic_write(path, lambda tmp: nbformat.write(nb, str(tmp)))
-    return sum(c.metadata.get("papermill", {}).get("duration") or 0.0 for c in nb.cells)
+
+    def seconds(cell) -> float:
+        return cell.metadata.get("papermill", {}).get("duration") or 0.0
+
+    return (sum(map(seconds, nb.cells)),
+            sum(seconds(c) for c in nb.cells if PRETRAINING_TAG in c.metadata.get("tags", [])))
 
 
 def _peak_kernel_mib() -> float | None:
@@ -118,6 +128,7 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     out.mkdir(parents=True, exist_ok=True)
     results_path = settings.output_path / "results.json"
     started_all = time.perf_counter()
+    pretraining = 0.0
     with text_progress_bars():  # plain-text bars in the executed copies
         for step in steps:
             target = out / f"{step}.ipynb"
@@ -132,10 +143,13 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
                 print("failed.")
                 raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                                  f"The executed copy, with the error, is {shown_path(target)}.") from None
-            cells = _tidy(target)
+            cells, tagged = _tidy(target)
+            pretraining += tagged
             print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
-    print(f"All {len(steps)} notebooks ran in {time.perf_counter() - started_all:.1f} s; "
-          f"executed copies are in {shown_path(out)}.")
+    total = time.perf_counter() - started_all
+    print(f"All {len(steps)} notebooks ran in {total:.1f} s: the pre-training cell {pretraining:.1f} s, "
+          f"everything else {total - pretraining:.1f} s (starting kernels, imports, data, the other "
+          f"cells). Executed copies are in {shown_path(out)}.")
     peak = _peak_kernel_mib()
     if peak:
         print(f"Peak memory of a notebook kernel: {peak:,.0f} MiB.")

@@ -21,7 +21,7 @@ from .train import replay_count
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Part of every checkpoint's fingerprint: raise it when a change to the code would train
 # different weights from the same settings, so that older checkpoints are not reused.
-TRAINING_CODE_VERSION = 1
+TRAINING_CODE_VERSION = 2  # 2: training on a CPU runs on one thread (train.py)
 
 
 def project_root() -> Path:
@@ -54,11 +54,12 @@ class SettingsError(ShortError, ValueError):
 
 
 DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+WORST = "worst"  # target_digit: the digit the pre-trained network gets wrong most (on validation)
 # What to do about a bad value, per setting (said after what was expected).
 HINTS = {
     "seed": "any whole number, e.g. 0",
     "rank": "the post uses 1",
-    "target_digit": "the post uses 9",
+    "target_digit": "or 'worst', the default: the digit the pre-trained network gets wrong most",
     "pretrain_epochs": "the post uses 1",
     "finetune_steps": "the post uses 100",
     "batch_size": "the post uses 10",
@@ -86,7 +87,7 @@ class Settings:
     seed: int = 0
     rank: int = 1
     alpha: float = 1.0
-    target_digit: int = 9
+    target_digit: int | str = "worst"  # a digit, or "worst": see `pipeline.choose_target`
     pretrain_epochs: int = 1
     finetune_steps: int = 100
     batch_size: int = 10
@@ -99,6 +100,9 @@ class Settings:
     checkpoint_dir: str | None = None  # None: <output_dir>/checkpoints (a sweep shares one)
     target_modules: tuple[str, ...] | None = None  # layers LoRA adapts; None: every Linear layer
     replay_share: float = 0.0  # share of each fine-tuning batch drawn from the other digits
+    # How target_digit was decided: None when given as a number, "worst" once `choose_target`
+    # turned "worst" into the digit. Set by the tutorial, not by a user.
+    target_rule: str | None = None
 
     def __post_init__(self) -> None:
         """Check every value on its own terms; nothing here looks at the machine (see `preflight`)."""
@@ -114,7 +118,13 @@ class Settings:
 
         integer("seed", 0)
         integer("rank", 1)
-        integer("target_digit", 0, 9)
+        if isinstance(self.target_digit, str) and self.target_digit.strip().lower() == WORST:
+            object.__setattr__(self, "target_digit", WORST)
+        else:
+            integer("target_digit", 0, 9)
+        if self.target_rule not in (None, WORST) or (self.target_rule and self.target_digit == WORST):
+            raise SettingsError(f"target_rule={self.target_rule!r} is not valid: it is set by choose_target "
+                                "once the target digit is known; leave it out.")
         integer("pretrain_epochs", 1)
         integer("finetune_steps", 1)
         integer("batch_size", 1)
@@ -177,7 +187,7 @@ class Settings:
 
         `extra` names parameters that a notebook takes besides the settings (07's sweep ranks).
         """
-        known = [f.name for f in fields(cls)]
+        known = [f.name for f in fields(cls) if f.name != "target_rule"]  # the tutorial sets that one
         unknown = sorted(set(values) - set(known) - set(extra))
         if unknown:
             raise SettingsError(f"Unknown setting(s) {unknown}: the valid names are "
@@ -194,7 +204,8 @@ class Settings:
         """
         injected = papermill_parameters(namespace)
         values = {name: namespace[name] for name in injected if name in namespace}
-        values.update({f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
+        values.update({f.name: namespace[f.name] for f in fields(cls)
+                       if f.name in namespace and f.name != "target_rule"})
         return cls.from_mapping(values, extra)
 
     # Where things live -------------------------------------------------------------------
@@ -221,7 +232,11 @@ class Settings:
         }
 
     def finetune_key(self) -> dict[str, Any]:
-        """The settings that decide a LoRA adapter, pre-training included."""
+        """The settings that decide a LoRA adapter, pre-training included. The target digit is the
+        digit itself, however it was chosen: 'worst' that turned out 9 and 9 give the same adapter."""
+        if self.target_digit == WORST:
+            raise ValueError("target_digit='worst' is not decided yet: call "
+                             "lora_tutorial.choose_target(settings, pretrained) first.")
         return {
             **self.pretrain_key(),
             "rank": self.rank,

@@ -26,7 +26,7 @@ from typing import Any
 from .checkpoints import atomic_write, write_json
 from .evaluate import from_confusion
 from .run import notebooks_dir, parse_value
-from .settings import Settings, ShortError, project_root, shown_path
+from .settings import WORST, Settings, ShortError, project_root, shown_path
 from .train import PROGRESS_ENV, progress_bar, text_progress_bars
 
 NOTEBOOK = "06_compare"
@@ -41,7 +41,7 @@ COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", "l
 class Config:
     rank: int
     alpha: float
-    target_digit: int
+    target_digit: int | str  # a digit, or "worst" (each run decides it on the validation images)
     seed: int
     finetune_steps: int
 
@@ -56,6 +56,16 @@ class Config:
                 "output_dir": str(out / self.name), "checkpoint_dir": checkpoint_dir(out, extra)}
 
 
+def target_digit(text: str) -> int | str:
+    """--digits: 'worst' or a whole number (Settings checks its range)."""
+    if text.strip().lower() == WORST:
+        return WORST
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a digit: give 0-9 or 'worst'") from None
+
+
 def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:
     """One pre-trained checkpoint folder for the whole sweep: -p checkpoint_dir, else out/checkpoints."""
     return str(extra.get("checkpoint_dir") or out / "checkpoints")
@@ -66,7 +76,7 @@ def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return {**extra, "output_dir": str(out), "checkpoint_dir": checkpoint_dir(out, extra)}
 
 
-def configurations(ranks: list[int], alphas: list[float] | None, fixed_alpha: bool, digits: list[int],
+def configurations(ranks: list[int], alphas: list[float] | None, fixed_alpha: bool, digits: list[int | str],
                    seeds: list[int], steps: list[int], extra: dict[str, Any]) -> list[Config]:
     """Every combination, each validated (with the other parameters) before anything runs."""
     configs = []
@@ -106,7 +116,8 @@ def finished(config: Config, out: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     s = results.get("settings", {})
-    same = (s.get("rank"), s.get("alpha"), s.get("target_digit"), s.get("seed"), s.get("finetune_steps")) == (
+    digit = WORST if s.get("target_rule") == WORST else s.get("target_digit")  # as asked, not as decided
+    same = (s.get("rank"), s.get("alpha"), digit, s.get("seed"), s.get("finetune_steps")) == (
         config.rank, config.alpha, config.target_digit, config.seed, config.finetune_steps)
     return results if same else None
 
@@ -176,11 +187,13 @@ def row(config: Config, outcome: dict) -> dict[str, Any]:
     r = outcome.get("results")
     if not r:
         return {**{c: "" for c in COLUMNS}, **base}
-    return {**base, "lora_parameters": r["lora_parameters"], "lora_share_percent": r["lora_share_percent"],
+    digit = r["target_digit"]  # the digit itself, when the configuration asked for "worst"
+    return {**base, "target_digit": digit, "lora_parameters": r["lora_parameters"],
+            "lora_share_percent": r["lora_share_percent"],
             "accuracy_lora_on": r["lora_on"]["accuracy"], "accuracy_lora_off": r["lora_off"]["accuracy"],
             "target_wrong_before": r["target_wrong_before"], "target_wrong_after": r["target_wrong_after"],
-            "target_accuracy_before": _digit_accuracy(r["pretrained"], config.target_digit),
-            "target_accuracy_after": _digit_accuracy(r["lora_on"], config.target_digit),
+            "target_accuracy_before": _digit_accuracy(r["pretrained"], digit),
+            "target_accuracy_after": _digit_accuracy(r["lora_on"], digit),
             "other_digits_accuracy_before": r["other_digits_accuracy_before"],
             "other_digits_accuracy_after": r["other_digits_accuracy_after"],
             "finetune_seconds": r.get("finetune_seconds")}
@@ -276,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="ranks to try (default 1 2 4 8; the last layer has 10 outputs, so at most 10)")
     parser.add_argument("--alphas", type=float, nargs="+", help="alphas to try (default: alpha = rank)")
     parser.add_argument("--fixed-alpha", action="store_true", help="alpha = 1 for every rank, as the post")
-    parser.add_argument("--digits", type=int, nargs="+", default=[9])
+    parser.add_argument("--digits", type=target_digit, nargs="+", default=[WORST],
+                        help="digits to fine-tune on, or 'worst' (the default: the digit the pre-trained "
+                             "network gets wrong most on the validation images)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--iterations", type=int, nargs="+", default=[100], help="fine-tuning batches")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],

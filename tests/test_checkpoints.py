@@ -1,11 +1,14 @@
 """Checkpoints and adapters: cached per settings, refused when they do not match, never half-written."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from lora_tutorial import (
     CheckpointError,
     Settings,
+    choose_target,
     evaluate,
     finetune,
     finetuned_model,
@@ -15,6 +18,7 @@ from lora_tutorial import (
     pretrained_model,
 )
 from lora_tutorial.checkpoints import atomic_write, load_adapter, load_pretrained, save_pretrained
+from lora_tutorial.evaluate import from_confusion
 from lora_tutorial.pipeline import adapter_path, pretrained_path, setup
 
 
@@ -22,6 +26,31 @@ from lora_tutorial.pipeline import adapter_path, pretrained_path, setup
 def small(small_settings):
     device, data = setup(small_settings, verbose=False)
     return small_settings, device, data
+
+
+def test_worst_is_decided_on_the_training_images_and_keys_adapters_like_the_digit(small, capsys):
+    settings, device, data = small
+    settings = replace(settings, target_digit="worst")
+    pre = pretrained_model(settings, data, device, verbose=False)
+    on_training = evaluate(pre.model, data.train_images, data.train_labels)
+    assert pre.training == on_training
+    digit = on_training.worst_digit()
+    chosen = choose_target(settings, pre)
+    assert (chosen.target_digit, chosen.target_rule) == (digit, "worst")
+    assert (f"Target digit: {digit} (the worst: {on_training.wrong_counts[digit]:,} of its "
+            f"{on_training.per_digit_totals()[digit]:,} training images wrong") in capsys.readouterr().out
+    # the test images play no part: test errors that point at another digit change nothing
+    other = (digit + 1) % 10
+    skewed = [[100 if p == t else 0 for p in range(10)] for t in range(10)]
+    skewed[other][other], skewed[other][(other + 1) % 10] = 50, 50
+    assert from_confusion(skewed).worst_digit() == other
+    assert choose_target(settings, replace(pre, evaluation=from_confusion(skewed)), verbose=False) == chosen
+    # a checkpoint remembers the training errors: loading it gives the same choice without evaluating
+    again = pretrained_model(settings, data, device, verbose=False)
+    assert again.loaded and again.training == on_training
+    given = choose_target(replace(settings, target_digit=digit), pre)
+    assert capsys.readouterr().out == f"Target digit: {digit} (given)\n"
+    assert adapter_path(chosen, data) == adapter_path(given, data)  # keyed on the digit, however chosen
 
 
 def test_pretraining_happens_once_per_settings(small):

@@ -18,7 +18,7 @@ from lora_tutorial.forgetting import (
     per_digit_change,
     remedy_runs,
 )
-from lora_tutorial.pipeline import finetuned_model, pretrained_model, setup
+from lora_tutorial.pipeline import choose_target, finetuned_model, pretrained_model, setup
 
 
 def diagonal(correct):
@@ -64,7 +64,8 @@ def small(tmp_path_factory):
     settings = Settings(train_samples=2000, finetune_steps=20, download=False,
                         output_dir=str(tmp_path_factory.mktemp("forgetting") / "out"))
     device, data = setup(settings, verbose=False)
-    return settings, data, pretrained_model(settings, data, device, verbose=False).model
+    pre = pretrained_model(settings, data, device, verbose=False)
+    return choose_target(settings, pre, verbose=False), data, pre.model  # "worst", decided
 
 
 def test_replay_share_0_is_the_plain_run_and_variants_change_what_they_name(small):

@@ -14,7 +14,8 @@ from lora_tutorial.settings import SettingsError, fingerprint, papermill_paramet
     ("rank", 0, r"rank=0 is not valid: expected an integer >= 1 \(the post uses 1\)\.$"),
     ("rank", "4", r"rank='4' is not valid: expected an integer >= 1"),
     ("target_digit", 10, r"target_digit=10 is not valid: expected an integer between 0 and 9 "
-                         r"\(the post uses 9\)"),
+                         r"\(or 'worst', the default: the digit the pre-trained network gets wrong most\)"),
+    ("target_digit", "best", r"target_digit='best' is not valid: expected an integer between 0 and 9"),
     ("alpha", -1, r"alpha=-1 is not valid: expected a number > 0 \(the post uses 1\.0\)"),
     ("alpha", float("inf"), r"alpha=inf is not valid"),
     ("seed", -1, r"seed=-1 is not valid: expected an integer >= 0"),
@@ -60,11 +61,11 @@ def test_rank_is_checked_against_every_targeted_layer():
 
 
 def test_one_layer_name_alone_and_lists_are_kept_as_json_lists():
-    settings = Settings(target_modules="linear3")
+    settings = Settings(target_modules="linear3", target_digit=9)
     assert settings.target_modules == ("linear3",)
     assert settings.as_dict()["target_modules"] == ["linear3"]
     assert settings.finetune_key()["target_modules"] == ["linear3"]
-    assert Settings().finetune_key()["target_modules"] is None
+    assert Settings(target_digit=9).finetune_key()["target_modules"] is None
 
 
 def test_settings_errors_are_value_errors_shown_as_one_line_in_jupyter():
@@ -101,18 +102,37 @@ def test_a_parameter_papermill_injected_but_the_notebook_does_not_take_is_an_err
 
 
 def test_fingerprints_separate_what_matters():
-    base = Settings()
+    base = Settings(target_digit=9)
     pre = fingerprint(base.pretrain_key(), "mnist:60000/10000")
     assert pre == fingerprint(Settings(rank=8, device="cpu").pretrain_key(), "mnist:60000/10000")
     assert pre == fingerprint(Settings(target_modules=["linear1"]).pretrain_key(), "mnist:60000/10000")
     assert pre != fingerprint(Settings(seed=1).pretrain_key(), "mnist:60000/10000")
     assert pre != fingerprint(base.pretrain_key(), "sample:4000/1000")
     fine = fingerprint(base.finetune_key(), "mnist:60000/10000")
-    assert fine != fingerprint(Settings(rank=2).finetune_key(), "mnist:60000/10000")
-    assert fine != fingerprint(Settings(alpha=2).finetune_key(), "mnist:60000/10000")
-    assert fine != fingerprint(Settings(target_modules=["linear3"]).finetune_key(), "mnist:60000/10000")
-    assert fine != fingerprint(Settings(replay_share=0.3).finetune_key(), "mnist:60000/10000")
-    assert fine == fingerprint(Settings(replay_share=0.0).finetune_key(), "mnist:60000/10000")
+    assert fine != fingerprint(Settings(rank=2, target_digit=9).finetune_key(), "mnist:60000/10000")
+    assert fine != fingerprint(Settings(alpha=2, target_digit=9).finetune_key(), "mnist:60000/10000")
+    last = Settings(target_modules=["linear3"], target_digit=9)
+    assert fine != fingerprint(last.finetune_key(), "mnist:60000/10000")
+    assert fine != fingerprint(Settings(replay_share=0.3, target_digit=9).finetune_key(), "mnist:60000/10000")
+    assert fine == fingerprint(Settings(replay_share=0.0, target_digit=9).finetune_key(), "mnist:60000/10000")
+    # 'worst' that turned out to be 9 is the same adapter as 9 given
+    decided = Settings(target_digit=9, target_rule="worst")
+    assert fine == fingerprint(decided.finetune_key(), "mnist:60000/10000")
+    assert fine != fingerprint(Settings(target_digit=8).finetune_key(), "mnist:60000/10000")
+
+
+def test_the_target_digit_is_a_digit_or_worst_and_must_be_decided_before_fine_tuning():
+    assert Settings().target_digit == "worst" and Settings(target_digit=" Worst ").target_digit == "worst"
+    assert Settings(target_digit=3).target_rule is None
+    with pytest.raises(ValueError, match=r"target_digit='worst' is not decided yet: call "
+                                         r"lora_tutorial.choose_target\(settings, pretrained\) first"):
+        Settings().finetune_key()
+    with pytest.raises(SettingsError, match=r"target_rule='best' is not valid: it is set by choose_target"):
+        Settings(target_digit=9, target_rule="best")
+    with pytest.raises(SettingsError, match=r"target_rule='worst' is not valid"):
+        Settings(target_rule="worst")  # the rule is recorded only once the digit is known
+    with pytest.raises(SettingsError, match=r"Unknown setting\(s\) \['target_rule'\]"):
+        Settings.from_mapping({"target_rule": "worst"})  # the tutorial sets it, a user does not
 
 
 def test_auto_and_cpu():

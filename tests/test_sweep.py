@@ -23,6 +23,7 @@ def swept(tmp_path_factory):
     return out, configs, rows
 
 
+@pytest.mark.slow
 def test_table_columns_and_values(swept):
     out, configs, rows = swept
     with (out / "sweep.csv").open() as f:
@@ -39,6 +40,7 @@ def test_table_columns_and_values(swept):
     assert (out / "sweep_rank.png").stat().st_size > 10_000 and (out / "sweep_params.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_second_run_reruns_nothing(swept, monkeypatch):
     out, configs, rows = swept
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("finished work was run again"))
@@ -57,6 +59,7 @@ def test_half_written_or_foreign_results_are_not_trusted(tmp_path):
     assert finished(config, tmp_path) is None
 
 
+@pytest.mark.slow
 def test_a_failing_configuration_is_recorded_and_the_others_still_count(swept, capsys):
     out, _, _ = swept
     # alpha = 1e20 passes the settings check, then the loss becomes NaN while fine-tuning
@@ -66,13 +69,16 @@ def test_a_failing_configuration_is_recorded_and_the_others_still_count(swept, c
     assert code == 1
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in rows] == ["done", "failed"]
+    # --digits defaults to 'worst': the table holds the digit each run decided on, the failed row the ask
+    assert rows[0]["target_digit"] in range(10) and rows[1]["target_digit"] == "worst"
     assert "FloatingPointError: The loss became nan at step" in rows[1]["error"]
     assert "cell " in rows[1]["error"]
     assert not list((out / rows[1]["name"]).glob("**/*.safetensors")), "no adapter from a diverged run"
     err = capsys.readouterr().err
-    assert "1 configuration(s) failed: rank1_alpha1e+20_digit9_seed0_steps10" in err
+    assert "1 configuration(s) failed: rank1_alpha1e+20_digitworst_seed0_steps10" in err
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_keeps_what_finished_and_resumes_the_rest(swept, monkeypatch, capsys):
     out, _, _ = swept
     configs = configurations([1, 2, 3], None, False, [9], [0], [10], SMALL)  # rank 1 is already done
@@ -102,6 +108,7 @@ def test_an_interrupted_sweep_keeps_what_finished_and_resumes_the_rest(swept, mo
     assert (out / configs[0].name / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch):
     out, _, _ = swept
     assert main(["--ranks", "2", "--iterations", "10", "-p", "train_samples", "2000", "--out", str(out),
@@ -110,7 +117,7 @@ def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch)
     assert len(lines) == 2 and "02_pretrain.ipynb" in lines[0] and "06_compare.ipynb" in lines[1]
     done = subprocess.run(shlex.split(lines[1]), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    config = Config(2, 2.0, 9, 0, 10)
+    config = Config(2, 2.0, "worst", 0, 10)  # the sweep's default digit
     assert finished(config, out)["lora_parameters"] == 2 * sum(i + o for i, o in LAYERS)
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("the scheduler's result was rerun"))
     rows = sweep([config], out, SMALL, progress=False)  # collecting only
