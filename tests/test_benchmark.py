@@ -13,6 +13,7 @@ from lora_tutorial.data import DATA_ENV
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tutorial.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get(DATA_ENV), reason="the post's loop needs MNIST's files")
 def test_benchmark_on_a_subset_writes_each_phase(tmp_path):
     out = tmp_path / "bench.json"

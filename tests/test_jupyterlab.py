@@ -28,7 +28,7 @@ import pytest
 from lora_tutorial.settings import project_root
 from lora_tutorial.train import PROGRESS_ENV
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 NOTEBOOKS = project_root() / "notebooks"
 SCREENSHOTS = project_root() / "outputs" / "browser"
