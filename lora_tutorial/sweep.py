@@ -220,6 +220,19 @@ def pretrain_once(out: Path, extra: dict[str, Any]) -> None:
                                progress_bar=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
+def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
+    """Whether the sweep's pre-trained network is saved already: then no kernel is started just to
+    load it (each configuration loads it itself)."""
+    from .data import load_mnist
+    from .pipeline import pretrained_path
+
+    settings = Settings.from_mapping(pretrain_parameters(out, extra))
+    data = load_mnist(settings.data_dir, download=settings.download, verbose=False)
+    if settings.train_samples is not None:
+        data = data.limit(settings.train_samples)
+    return pretrained_path(settings, data).is_file()
+
+
 def print_summary(rows: list[dict]) -> None:
     header = f"{'rank':>5} {'alpha':>6} {'seed':>4} {'digit':>5} {'LoRA params':>11} {'acc on':>7} " \
              f"{'wrong before->after':>20} {'others before->after':>21} {'status':>7}"
@@ -251,8 +264,9 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
         else:
             todo.append(config)
     if todo:
-        with text_progress_bars():
-            pretrain_once(out, extra)
+        if not pretrained_exists(out, extra):
+            with text_progress_bars():
+                pretrain_once(out, extra)
         bar = progress_bar(len(todo), "Sweep", progress)
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:

@@ -48,6 +48,13 @@ def test_a_second_run_reruns_nothing(swept, monkeypatch):
     assert sweep(configs, out, SMALL, progress=False) == rows
 
 
+@pytest.mark.slow
+def test_the_shared_pretraining_is_not_run_again_once_saved(swept, monkeypatch):
+    out, _, _ = swept
+    assert sweep_module.pretrained_exists(out, SMALL)
+    assert not sweep_module.pretrained_exists(out, {"train_samples": 1999})  # other settings, other network
+
+
 def test_half_written_or_foreign_results_are_not_trusted(tmp_path):
     config = Config(2, 2.0, 9, 0, 10)
     folder = tmp_path / config.name
@@ -63,19 +70,17 @@ def test_half_written_or_foreign_results_are_not_trusted(tmp_path):
 def test_a_failing_configuration_is_recorded_and_the_others_still_count(swept, capsys):
     out, _, _ = swept
     # alpha = 1e20 passes the settings check, then the loss becomes NaN while fine-tuning
-    args = ["--ranks", "1", "--alphas", "1", "1e20", "--iterations", "10", "-p", "train_samples", "2000",
-            "--out", str(out)]
+    args = ["--ranks", "1", "--alphas", "1", "1e20", "--digits", "9", "--iterations", "10",
+            "-p", "train_samples", "2000", "--out", str(out)]
     code = main(args)
     assert code == 1
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in rows] == ["done", "failed"]
-    # --digits defaults to 'worst': the table holds the digit each run decided on, the failed row the ask
-    assert rows[0]["target_digit"] in range(10) and rows[1]["target_digit"] == "worst"
     assert "FloatingPointError: The loss became nan at step" in rows[1]["error"]
     assert "cell " in rows[1]["error"]
     assert not list((out / rows[1]["name"]).glob("**/*.safetensors")), "no adapter from a diverged run"
     err = capsys.readouterr().err
-    assert "1 configuration(s) failed: rank1_alpha1e+20_digitworst_seed0_steps10" in err
+    assert "1 configuration(s) failed: rank1_alpha1e+20_digit9_seed0_steps10" in err
 
 
 @pytest.mark.slow
@@ -118,10 +123,13 @@ def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch)
     done = subprocess.run(shlex.split(lines[1]), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     config = Config(2, 2.0, "worst", 0, 10)  # the sweep's default digit
-    assert finished(config, out)["lora_parameters"] == 2 * sum(i + o for i, o in LAYERS)
+    results = finished(config, out)
+    assert results["lora_parameters"] == 2 * sum(i + o for i, o in LAYERS)
+    # 'worst' is decided in the run, on the training images; the table holds the digit it chose
+    assert results["target_rule"] == "worst" and results["target_digit"] in range(10)
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("the scheduler's result was rerun"))
     rows = sweep([config], out, SMALL, progress=False)  # collecting only
-    assert rows[0]["status"] == "done"
+    assert rows[0]["status"] == "done" and rows[0]["target_digit"] == results["target_digit"]
 
 
 def test_bad_values_are_refused_before_anything_runs(tmp_path, capsys):
