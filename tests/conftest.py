@@ -61,10 +61,18 @@ def mnist() -> Mnist:
     return load_mnist(download=False, verbose=False)
 
 
+@pytest.fixture(scope="session")
+def shared_checkpoints(tmp_path_factory) -> str:
+    """One checkpoint folder for the whole session: the small settings' network is pre-trained
+    once (by the first test that needs it) and loaded by the others."""
+    return str(tmp_path_factory.mktemp("shared-checkpoints"))
+
+
 @pytest.fixture
-def small_settings(tmp_path):
-    """Settings for quick end-to-end runs: a slice of the training set, few steps, digit 9."""
+def small_settings(tmp_path, shared_checkpoints):
+    """Settings for quick end-to-end runs: a slice of the training set, few steps, digit 9; the
+    pre-trained network is shared (tests of pre-training itself give their own checkpoint_dir)."""
     from lora_tutorial import Settings
 
     return Settings(train_samples=2000, finetune_steps=20, output_dir=str(tmp_path / "out"),
-                    download=False, target_digit=9)
+                    checkpoint_dir=shared_checkpoints, download=False, target_digit=9)

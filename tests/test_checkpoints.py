@@ -53,8 +53,9 @@ def test_worst_is_decided_on_the_training_images_and_keys_adapters_like_the_digi
     assert adapter_path(chosen, data) == adapter_path(given, data)  # keyed on the digit, however chosen
 
 
-def test_pretraining_happens_once_per_settings(small):
+def test_pretraining_happens_once_per_settings(small, tmp_path):
     settings, device, data = small
+    settings = replace(settings, checkpoint_dir=str(tmp_path / "own"))  # not the session's shared one
     first = pretrained_model(settings, data, device, verbose=False)
     assert not first.loaded and first.path.is_file() and len(first.losses) == 200
     second = pretrained_model(settings, data, device, verbose=False)
@@ -180,6 +181,7 @@ def test_a_process_killed_while_saving_leaves_no_checkpoint_to_load(small, tmp_p
     import sys
 
     settings, device, data = small
+    settings = replace(settings, checkpoint_dir=str(tmp_path / "own"))  # not the session's shared one
     path = pretrained_path(settings, data)
     done = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(path)], timeout=120)
     assert done.returncode == -9

@@ -59,10 +59,11 @@ def test_the_chosen_setting_keeps_the_other_digits_within_the_limit():
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(tmp_path_factory, shared_checkpoints):
     from lora_tutorial import Settings
     settings = Settings(train_samples=2000, finetune_steps=20, download=False,
-                        output_dir=str(tmp_path_factory.mktemp("forgetting") / "out"))
+                        output_dir=str(tmp_path_factory.mktemp("forgetting") / "out"),
+                        checkpoint_dir=shared_checkpoints)
     device, data = setup(settings, verbose=False)
     pre = pretrained_model(settings, data, device, verbose=False)
     return choose_target(settings, pre, verbose=False), data, pre.model  # "worst", decided

@@ -2,15 +2,11 @@
 
 import json
 import re
-import subprocess
-import sys
 
 import nbformat
 import pytest
 
-from lora_tutorial.run import STEPS, check_trends, run, summary
-
-pytestmark = pytest.mark.slow  # notebooks in kernels
+from lora_tutorial.run import STEPS, check_trends, main, run, summary
 
 
 def errors_in(path):
@@ -34,6 +30,7 @@ def quick_run(tmp_path_factory):
     return root, results
 
 
+@pytest.mark.slow
 def test_all_six_notebooks_run_without_errors(quick_run):
     root, _ = quick_run
     for step in STEPS:
@@ -43,6 +40,7 @@ def test_all_six_notebooks_run_without_errors(quick_run):
         assert meta.input_path == f"notebooks/{step}.ipynb"  # no machine paths in shared notebooks
 
 
+@pytest.mark.slow
 def test_the_results_they_report(quick_run):
     root, results = quick_run
     assert results == json.loads((root / "out" / "results.json").read_text())
@@ -61,6 +59,7 @@ def test_the_results_they_report(quick_run):
     assert f"Wrong answers on digit {digit}:    {results['target_wrong_before']} ->" in summary(results)
 
 
+@pytest.mark.slow
 def test_the_notebooks_print_what_they_check(quick_run):
     root, results = quick_run
     executed = root / "executed"
@@ -82,6 +81,7 @@ def test_the_notebooks_print_what_they_check(quick_run):
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), "no plot"
 
 
+@pytest.mark.slow
 def test_later_notebooks_alone_with_other_parameters(quick_run, tmp_path):
     """05 and 06 run without the earlier notebooks (pre-training is reused) and follow the rank."""
     root, first = quick_run
@@ -101,17 +101,17 @@ def test_trend_check():
     assert len(check_trends(bad)) == 3
 
 
-def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path):
+def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path, capsys):
+    """`python -m lora_tutorial.run -p rank 0` (its main, in this process): exit 2, one sentence."""
     out, empty = tmp_path / "out", tmp_path / "empty"
     empty.mkdir()
-    base = [sys.executable, "-m", "lora_tutorial.run", "--out", str(out), "-p"]
-    runs = [subprocess.Popen(base + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for extra in (["rank", "0"], ["data_dir", str(empty)])]  # both at once: half the wait
-    (bad_rank, _), (no_data, _) = [(run.communicate(timeout=120), run.returncode) for run in runs]
-    assert [run.returncode for run in runs] == [2, 2]
-    assert "error: rank=0 is not valid: expected an integer >= 1 (the post uses 1)." in bad_rank[1]
-    assert f"error: The MNIST folder {empty} (data_dir) holds no MNIST files" in no_data[1]
-    assert "Running" not in bad_rank[0] + no_data[0] and not out.exists()
+    assert main(["--out", str(out), "-p", "rank", "0"]) == 2
+    bad_rank = capsys.readouterr()
+    assert main(["--out", str(out), "-p", "data_dir", str(empty)]) == 2
+    no_data = capsys.readouterr()
+    assert bad_rank.err == "error: rank=0 is not valid: expected an integer >= 1 (the post uses 1).\n"
+    assert f"error: The MNIST folder {empty} (data_dir) holds no MNIST files" in no_data.err
+    assert "Running" not in bad_rank.out + no_data.out and not out.exists()
 
 
 def execute(name, out, parameters):
@@ -127,6 +127,7 @@ def execute(name, out, parameters):
     return target
 
 
+@pytest.mark.slow
 def test_why_low_rank_in_small_settings(quick_run, tmp_path):
     """08 on 2,000 images and 30 steps, ranks 1 and 16: what it computes, read from its results."""
     root, results = quick_run
@@ -153,6 +154,7 @@ def test_why_low_rank_in_small_settings(quick_run, tmp_path):
     assert "a random matrix" in text_of(executed)
 
 
+@pytest.mark.slow
 def test_forgetting_in_small_settings(quick_run, tmp_path):
     """09 with two remedies and a short timing: replay at share 0 is the plain run, merged is exact."""
     root, results = quick_run
