@@ -18,7 +18,7 @@ def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, col
     count = min(count, len(images))
     rows = -(-count // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3))
-    pixels = (images[:count].detach().cpu() * STD + MEAN).clamp(0, 1)  # undo the normalisation
+    pixels = (images[:count].detach().cpu() * STD + MEAN).clamp(0, 1).numpy()  # undo the normalisation
     for i, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
         if i < count:

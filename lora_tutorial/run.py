@@ -22,8 +22,11 @@ from .train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
 BEYOND = ("08_why_low_rank", "09_forgetting")  # beyond the post: run them with --only
+# The bar for the pre-trained accuracy: the post's 0.95 less a margin for other hardware; a network
+# pre-trained on the offline sample's 4,000 images gets a lower bar (it reaches about 0.90).
+ACCURACY_BAR = {"mnist": 0.94, "sample": 0.85}
 TRENDS = (
-    "pre-trained accuracy >= 0.94",
+    "pre-trained accuracy >= 0.94 (0.85 on the offline sample)",
     "wrong answers on the target digit fall by >= 70 %",
     "LoRA off reproduces the pre-trained results exactly",
 )
@@ -48,8 +51,9 @@ def notebooks_dir() -> Path:
 def check_trends(results: dict) -> list[str]:
     """The post's trends that these results break (empty when all hold)."""
     failed = []
-    if results["pretrained"]["accuracy"] < 0.94:
-        failed.append(f"{TRENDS[0]}: got {results['pretrained']['accuracy']:.4f}")
+    bar = ACCURACY_BAR["sample" if results.get("data", {}).get("source") == "sample" else "mnist"]
+    if results["pretrained"]["accuracy"] < bar:
+        failed.append(f"pre-trained accuracy >= {bar}: got {results['pretrained']['accuracy']:.4f}")
     before, after = results["target_wrong_before"], results["target_wrong_after"]
     if before == 0 or after > 0.3 * before:
         failed.append(f"{TRENDS[1]}: {before} -> {after}")
