@@ -119,6 +119,28 @@ def _peak_kernel_mib() -> float | None:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+# Run by a kernel as it starts, outside the notebook (no name bound, no history, no cell number).
+WARM_UP = "--IPKernelApp.exec_lines=__import__('lora_tutorial');"
+
+
+def _start_kernel(cwd: Path):
+    """A kernel for the next notebook, started at once: it imports the package (PyTorch is the
+    slow part, seconds) while the current notebook still runs, on another core."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    kernel = AsyncKernelManager(kernel_name="python3")
+    run_sync(kernel.start_kernel)(cwd=str(cwd), extra_arguments=[*KERNEL_ARGUMENTS, WARM_UP])
+    return kernel
+
+
+def _stop_kernel(kernel) -> None:
+    from jupyter_core.utils import run_sync
+
+    run_sync(kernel.shutdown_kernel)(now=True)
+
+
 def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -> dict | None:
     """Execute the notebooks into `out`; return the results JSON of 06_compare when it ran."""
     import papermill
@@ -133,23 +155,30 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     results_path = settings.output_path / "results.json"
     started_all = time.perf_counter()
     pretraining = 0.0
-    with text_progress_bars():  # plain-text bars in the executed copies
-        for step in steps:
-            target = out / f"{step}.ipynb"
-            print(f"Running {step} ...", end=" ", flush=True)
-            started = time.perf_counter()
-            try:
-                papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target),
-                                           parameters=parameters, cwd=str(source), kernel_name="python3",
-                                           progress_bar=False,
-                                           extra_arguments=["--IPKernelApp.log_level=ERROR"])
-            except PapermillExecutionError as err:
-                print("failed.")
-                raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                                 f"The executed copy, with the error, is {shown_path(target)}.") from None
-            cells, tagged = _tidy(target)
-            pretraining += tagged
-            print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
+    with text_progress_bars():  # plain-text bars in the executed copies (kernels inherit it)
+        upcoming = _start_kernel(source)
+        try:
+            for index, step in enumerate(steps):
+                kernel, upcoming = upcoming, (_start_kernel(source) if index + 1 < len(steps) else None)
+                target = out / f"{step}.ipynb"
+                print(f"Running {step} ...", end=" ", flush=True)
+                started = time.perf_counter()
+                try:
+                    papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target), km=kernel,
+                                               parameters=parameters, cwd=str(source), kernel_name="python3",
+                                               progress_bar=False, extra_arguments=KERNEL_ARGUMENTS)
+                except PapermillExecutionError as err:
+                    print("failed.")
+                    raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                                     f"The executed copy, with the error, is {shown_path(target)}.") from None
+                finally:
+                    _stop_kernel(kernel)
+                cells, tagged = _tidy(target)
+                pretraining += tagged
+                print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
+        finally:
+            if upcoming is not None:  # a notebook failed, or Ctrl-C: the kernel started for the next one
+                _stop_kernel(upcoming)
     total = time.perf_counter() - started_all
     print(f"All {len(steps)} notebooks ran in {total:.1f} s: the pre-training cell {pretraining:.1f} s, "
           f"everything else {total - pretraining:.1f} s (starting kernels, imports, data, the other "

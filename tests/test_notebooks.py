@@ -119,6 +119,35 @@ def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path, capsys):
     assert "Running" not in bad_rank.out + no_data.out and not out.exists()
 
 
+def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, monkeypatch):
+    """The runner starts the next notebook's kernel while one runs; when a notebook fails, both
+    that kernel and the one started ahead are shut down, and the error names the cell."""
+    from jupyter_core.utils import run_sync
+
+    import lora_tutorial.run as run_module
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name, source in (("01_data", "import sys\nassert 'lora_tutorial' in sys.modules  # warmed up"),
+                         ("02_pretrain", "raise ValueError('stop here')"), ("03_parametrize", "pass")):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, folder / f"{name}.ipynb")
+    monkeypatch.setattr(run_module, "notebooks_dir", lambda: folder)
+    started = []
+    real_start = run_module._start_kernel
+    monkeypatch.setattr(run_module, "_start_kernel",
+                        lambda cwd: started.append(real_start(cwd)) or started[-1])
+    steps = ("01_data", "02_pretrain", "03_parametrize")
+    with pytest.raises(SystemExit, match=r"02_pretrain failed in cell 2: ValueError: stop here"):
+        run(tmp_path / "out", {"output_dir": str(tmp_path / "results")}, steps)
+    assert len(started) == 3  # 01's, 02's (started while 01 ran) and 03's (while 02 ran)
+    assert not any(run_sync(kernel.is_alive)() for kernel in started)
+    first = nbformat.read(tmp_path / "out" / "01_data.ipynb", as_version=4)
+    counts = [c.execution_count for c in first.cells]
+    assert counts == [1, 2]  # papermill's parameters, then ours: the warm-up takes no number
+
+
 def execute(name, out, parameters):
     """One notebook through papermill, as the README's command line does; returns the output copy."""
     import papermill
