@@ -180,9 +180,10 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
             if upcoming is not None:  # a notebook failed, or Ctrl-C: the kernel started for the next one
                 _stop_kernel(upcoming)
     total = time.perf_counter() - started_all
-    print(f"All {len(steps)} notebooks ran in {total:.1f} s: the pre-training cell {pretraining:.1f} s, "
-          f"everything else {total - pretraining:.1f} s (starting kernels, imports, data, the other "
-          f"cells). Executed copies are in {shown_path(out)}.")
+    split = (f": the pre-training cell {pretraining:.1f} s, everything else {total - pretraining:.1f} s "
+             "(starting kernels, imports, data, the other cells)" if "02_pretrain" in steps else "")
+    print(f"All {len(steps)} notebooks ran in {total:.1f} s{split}. "
+          f"Executed copies are in {shown_path(out)}.")
     peak = _peak_kernel_mib()
     if peak:
         print(f"Peak memory of a notebook kernel: {peak:,.0f} MiB.")
