@@ -141,6 +141,17 @@ def _stop_kernel(kernel) -> None:
     run_sync(kernel.shutdown_kernel)(now=True)
 
 
+PATH_PARAMETERS = ("data_dir", "output_dir", "checkpoint_dir")
+
+
+def absolute_paths(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Folder parameters made absolute, relative to where the command runs: the kernels run in
+    notebooks/, where `-p output_dir outputs/x` would otherwise name another folder."""
+    return {name: str(Path(value).expanduser().resolve())
+            if name in PATH_PARAMETERS and isinstance(value, str) and value.strip() else value
+            for name, value in parameters.items()}
+
+
 def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -> dict | None:
     """Execute the notebooks into `out`; return the results JSON of 06_compare when it ran."""
     import papermill
@@ -148,12 +159,13 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
 
     from .pipeline import preflight
 
+    parameters = absolute_paths(parameters)
     settings = Settings.from_mapping(parameters)  # bad values fail here, before any notebook
     preflight(settings)  # and so do a missing GPU, an unwritable folder, an empty data folder
     source = notebooks_dir()
     out.mkdir(parents=True, exist_ok=True)
     results_path = settings.output_path / "results.json"
-    started_all = time.perf_counter()
+    started_all, started_at = time.perf_counter(), time.time()
     pretraining = 0.0
     with text_progress_bars():  # plain-text bars in the executed copies (kernels inherit it)
         upcoming = _start_kernel(source)
@@ -187,10 +199,12 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     peak = _peak_kernel_mib()
     if peak:
         print(f"Peak memory of a notebook kernel: {peak:,.0f} MiB.")
-    if "06_compare" not in steps or not results_path.is_file():
+    if "06_compare" not in steps:
         return None
-    results = json.loads(results_path.read_text())
-    return results
+    if not results_path.is_file() or results_path.stat().st_mtime < started_at:  # never an old file
+        raise SystemExit(f"06_compare ran but wrote no results to {shown_path(results_path)}; "
+                         f"its executed copy, {shown_path(out / '06_compare.ipynb')}, shows what it did.")
+    return json.loads(results_path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless the post's trends hold: " + "; ".join(TRENDS))
     args = parser.parse_args(argv)
+    if args.check and args.only and "06_compare" not in args.only:
+        parser.error("--check reads the results of 06_compare: name it in --only too, or leave --only out")
     parameters = {name: parse_value(value) for name, value in args.parameter}
     try:
         results = run(args.out, parameters, tuple(args.only) if args.only else STEPS)

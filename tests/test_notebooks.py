@@ -1,7 +1,9 @@
 """The six notebooks, executed end to end by papermill through the headless runner."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -119,6 +121,24 @@ def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path, capsys):
     assert "Running" not in bad_rank.out + no_data.out and not out.exists()
 
 
+def test_folder_parameters_are_taken_from_where_the_command_runs(tmp_path, monkeypatch):
+    from lora_tutorial.run import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    given = {"output_dir": "outs/a", "checkpoint_dir": "~/ck", "data_dir": None, "rank": 2, "device": "cpu"}
+    assert absolute_paths(given) == {"output_dir": str(tmp_path / "outs" / "a"),
+                                     "checkpoint_dir": str(Path("~/ck").expanduser().resolve()),
+                                     "data_dir": None, "rank": 2, "device": "cpu"}
+
+
+def test_check_without_06_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "out"), "--only", "01_data", "--check"])
+    assert stopped.value.code == 2 and "--check reads the results of 06_compare" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, monkeypatch):
     """The runner starts the next notebook's kernel while one runs; when a notebook fails, both
     that kernel and the one started ahead are shut down, and the error names the cell."""
@@ -146,6 +166,27 @@ def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, m
     first = nbformat.read(tmp_path / "out" / "01_data.ipynb", as_version=4)
     counts = [c.execution_count for c in first.cells]
     assert counts == [1, 2]  # papermill's parameters, then ours: the warm-up takes no number
+
+
+@pytest.mark.slow
+def test_an_old_results_file_is_never_reported_as_this_runs(tmp_path, monkeypatch):
+    """06 ran but wrote nothing (here: a stand-in that does nothing); the results.json left by an
+    earlier run must not be read as this run's."""
+    import lora_tutorial.run as run_module
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("pass")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "06_compare.ipynb")
+    monkeypatch.setattr(run_module, "notebooks_dir", lambda: folder)
+    old = tmp_path / "results" / "results.json"
+    old.parent.mkdir()
+    old.write_text('{"target_digit": 9}')
+    os.utime(old, (0, 0))  # written long ago
+    with pytest.raises(SystemExit, match=r"06_compare ran but wrote no results to .*results.json"):
+        run(tmp_path / "out", {"output_dir": str(tmp_path / "results")}, ("06_compare",))
+    assert old.read_text() == '{"target_digit": 9}'  # and it is left as it was
 
 
 def execute(name, out, parameters):
