@@ -36,10 +36,24 @@ if WORKERS > 1:  # two processes with two threads each on two cores only get in 
     torch.set_num_threads(int(threads))
 
 
+# The order parts are handed out in (pyproject: --no-loadscope-reorder keeps it): the longest
+# first, so that no process is left with one at the end. xdist gives each process two parts at the
+# start; the notebooks' second is a short one, so that the next long ones go to the other process.
+LONGEST_FIRST = ("committed-notebooks", "test_notebooks.py", "test_lab.py", "test_sweep.py",
+                 "test_jupyterlab.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Keep the notebooks together and each test file whole in one process (see the docstring);
-    mark everything that runs notebooks as slow (`-m "not slow"` while editing)."""
+    """Keep the notebooks together and each test file whole in one process (see the docstring),
+    the longest parts first; mark everything that runs notebooks as slow (`-m "not slow"`)."""
+
+    def group(item) -> str:
+        path = Path(str(item.fspath))
+        return "committed-notebooks" if path.suffix == ".ipynb" else path.name
+
+    items.sort(key=lambda item: LONGEST_FIRST.index(group(item)) if group(item) in LONGEST_FIRST
+               else len(LONGEST_FIRST))  # a stable sort: each file keeps its own order
     for item in items:
         path = Path(str(item.fspath))
         if path.suffix == ".ipynb":
