@@ -26,7 +26,8 @@ class Evaluation:
         return [sum(row) for row in self.confusion]
 
     def per_digit_accuracy(self) -> list[float]:
-        return [row[d] / max(1, sum(row)) for d, row in enumerate(self.confusion)]
+        return [row[d] / max(1, total) for d, (row, total) in
+                enumerate(zip(self.confusion, self.per_digit_totals(), strict=True))]
 
     def mean_accuracy_except(self, digit: int) -> float:
         """The mean of the other nine digits' accuracies: what fine-tuning on `digit` may cost."""

@@ -217,7 +217,7 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
         "lora_share_percent": 100 * lora_parameters / base_parameters,
         "worst_digit_pretrained": pretrained.worst_digit(),
         "target_digit": digit,
-        "target_rule": settings.target_rule,  # "worst": chosen on the validation images
+        "target_rule": settings.target_rule,  # "worst": chosen on the training images
         "target_wrong_before": pretrained.wrong_counts[digit],
         "target_wrong_after": lora_on.wrong_counts[digit],
         "other_digits_accuracy_before": pretrained.mean_accuracy_except(digit),
