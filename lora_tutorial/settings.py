@@ -54,7 +54,7 @@ class SettingsError(ShortError, ValueError):
 
 
 DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
-WORST = "worst"  # target_digit: the digit the pre-trained network gets wrong most (on validation)
+WORST = "worst"  # target_digit: the digit the pre-trained network gets wrong most (on its training images)
 # What to do about a bad value, per setting (said after what was expected).
 HINTS = {
     "seed": "any whole number, e.g. 0",

@@ -41,7 +41,7 @@ COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", "l
 class Config:
     rank: int
     alpha: float
-    target_digit: int | str  # a digit, or "worst" (each run decides it on the validation images)
+    target_digit: int | str  # a digit, or "worst" (each run decides it on its training images)
     seed: int
     finetune_steps: int
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixed-alpha", action="store_true", help="alpha = 1 for every rank, as the post")
     parser.add_argument("--digits", type=target_digit, nargs="+", default=[WORST],
                         help="digits to fine-tune on, or 'worst' (the default: the digit the pre-trained "
-                             "network gets wrong most on the validation images)")
+                             "network gets wrong most on its training images)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--iterations", type=int, nargs="+", default=[100], help="fine-tuning batches")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],

@@ -55,12 +55,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: LONGEST_FIRST.index(group(item)) if group(item) in LONGEST_FIRST
                else len(LONGEST_FIRST))  # a stable sort: each file keeps its own order
     for item in items:
-        path = Path(str(item.fspath))
-        if path.suffix == ".ipynb":
-            item.add_marker(pytest.mark.xdist_group("committed-notebooks"))
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+        if group(item) == "committed-notebooks":
             item.add_marker(pytest.mark.slow)
-        else:
-            item.add_marker(pytest.mark.xdist_group(path.name))
 
 
 def pytest_collectstart(collector):
