@@ -159,6 +159,12 @@ def save_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None =
         info["rank_pattern"] = rank_pattern
     if alpha_pattern:
         info["alpha_pattern"] = alpha_pattern
+    rslora = {lora.use_rslora for lora in loras.values()}
+    if len(rslora) > 1:
+        raise ValueError("Some layers scale by alpha / sqrt(r) (use_rslora) and some by alpha / r: "
+                         "an adapter file holds one rule; use the same for every layer.")
+    if rslora == {True}:  # only then, so older files and readers stay as they were
+        info["use_rslora"] = True
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
     metadata = {k: json.dumps(v) for k, v in info.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -207,8 +213,10 @@ def _check_fits(model: nn.Module, info: dict[str, Any], path: Path) -> None:
     loras = lora_modules(model)
     if loras:
         here = {"rank": {n: lora.rank for n, lora in loras.items()},
-                "alpha": {n: float(lora.alpha) for n, lora in loras.items()}}
-        wanted = {"rank": layer_ranks(info), "alpha": layer_alphas(info)}
+                "alpha": {n: float(lora.alpha) for n, lora in loras.items()},
+                "rslora": {n: lora.use_rslora for n, lora in loras.items()}}
+        wanted = {"rank": layer_ranks(info), "alpha": layer_alphas(info),
+                  "rslora": {n: bool(info.get("use_rslora")) for n in layer_ranks(info)}}
         if here != wanted:
             raise CheckpointError(f"Adapter {shown} has LoRA of rank {wanted['rank']}, alpha "
                                   f"{wanted['alpha']}, but this model already carries LoRA of rank "
@@ -233,7 +241,8 @@ def load_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None =
     _check_fits(model, info, path)
     if not lora_modules(model):
         add_lora(model, rank=info["rank"], alpha=info["alpha"], target_modules=info["target_modules"],
-                 rank_pattern=info.get("rank_pattern"), alpha_pattern=info.get("alpha_pattern"))
+                 rank_pattern=info.get("rank_pattern"), alpha_pattern=info.get("alpha_pattern"),
+                 use_rslora=bool(info.get("use_rslora")))
         mark_only_lora_as_trainable(model)
     expected = set(lora_state_dict(model))
     if set(tensors) != expected:

@@ -25,6 +25,10 @@ from .settings import ShortError, project_root, shown_path
 DATA_ENV = "LORA_TUTORIAL_DATA"  # where a user keeps MNIST, when not in ./data
 MEAN, STD = 0.1307, 0.3081  # pixel mean and std of MNIST's training set, scaled to [0, 1]
 SAMPLE_TRAIN_PER_DIGIT = 400  # of the offline sample's 500 images per digit; the other 100 test
+# The validation split: one in six of each digit's training images (about 10,000 of MNIST's 60,000,
+# as many as the test set), drawn with a fixed generator so that it is the same in every run.
+VALIDATION_EVERY = 6
+VALIDATION_SEED = 0
 
 # file name -> (IDX magic number, exact size in bytes)
 RAW_FILES = {
@@ -57,6 +61,30 @@ class Mnist:
     location: str
 
     TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
+
+    def __post_init__(self) -> None:
+        self.validation = validation_mask(self.train_labels)  # True for the held-out images
+
+    # Three roles, two of them inside the training images. Pre-training uses every training
+    # image, as the post does. Fine-tuning (and its replay) draws only from the *fit* images;
+    # the *validation* images are held out of every fine-tuning, and the notebooks that choose
+    # something (a rank, a remedy) choose it on them. The test images only report results.
+
+    @property
+    def val_images(self) -> torch.Tensor:
+        return self.train_images[self.validation]
+
+    @property
+    def val_labels(self) -> torch.Tensor:
+        return self.train_labels[self.validation]
+
+    @property
+    def fit_images(self) -> torch.Tensor:
+        return self.train_images[~self.validation]
+
+    @property
+    def fit_labels(self) -> torch.Tensor:
+        return self.train_labels[~self.validation]
 
     @property
     def identity(self) -> str:
@@ -95,6 +123,26 @@ def digit_subset(images: torch.Tensor, labels: torch.Tensor, digit: int,
     dataset itself is left untouched."""
     keep = (labels != digit) if others else (labels == digit)
     return images[keep], labels[keep]
+
+
+def validation_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True for the validation images: one in six of each
+    digit's images, picked by a fixed generator (the same images in every run and on every device)."""
+    cpu = labels.detach().cpu()
+    mask = torch.zeros(len(cpu), dtype=torch.bool)
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    for digit in range(10):
+        mine = (cpu == digit).nonzero().flatten()
+        picked = mine[torch.randperm(len(mine), generator=generator)[:len(mine) // VALIDATION_EVERY]]
+        mask[picked] = True
+    return mask.to(labels.device)
+
+
+def fit_subset(data: Mnist, digit: int, others: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fine-tuning images of one digit (with `others`, of every other digit): training images
+    outside the validation split."""
+    keep = ~data.validation & ((data.train_labels != digit) if others else (data.train_labels == digit))
+    return data.train_images[keep], data.train_labels[keep]
 
 
 # Finding and checking the files ---------------------------------------------------------

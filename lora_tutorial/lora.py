@@ -32,7 +32,7 @@ class LoRAParametrization(nn.Module):
     """Returns W + scale * B @ A when enabled, W untouched when not."""
 
     def __init__(self, in_features: int, out_features: int, rank: int = 1, alpha: float = 1.0,
-                 init: str = "normal") -> None:
+                 init: str = "normal", use_rslora: bool = False) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init={init!r} is not valid: expected one of {INITS}.")
@@ -42,8 +42,9 @@ class LoRAParametrization(nn.Module):
             nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
         else:  # PEFT's and loralib's choice, the same as nn.Linear's own weights
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.rank, self.alpha = rank, alpha
-        self.scale = alpha / rank
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        # alpha / r (the paper); rsLoRA (Kalajdzievski, 2023; PEFT's use_rslora) uses alpha / sqrt(r)
+        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.enabled = True
 
     def delta_weight(self) -> torch.Tensor:
@@ -62,11 +63,12 @@ class LoRAParametrization(nn.Module):
 def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
              target_modules: Iterable[str] | None = None, init: str = "normal",
              rank_pattern: dict[str, int] | None = None,
-             alpha_pattern: dict[str, float] | None = None) -> nn.Module:
+             alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False) -> nn.Module:
     """Register a LoRA parametrization on the weight of each targeted Linear layer (all by default).
 
     `rank_pattern` and `alpha_pattern` (PEFT's names) give some layers their own rank or alpha,
     e.g. `rank=16, rank_pattern={"linear3": 10}`: a 10 x 2000 weight has rank at most 10.
+    `use_rslora` scales the update by alpha / sqrt(r) instead of alpha / r (PEFT's name).
     Biases are left alone, as in the LoRA paper. Works in place and returns the model.
     """
     layers = linear_layers(model)
@@ -93,7 +95,7 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
     for name in targets:
         layer = layers[name]
         lora = LoRAParametrization(layer.in_features, layer.out_features, rank_pattern.get(name, rank),
-                                   alpha_pattern.get(name, alpha), init)
+                                   alpha_pattern.get(name, alpha), init, use_rslora)
         lora.to(device=layer.weight.device, dtype=layer.weight.dtype)
         parametrize.register_parametrization(layer, "weight", lora)
     return model

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoints import load_adapter, load_pretrained, save_adapter, save_pretrained
-from .data import Mnist, check_raw_files, digit_subset, load_mnist, named_folder
+from .data import Mnist, check_raw_files, fit_subset, load_mnist, named_folder
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate, from_confusion
 from .lora import add_lora, mark_only_lora_as_trainable, separate_path
@@ -152,24 +152,25 @@ def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
 
 def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
     """A copy of `base` with LoRA on the target layers (all by default) and everything else frozen."""
-    return lora_copy(base, settings.seed, rank=settings.rank, alpha=settings.alpha,
+    return lora_copy(base, settings.lora_seed, rank=settings.rank, alpha=settings.alpha,
                      target_modules=settings.target_modules)
 
 
 def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
                     verbose: bool = True) -> list[float]:
     """Train whatever in `model` is trainable on the target digit, as the settings say: the
-    steps, batch size, learning rate and seed, and `replay_share` of each batch drawn from the
-    other digits' training images. Returns the losses."""
+    steps, batch size, learning rate and fine-tuning seed, and `replay_share` of each batch drawn
+    from the other digits' images. Only the fit images are used, never the validation split.
+    Returns the losses."""
     digit = settings.target_digit
-    images, labels = digit_subset(data.train_images, data.train_labels, digit)
+    images, labels = fit_subset(data, digit)  # the validation images are never fine-tuned on
     replay = None
     if settings.replay_share:
-        replay = digit_subset(data.train_images, data.train_labels, digit, others=True)
+        replay = fit_subset(data, digit, others=True)
     if desc is None:
         desc = f"Fine-tuning on digit {digit}" + (f" ({settings.replay_share:g} replay)" if replay else "")
     return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,
-                 lr=settings.learning_rate, seed=settings.seed, desc=desc, progress=verbose,
+                 lr=settings.learning_rate, seed=settings.lora_seed, desc=desc, progress=verbose,
                  replay=replay, replay_share=settings.replay_share)
 
 
@@ -211,7 +212,8 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
     return {
         "settings": settings.as_dict(),
         "data": {"source": data.source, "location": data.location, "identity": data.identity,
-                 "train_images": len(data.train_labels), "test_images": len(data.test_labels)},
+                 "train_images": len(data.train_labels), "test_images": len(data.test_labels),
+                 "validation_images": int(data.validation.sum())},
         "base_parameters": base_parameters,
         "lora_parameters": lora_parameters,
         "lora_share_percent": 100 * lora_parameters / base_parameters,

@@ -11,13 +11,25 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .data import MEAN, STD
 
+# Jupyter's inline backend draws figures on a transparent background, which leaves black text on
+# JupyterLab's dark theme unreadable: every figure here gets an opaque white one.
+BACKGROUND = "white"
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[plt.Figure, object]:
+    """`plt.subplots` with an opaque background, readable in JupyterLab's light and dark themes."""
+    fig, axes = plt.subplots(nrows, ncols, **kwargs)
+    fig.patch.set_facecolor(BACKGROUND)
+    fig.patch.set_alpha(1.0)
+    return fig, axes
+
 
 def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, columns: int = 8,
                 title: str = "MNIST samples") -> plt.Figure:
     """A grid of the first `count` images, each titled with its label."""
     count = min(count, len(images))
     rows = -(-count // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3))
+    fig, axes = new_figure(rows, columns, figsize=(columns * 1.1, rows * 1.3))
     pixels = (images[:count].detach().cpu() * STD + MEAN).clamp(0, 1).numpy()  # undo the normalisation
     for i, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
@@ -32,7 +44,7 @@ def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, col
 def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-training loss") -> plt.Figure:
     """Loss per step (faint) and its moving average over `window` steps."""
     values = np.asarray(losses, dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = new_figure(figsize=(7, 3.5))
     ax.plot(values, color="tab:blue", alpha=0.25, linewidth=0.6, label="per batch")
     if len(values) >= window:
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
@@ -49,7 +61,7 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
                       labels: tuple[str, str] = ("pre-trained", "with LoRA")) -> plt.Figure:
     """Wrong answers per digit, two bars each; the target digit's pair is highlighted."""
     digits = np.arange(10)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = new_figure(figsize=(8, 3.8))
     ax.bar(digits - 0.2, before, width=0.4, label=labels[0], color="tab:gray")
     ax.bar(digits + 0.2, after, width=0.4, label=labels[1], color="tab:orange")
     ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
@@ -76,7 +88,7 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
     for name, x_of, xlabel in (("sweep_rank.png", lambda r: r["rank"], "LoRA rank r"),
                                ("sweep_params.png", lambda r: r["lora_parameters"],
                                 "trainable LoRA parameters")):
-        fig, ax = plt.subplots(figsize=(7.5, 4))
+        fig, ax = new_figure(figsize=(7.5, 4))
         for (alpha, digit, steps), by_rank in sorted(series.items(), key=str):
             ranks = sorted(by_rank)
             xs = [x_of(by_rank[k][0]) for k in ranks]
@@ -107,7 +119,7 @@ def plot_singular_values(values: dict[str, torch.Tensor], shares: dict[str, list
                          ranks: Sequence[int], show: int = 100) -> plt.Figure:
     """Left: each layer's singular values of delta W, largest first (log scale). Right: the share
     of each layer's energy the top r hold, against r."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = new_figure(1, 2, figsize=(11, 3.8))
     for name, s in values.items():
         s = s.detach().cpu().double().numpy()[:show]
         left.semilogy(np.arange(1, len(s) + 1), s, ".-", markersize=3, label=f"{name} ({len(values[name])})")
@@ -131,7 +143,7 @@ def plot_rank_comparison(ranks: Sequence[int], truncated: Sequence[dict], lora: 
     """Wrong answers on the target digit and the other digits' accuracy against the rank r, for
     full fine-tuning's delta W cut to rank r and for LoRA trained at rank r; the full fine-tune
     and the pre-trained network as horizontal lines."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = new_figure(1, 2, figsize=(11, 3.8))
     for ax, key, ylabel in ((axes[0], "target_wrong", f"wrong answers on digit {digit}"),
                             (axes[1], "others_accuracy", "mean accuracy, the other nine digits")):
         ax.plot(ranks, [r[key] for r in truncated], "o-", label="full fine-tune's delta W, cut to rank r")
@@ -153,7 +165,7 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float], tar
     """Each digit's test accuracy before and after fine-tuning, with the change in points."""
     digits = np.arange(10)
     before, after = 100 * np.asarray(before), 100 * np.asarray(after)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = new_figure(figsize=(8, 3.8))
     ax.bar(digits - 0.2, before, width=0.4, label="pre-trained", color="tab:gray")
     ax.bar(digits + 0.2, after, width=0.4, label="after LoRA fine-tuning", color="tab:orange")
     ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
@@ -172,7 +184,7 @@ def plot_tradeoff(rows: Sequence[dict], pretrained: dict, chosen: str, digit: in
     """One point per fine-tuning setting: wrong answers on the target digit against the other
     digits' mean accuracy. Up and to the left is better on both counts; settings that land on
     (nearly) the same point share one label; the chosen one is green, named in the legend."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = new_figure(figsize=(8, 4.5))
     groups: dict[tuple[int, float], list[dict]] = {}
     for row in rows:
         if row["name"] != chosen:

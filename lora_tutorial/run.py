@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .pipeline import describe_target
-from .settings import Settings, ShortError, project_root, shown_path
+from .settings import Settings, SettingsError, ShortError, assigned_names, project_root, shown_path
 from .train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
@@ -46,6 +46,28 @@ def notebooks_dir() -> Path:
         raise SystemExit(f"No notebooks/ folder in {project_root()}: run this from a clone of the "
                          "project, installed with `pip install -e .`.")
     return folder
+
+
+def notebook_parameters(path: Path) -> list[str]:
+    """The names a notebook's `parameters` cell declares: the only ones it takes."""
+    cells = json.loads(Path(path).read_text()).get("cells", [])
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell["source"]
+            return assigned_names(source if isinstance(source, str) else "".join(source))
+    return []
+
+
+def split_parameters(parameters: dict[str, Any], steps: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each notebook's share of the parameters: only the names its parameters cell declares.
+    A name that none of them takes is refused (a misspelling, or a notebook left out of --only)."""
+    taken = {step: notebook_parameters(notebooks_dir() / f"{step}.ipynb") for step in steps}
+    every = sorted({name for names in taken.values() for name in names})
+    unknown = sorted(set(parameters) - set(every))
+    if unknown:
+        raise SettingsError(f"No notebook run here takes {unknown}: check the spelling. The notebooks "
+                            f"run ({', '.join(steps)}) take {every}.")
+    return {step: {k: v for k, v in parameters.items() if k in names} for step, names in taken.items()}
 
 
 def check_trends(results: dict) -> list[str]:
@@ -160,7 +182,10 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     from .pipeline import preflight
 
     parameters = absolute_paths(parameters)
-    settings = Settings.from_mapping(parameters)  # bad values fail here, before any notebook
+    shares = split_parameters(parameters, steps)  # a name no notebook takes fails here
+    known = {f for f in Settings.__dataclass_fields__ if f != "target_rule"}
+    # bad values fail here, before any notebook (a notebook's own extras are checked by it)
+    settings = Settings.from_mapping({k: v for k, v in parameters.items() if k in known})
     preflight(settings)  # and so do a missing GPU, an unwritable folder, an empty data folder
     source = notebooks_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +202,8 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
                 started = time.perf_counter()
                 try:
                     papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target), km=kernel,
-                                               parameters=parameters, cwd=str(source), kernel_name="python3",
+                                               parameters=shares[step], cwd=str(source),
+                                               kernel_name="python3",
                                                progress_bar=False, extra_arguments=KERNEL_ARGUMENTS)
                 except PapermillExecutionError as err:
                     print("failed.")

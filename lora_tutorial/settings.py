@@ -67,7 +67,9 @@ HINTS = {
     "alpha": "the post uses 1.0",
     "learning_rate": "the post uses 0.001",
     "replay_share": "0, as in the post, replays nothing; 0.3 puts 3 other-digit images in each batch of 10",
+    "finetune_seed": "or None to use seed",
 }
+PRETRAIN_LOOPS = ("fast", "post")  # the tutorial's training loop, or the post's own (DataLoader, plain Adam)
 
 
 def parse_device(name: Any) -> str:
@@ -103,6 +105,10 @@ class Settings:
     # How target_digit was decided: None when given as a number, "worst" once `choose_target`
     # turned "worst" into the digit. Set by the tutorial, not by a user.
     target_rule: str | None = None
+    # LoRA's random A and the order of the fine-tuning batches; None: `seed`. Another value gives
+    # another fine-tuning run from the same pre-trained network (07-09 run several).
+    finetune_seed: int | None = None
+    pretrain_loop: str = "fast"  # "post": the post's own loop, slower, for a bit-for-bit comparison
 
     def __post_init__(self) -> None:
         """Check every value on its own terms; nothing here looks at the machine (see `preflight`)."""
@@ -117,6 +123,11 @@ class Settings:
                                     f"({HINTS[name]}).")
 
         integer("seed", 0)
+        if self.finetune_seed is not None:
+            integer("finetune_seed", 0)
+        if self.pretrain_loop not in PRETRAIN_LOOPS:
+            raise SettingsError(f"pretrain_loop={self.pretrain_loop!r} is not valid: expected 'fast' (the "
+                                "tutorial's loop) or 'post' (the post's own loop, for comparison).")
         integer("rank", 1)
         if isinstance(self.target_digit, str) and self.target_digit.strip().lower() == WORST:
             object.__setattr__(self, "target_digit", WORST)
@@ -198,11 +209,16 @@ class Settings:
     def from_globals(cls, namespace: dict[str, Any], extra: tuple[str, ...] = ()) -> Settings:
         """Collect a notebook's parameters by name (the variables of its `parameters` cell).
 
-        papermill only warns about a parameter the notebook does not declare, and then the
-        misspelt value is silently ignored; here it is an error, read off the cell papermill
-        injected into this kernel.
+        Each notebook's parameters cell holds only what that notebook uses. papermill only warns
+        about a name the cell does not declare, and then the value is silently ignored; here it
+        is an error (a misspelling, or a setting this notebook has no use for), read off the
+        cell papermill injected into this kernel and the parameters cell run just before it.
         """
-        injected = papermill_parameters(namespace)
+        injected, declared = papermill_parameters(namespace), notebook_declared(namespace)
+        stray = [name for name in injected if declared is not None and name not in declared]
+        if stray:
+            raise SettingsError(f"This notebook does not take {stray}: its parameters are {declared}. "
+                                "Check the spelling, or leave the name out for this notebook.")
         values = {name: namespace[name] for name in injected if name in namespace}
         values.update({f.name: namespace[f.name] for f in fields(cls)
                        if f.name in namespace and f.name != "target_rule"})
@@ -229,6 +245,7 @@ class Settings:
             "batch_size": self.batch_size,
             "learning_rate": self.learning_rate,
             "train_samples": self.train_samples,
+            **({"loop": "post"} if self.pretrain_loop == "post" else {}),
         }
 
     def finetune_key(self) -> dict[str, Any]:
@@ -244,6 +261,9 @@ class Settings:
             "target_digit": self.target_digit,
             "finetune_steps": self.finetune_steps,
             "target_modules": self.target_list(),
+            # 2: fine-tuning draws from the fit images only, never the validation split (data.py)
+            "finetune_code": 2,
+            **({"finetune_seed": self.finetune_seed} if self.finetune_seed is not None else {}),
             # only when used, so adapters made before replay existed keep their names
             **({"replay_share": float(self.replay_share)} if self.replay_share else {}),
         }
@@ -267,18 +287,38 @@ def check_whole_numbers(name: str, values: Any, example: str) -> list[int]:
     return list(values)
 
 
+def assigned_names(source: str) -> list[str]:
+    """The names a cell assigns at its top level (`rank = 1` -> ['rank']), in order."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(t, ast.Name)]
+
+
+def _injected_index(history: list[str]) -> int | None:
+    for index in range(len(history) - 1, -1, -1):
+        lines = history[index].splitlines()
+        if lines and lines[0].strip() == "# Parameters":  # how papermill heads the cell it injects
+            return index
+    return None
+
+
 def papermill_parameters(namespace: dict[str, Any]) -> list[str]:
     """The names assigned by papermill's injected cell, found in this kernel's input history."""
-    for source in reversed(namespace.get("In") or []):
-        lines = source.splitlines()
-        if lines and lines[0].strip() == "# Parameters":  # how papermill heads the cell it injects
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                return []
-            return [t.id for node in tree.body if isinstance(node, ast.Assign)
-                    for t in node.targets if isinstance(t, ast.Name)]
-    return []
+    history = list(namespace.get("In") or [])
+    index = _injected_index(history)
+    return [] if index is None else assigned_names(history[index])
+
+
+def notebook_declared(namespace: dict[str, Any]) -> list[str] | None:
+    """The names the notebook's own parameters cell declares: papermill runs that cell just before
+    the one it injects. None when papermill injected nothing (a notebook run by hand)."""
+    history = list(namespace.get("In") or [])
+    index = _injected_index(history)
+    return assigned_names(history[index - 1]) if index else None
 
 
 def check_writable(name: str, folder: Path) -> None:

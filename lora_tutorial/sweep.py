@@ -25,7 +25,7 @@ from typing import Any
 
 from .checkpoints import atomic_write, write_json
 from .evaluate import from_confusion
-from .run import notebooks_dir, parse_value
+from .run import notebook_parameters, notebooks_dir, parse_value
 from .settings import WORST, Settings, ShortError, project_root, shown_path
 from .train import PROGRESS_ENV, progress_bar, text_progress_bars
 
@@ -51,8 +51,10 @@ class Config:
                 f"_steps{self.finetune_steps}")
 
     def parameters(self, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+        """06_compare's parameters. `seed` is the fine-tuning seed: every configuration shares the
+        one pre-trained network (pre-trained with -p seed, default 0)."""
         return {**extra, "rank": self.rank, "alpha": self.alpha, "target_digit": self.target_digit,
-                "seed": self.seed, "finetune_steps": self.finetune_steps,
+                "finetune_seed": self.seed, "finetune_steps": self.finetune_steps,
                 "output_dir": str(out / self.name), "checkpoint_dir": checkpoint_dir(out, extra)}
 
 
@@ -72,8 +74,10 @@ def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:
 
 
 def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """02_pretrain's parameters for the sweep's one shared pre-training."""
-    return {**extra, "output_dir": str(out), "checkpoint_dir": checkpoint_dir(out, extra)}
+    """02_pretrain's parameters for the sweep's one shared pre-training (only those it takes)."""
+    taken = notebook_parameters(notebooks_dir() / "02_pretrain.ipynb")
+    return {**{k: v for k, v in extra.items() if k in taken}, "output_dir": str(out),
+            "checkpoint_dir": checkpoint_dir(out, extra)}
 
 
 def configurations(ranks: list[int], alphas: list[float] | None, fixed_alpha: bool, digits: list[int | str],
@@ -117,7 +121,8 @@ def finished(config: Config, out: Path) -> dict | None:
         return None
     s = results.get("settings", {})
     digit = WORST if s.get("target_rule") == WORST else s.get("target_digit")  # as asked, not as decided
-    same = (s.get("rank"), s.get("alpha"), digit, s.get("seed"), s.get("finetune_steps")) == (
+    seed = s.get("seed") if s.get("finetune_seed") is None else s.get("finetune_seed")
+    same = (s.get("rank"), s.get("alpha"), digit, seed, s.get("finetune_steps")) == (
         config.rank, config.alpha, config.target_digit, config.seed, config.finetune_steps)
     return results if same else None
 
@@ -306,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits", type=target_digit, nargs="+", default=[WORST],
                         help="digits to fine-tune on, or 'worst' (the default: the digit the pre-trained "
                              "network gets wrong most on its training images)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="fine-tuning seeds (LoRA's random A and the batch order); every configuration "
+                             "shares one pre-trained network, whose seed is -p seed (default 0)")
     parser.add_argument("--iterations", type=int, nargs="+", default=[100], help="fine-tuning batches")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
                         metavar=("NAME", "VALUE"),
@@ -317,9 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="print one papermill command per configuration")
     args = parser.parse_args(argv)
     extra = {name: parse_value(value) for name, value in args.parameter}
-    reserved = {"rank", "alpha", "target_digit", "seed", "finetune_steps", "output_dir"}
+    reserved = {"rank", "alpha", "target_digit", "finetune_seed", "finetune_steps", "output_dir"}
     if reserved & set(extra):
         parser.error(f"-p {sorted(reserved & set(extra))}: set these with the sweep's own options")
+    taken = notebook_parameters(notebooks_dir() / f"{NOTEBOOK}.ipynb")
+    if set(extra) - set(taken):
+        parser.error(f"-p {sorted(set(extra) - set(taken))}: {NOTEBOOK} takes no such parameter; it takes "
+                     f"{sorted(set(taken) - reserved)}")
     if args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: expected an integer >= 1")
     out = args.out.resolve()
