@@ -10,6 +10,7 @@ that adapter, or fine-tunes when there is none.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .evaluate import Evaluation, evaluate, from_confusion
 from .lora import add_lora, mark_only_lora_as_trainable, separate_path
 from .model import OversizedMLP
 from .settings import WORST, Settings, check_writable, fingerprint, shown_path
-from .train import train
+from .train import train, train_with_dataloader
 
 
 def preflight(settings: Settings) -> torch.device:
@@ -101,9 +102,15 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retr
         # drawn from the global generator in that order, so the run follows the post's on a CPU.
         torch.manual_seed(settings.seed)
         model = OversizedMLP().to(device)
-        losses = train(model, data.train_images, data.train_labels, epochs=settings.pretrain_epochs,
-                       batch_size=settings.batch_size, lr=settings.learning_rate,
-                       seed=None, desc="Pre-training", progress=verbose)
+        if settings.pretrain_loop == "post":  # the post's own loop: a DataLoader, plain Adam, no flushing
+            dataset = torch.utils.data.TensorDataset(data.train_images, data.train_labels)
+            losses = train_with_dataloader(model, dataset, epochs=settings.pretrain_epochs,
+                                           batch_size=settings.batch_size, lr=settings.learning_rate,
+                                           seed=None, desc="Pre-training (the post's loop)", progress=verbose)
+        else:
+            losses = train(model, data.train_images, data.train_labels, epochs=settings.pretrain_epochs,
+                           batch_size=settings.batch_size, lr=settings.learning_rate,
+                           seed=None, desc="Pre-training", progress=verbose)
         training = evaluate(model, data.train_images, data.train_labels)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_pretrained(path, state, key, {"losses": losses, "training_confusion": training.confusion})
@@ -192,11 +199,15 @@ def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = 
 
 
 def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: bool = True) -> nn.Module:
-    """The fine-tuned LoRA model: the saved adapter on `base`, or fine-tuned now if there is none."""
+    """The fine-tuned LoRA model: the saved adapter on `base`, or fine-tuned now if there is none.
+    `model.finetune_seconds` says how long fine-tuning took, or None when the adapter was loaded."""
     model = lora_model(settings, base)
     path = adapter_path(settings, data)
+    model.finetune_seconds = None  # fine-tuning time; None when the adapter was loaded from its file
     if not path.exists():
+        started = time.perf_counter()
         finetune(settings, data, model, verbose)
+        model.finetune_seconds = time.perf_counter() - started
         return model
     load_adapter(model, path, finetune_key(settings, data))
     if verbose:

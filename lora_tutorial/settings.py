@@ -224,6 +224,11 @@ class Settings:
                        if f.name in namespace and f.name != "target_rule"})
         return cls.from_mapping(values, extra)
 
+    @property
+    def lora_seed(self) -> int:
+        """The seed of LoRA's random A and of the fine-tuning batch order."""
+        return self.seed if self.finetune_seed is None else self.finetune_seed
+
     # Where things live -------------------------------------------------------------------
 
     @property

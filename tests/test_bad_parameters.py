@@ -20,14 +20,16 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # the data); every other bad value takes the first path and is tested without papermill in
 # test_settings_device.py.
 CASES = {
-    "rank 0": (["-p", "rank", "0"],
+    "rank 0": (["-p", "rank", "0"],  # in 03_parametrize, the first notebook that takes a rank
                "SettingsError: rank=0 is not valid: expected an integer >= 1 (the post uses 1)."),
     "rank 16": (["-p", "rank", "16"],
                 "SettingsError: rank=16 is too large for layer linear3 (10 x 2000 weight): a rank can be "
                 "at most min(out, in) = 10. Use rank <= 10 or leave linear3 out (target_modules="
                 "['linear1', 'linear2'])."),
     "misspelt name": (["-p", "rnak", "4"],
-                      "SettingsError: Unknown setting(s) ['rnak']: the valid names are"),
+                      "SettingsError: This notebook does not take ['rnak']: its parameters are "
+                      "['data_dir', 'train_samples', 'device']. Check the spelling"),
+    "a setting 01 does not use": (["-p", "rank", "4"], "SettingsError: This notebook does not take ['rank']"),
     "device cuda": (["-p", "device", "cuda"],
                     "SettingsError: device='cuda' was asked for, but PyTorch "),
     "empty data folder": (["-p", "data_dir", "{empty}"],
@@ -40,7 +42,8 @@ pytestmark = pytest.mark.slow  # notebooks in kernels
 
 @pytest.fixture(scope="module")
 def failed_runs(tmp_path_factory):
-    """Every case through `python -m papermill` on 01_data, all at once."""
+    """Every case through `python -m papermill` on 01_data (the rank cases on 03_parametrize, which
+    takes a rank), all at once."""
     root = tmp_path_factory.mktemp("bad")
     empty = root / "empty"
     empty.mkdir()
@@ -48,9 +51,10 @@ def failed_runs(tmp_path_factory):
     def run(item):
         name, (arguments, _) = item
         out = root / f"{name.replace(' ', '_')}.ipynb"
-        command = [sys.executable, "-m", "papermill", str(NOTEBOOKS / "01_data.ipynb"), str(out),
+        notebook = "03_parametrize" if name.startswith("rank ") else "01_data"
+        command = [sys.executable, "-m", "papermill", str(NOTEBOOKS / f"{notebook}.ipynb"), str(out),
                    "--cwd", str(NOTEBOOKS), "-k", "python3", "--no-progress-bar",
-                   "-p", "output_dir", str(root / "outputs"),
+                   *(["-p", "output_dir", str(root / "outputs")] if notebook != "01_data" else []),
                    *[a.format(empty=empty) for a in arguments]]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         return name, (done, out)

@@ -198,3 +198,41 @@ def test_full_mnist_when_available(mnist):
     assert mnist.train_labels.bincount().tolist() == TRAIN_COUNTS
     assert set(RAW_FILES) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
+
+
+def test_the_validation_split_is_one_in_six_per_digit_fixed_and_apart_from_fine_tuning(mnist):
+    from dataclasses import replace
+
+    from lora_tutorial.data import fit_subset, validation_mask
+
+    counts = mnist.train_labels.bincount(minlength=10)
+    assert mnist.val_labels.bincount(minlength=10).tolist() == (counts // 6).tolist()
+    assert len(mnist.fit_labels) + len(mnist.val_labels) == len(mnist.train_labels)
+    assert torch.equal(validation_mask(mnist.train_labels), mnist.validation)  # the same in every run
+    assert torch.equal(replace(mnist).validation, mnist.validation)  # and in every copy
+    # the fine-tuning images of a digit (and the replay pool) hold no validation image
+    for others in (False, True):
+        images, labels = fit_subset(mnist, 9, others)
+        keep = ~mnist.validation & ((mnist.train_labels != 9) if others else (mnist.train_labels == 9))
+        assert torch.equal(images, mnist.train_images[keep]) and not (mnist.validation & keep).any()
+        assert ((labels != 9) if others else (labels == 9)).all()
+
+
+def test_fine_tuning_draws_only_from_the_fit_images(mnist, monkeypatch):
+    import lora_tutorial.pipeline as pipeline
+    from lora_tutorial import Settings
+
+    seen = {}
+
+    def capture(model, images, labels, **kwargs):
+        seen["images"], seen["replay"] = images, kwargs.get("replay")
+        return []
+
+    monkeypatch.setattr(pipeline, "train", capture)
+    pipeline.train_on_target(Settings(target_digit=9, replay_share=0.3), mnist, torch.nn.Linear(1, 1),
+                             verbose=False)
+    val = mnist.val_images.flatten(1)
+    for images in (seen["images"], seen["replay"][0]):
+        # no validation image appears among the images fine-tuning was given
+        distances = torch.cdist(val[:200], images.flatten(1)[:5000])
+        assert distances.min() > 0

@@ -139,6 +139,13 @@ def test_check_without_06_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def parameters_cell(source="output_dir = None"):
+    """A stand-in notebook's parameters cell: the runner passes a notebook only what it declares."""
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = ["parameters"]
+    return cell
+
+
 def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, monkeypatch):
     """The runner starts the next notebook's kernel while one runs; when a notebook fails, both
     that kernel and the one started ahead are shut down, and the error names the cell."""
@@ -150,7 +157,7 @@ def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, m
     folder.mkdir()
     for name, source in (("01_data", "import sys\nassert 'lora_tutorial' in sys.modules  # warmed up"),
                          ("02_pretrain", "raise ValueError('stop here')"), ("03_parametrize", "pass")):
-        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+        nb = nbformat.v4.new_notebook(cells=[parameters_cell(), nbformat.v4.new_code_cell(source)])
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbformat.write(nb, folder / f"{name}.ipynb")
     monkeypatch.setattr(run_module, "notebooks_dir", lambda: folder)
@@ -159,13 +166,13 @@ def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, m
     monkeypatch.setattr(run_module, "_start_kernel",
                         lambda cwd: started.append(real_start(cwd)) or started[-1])
     steps = ("01_data", "02_pretrain", "03_parametrize")
-    with pytest.raises(SystemExit, match=r"02_pretrain failed in cell 2: ValueError: stop here"):
+    with pytest.raises(SystemExit, match=r"02_pretrain failed in cell 3: ValueError: stop here"):
         run(tmp_path / "out", {"output_dir": str(tmp_path / "results")}, steps)
     assert len(started) == 3  # 01's, 02's (started while 01 ran) and 03's (while 02 ran)
     assert not any(run_sync(kernel.is_alive)() for kernel in started)
     first = nbformat.read(tmp_path / "out" / "01_data.ipynb", as_version=4)
     counts = [c.execution_count for c in first.cells]
-    assert counts == [1, 2]  # papermill's parameters, then ours: the warm-up takes no number
+    assert counts == [1, 2, 3]  # the parameters, papermill's, then ours: the warm-up takes no number
 
 
 @pytest.mark.slow
@@ -176,7 +183,7 @@ def test_an_old_results_file_is_never_reported_as_this_runs(tmp_path, monkeypatc
 
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("pass")])
+    nb = nbformat.v4.new_notebook(cells=[parameters_cell(), nbformat.v4.new_code_cell("pass")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, folder / "06_compare.ipynb")
     monkeypatch.setattr(run_module, "notebooks_dir", lambda: folder)

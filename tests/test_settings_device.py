@@ -1,13 +1,14 @@
 """Settings are validated before any work; the device choice is explicit and explained."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lora_tutorial import MnistError, Settings, describe_device, pick_device
 from lora_tutorial.pipeline import preflight
-from lora_tutorial.settings import SettingsError, fingerprint, papermill_parameters
+from lora_tutorial.settings import SettingsError, fingerprint, notebook_declared, papermill_parameters
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -88,17 +89,41 @@ def test_from_globals_reads_only_setting_names():
 
 
 def test_a_parameter_papermill_injected_but_the_notebook_does_not_take_is_an_error():
-    """papermill only warns about `-p rnak 4` and runs rank 1; the notebook refuses it."""
-    history = ["", "seed = 0\nrank = 1\n", "# Parameters\nrnak = 4\nalpha = 2.0\n", "x = 1"]
+    """papermill only warns about `-p rnak 4` and runs rank 1; the notebook refuses it, and so it
+    does a real setting that its own parameters cell does not declare."""
+    history = ["", "seed = 0\nrank = 1\nalpha = 1.0\n", "# Parameters\nrnak = 4\nalpha = 2.0\n", "x = 1"]
     namespace = {"In": history, "seed": 0, "rank": 1, "rnak": 4, "alpha": 2.0}
     assert papermill_parameters(namespace) == ["rnak", "alpha"]
-    with pytest.raises(SettingsError, match=r"Unknown setting\(s\) \['rnak'\]: the valid names are"):
+    assert notebook_declared(namespace) == ["seed", "rank", "alpha"]
+    with pytest.raises(SettingsError, match=r"This notebook does not take \['rnak'\]: its parameters are "
+                                            r"\['seed', 'rank', 'alpha'\]"):
         Settings.from_globals(namespace)
+    unused = {"In": ["", "seed = 0\n", "# Parameters\nreplay_share = 0.3\n"], "seed": 0, "replay_share": 0.3}
+    with pytest.raises(SettingsError, match=r"does not take \['replay_share'\]"):
+        Settings.from_globals(unused)  # a setting, but not one this notebook uses
     # our own parameters cell starts "# Parameters: ..." and is not papermill's
     own = {"In": ["", "# Parameters: papermill replaces these\nrank = 2\n"], "rank": 2}
-    assert papermill_parameters(own) == [] and Settings.from_globals(own).rank == 2
-    extra = {"In": ["", "# Parameters\nsweep_jobs = 1\n"], "sweep_jobs": 1}
+    assert papermill_parameters(own) == [] and notebook_declared(own) is None
+    assert Settings.from_globals(own).rank == 2
+    extra = {"In": ["", "sweep_jobs = 2\n", "# Parameters\nsweep_jobs = 1\n"], "sweep_jobs": 1}
     assert Settings.from_globals(extra, extra=("sweep_jobs",)).rank == 1
+
+
+def test_finetune_seed_and_pretrain_loop():
+    assert Settings().lora_seed == 0 and Settings(seed=3).lora_seed == 3
+    assert Settings(seed=3, finetune_seed=5).lora_seed == 5
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(SettingsError, match=r"finetune_seed=.* is not valid: expected an integer >= 0"):
+            Settings(finetune_seed=bad)
+    with pytest.raises(SettingsError, match=r"pretrain_loop='slow' is not valid: expected 'fast'"):
+        Settings(pretrain_loop="slow")
+    decided = Settings(target_digit=9)
+    # another fine-tuning seed: another adapter, the same pre-trained network
+    assert decided.pretrain_key() == replace(decided, finetune_seed=1).pretrain_key()
+    assert decided.finetune_key() != replace(decided, finetune_seed=1).finetune_key()
+    # the post's loop trains other weights: another checkpoint; the default key is unchanged
+    assert "loop" not in decided.pretrain_key()
+    assert decided.pretrain_key() != replace(decided, pretrain_loop="post").pretrain_key()
 
 
 def test_fingerprints_separate_what_matters():

@@ -100,7 +100,12 @@ def test_the_posts_dataloader_loop_sees_the_same_batches_and_learns_the_same(mni
     torch.manual_seed(0)
     model = OversizedMLP()
     data = TensorDataset(mnist.train_images[:1000], mnist.train_labels[:1000])
-    post_losses = train_with_dataloader(model, data, seed=0, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `train` runs on a CPU: the first loss is then comparable bit for bit
+    try:
+        post_losses = train_with_dataloader(model, data, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     ours, our_losses = pretrain_small(mnist)
     assert len(post_losses) == len(our_losses) == 100
     assert post_losses[0] == our_losses[0]  # same initial weights, same first batch: bit-identical
@@ -191,3 +196,42 @@ def test_replay_needs_images_and_a_share_that_fits_the_batch(mnist):
         train(model, *data, max_steps=2, progress=False, replay_share=0.3)
     with pytest.raises(ValueError, match=r"replay_share=0.01 with batch_size=10: expected 0, or a share"):
         train(model, *data, max_steps=2, progress=False, replay=data, replay_share=0.01)
+
+
+def test_pretrain_loop_post_reproduces_the_posts_code_bit_for_bit(mnist, tmp_path):
+    """`pretrain_loop="post"` trains as the post's code does (its dataset with per-image transforms,
+    DataLoader, default Adam, one manual_seed): the very same weights, bit for bit."""
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from lora_tutorial import Settings, pretrained_model
+    from lora_tutorial.data import MEAN, STD
+
+    samples = 300
+    data = mnist.limit(samples)
+    pixels = ((data.train_images * STD + MEAN) * 255).round().to(torch.uint8)  # the raw bytes back
+
+    class PostStyleMnist(Dataset):  # what torchvision's MNIST with the post's transform returns
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+
+        def __len__(self):
+            return samples
+
+        def __getitem__(self, i):
+            return self.transform(pixels[i].numpy()), int(data.train_labels[i])
+
+    torch.manual_seed(0)  # the post's code, in its order: seed, model, loader, Adam, loop
+    post = OversizedMLP()
+    loader = DataLoader(PostStyleMnist(), batch_size=10, shuffle=True)
+    optimizer = torch.optim.Adam(post.parameters(), lr=1e-3)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = nn.CrossEntropyLoss()(post(x.view(-1, 28 * 28)), y)
+        loss.backward()
+        optimizer.step()
+
+    settings = Settings(pretrain_loop="post", output_dir=str(tmp_path))
+    ours = pretrained_model(settings, data, torch.device("cpu"), verbose=False).model
+    for name, value in post.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[name]), name

@@ -1,0 +1,35 @@
+"""The runner hands each notebook only the parameters its own parameters cell declares."""
+
+import pytest
+
+import lora_tutorial.run as run_module
+from lora_tutorial.run import notebook_parameters, notebooks_dir, split_parameters
+from lora_tutorial.settings import SettingsError
+
+
+def test_each_notebook_declares_only_what_it_uses():
+    taken = {p.stem: notebook_parameters(p) for p in sorted(notebooks_dir().glob("0*.ipynb"))}
+    assert taken["01_data"] == ["data_dir", "train_samples", "device"]  # no LoRA before LoRA
+    assert not {"rank", "alpha", "finetune_steps", "replay_share"} & set(taken["02_pretrain"])
+    assert "rank" in taken["03_parametrize"] and "finetune_steps" not in taken["03_parametrize"]
+    assert {"rank", "finetune_steps", "finetune_seed", "replay_share"} <= set(taken["06_compare"])
+    for name, names in taken.items():
+        assert len(names) == len(set(names)), f"{name} declares a parameter twice"
+
+
+def test_the_runner_passes_each_notebook_its_own_share_and_refuses_what_none_takes():
+    steps = ("01_data", "02_pretrain", "06_compare")
+    shares = split_parameters({"rank": 4, "train_samples": 500, "seed": 1}, steps)
+    assert shares["01_data"] == {"train_samples": 500}
+    assert shares["02_pretrain"] == {"train_samples": 500, "seed": 1}
+    assert shares["06_compare"] == {"rank": 4, "train_samples": 500, "seed": 1}
+    with pytest.raises(SettingsError, match=r"No notebook run here takes \['rnak'\]: check the spelling"):
+        split_parameters({"rnak": 4}, steps)
+    with pytest.raises(SettingsError, match=r"No notebook run here takes \['rank'\]"):
+        split_parameters({"rank": 4}, ("01_data", "02_pretrain"))  # a real name, but not used here
+
+
+def test_a_name_no_notebook_takes_stops_the_command_before_anything_runs(capsys, monkeypatch):
+    monkeypatch.setattr(run_module, "_start_kernel", lambda cwd: pytest.fail("a kernel was started"))
+    assert run_module.main(["-p", "rnak", "4", "--only", "01_data"]) == 2
+    assert "No notebook run here takes ['rnak']" in capsys.readouterr().err
