@@ -1,0 +1,34 @@
+"""Results a notebook publishes in its own outputs, for the README's tables to be built from.
+
+A notebook's cell calls `publish(name, data, text)`: the reader sees `text`; the executed
+notebook also stores `data` under a media type of its own, which Jupyter does not render. The
+README's result tables are written from those stored results by `python -m lora_tutorial.readme`
+(never typed), so a re-run notebook and the README cannot disagree unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MEDIA_TYPE = "application/vnd.lora-tutorial.result+json"
+
+
+def publish(name: str, data: dict[str, Any], text: str) -> None:
+    """Show `text` and store `data` (plain JSON) in the cell's output under `name`."""
+    from IPython.display import publish_display_data
+
+    plain = json.loads(json.dumps(data))  # only what JSON can hold: it goes into the .ipynb
+    publish_display_data({"text/plain": text, MEDIA_TYPE: {"name": name, "data": plain}})
+
+
+def published(path: Path) -> dict[str, dict[str, Any]]:
+    """Every result a notebook file published, by name (the last one wins)."""
+    found = {}
+    for cell in json.loads(Path(path).read_text()).get("cells", []):
+        for output in cell.get("outputs", []):
+            bundle = output.get("data", {}).get(MEDIA_TYPE)
+            if bundle:
+                found[bundle["name"]] = bundle["data"]
+    return found
