@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=STEPS + BEYOND,
                         help="run only these notebooks (08 and 09 run only when named here)")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 unless the post's trends hold: " + "; ".join(TRENDS))
+                        help="exit 1 unless the post's trends hold: " + "; ".join(TRENDS).replace("%", "%%"))
     args = parser.parse_args(argv)
     if args.check and args.only and "06_compare" not in args.only:
         parser.error("--check reads the results of 06_compare: name it in --only too, or leave --only out")
