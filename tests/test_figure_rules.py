@@ -1,0 +1,87 @@
+"""Every figure the notebooks show follows the same rules (quick: sample inputs, no training).
+
+A title; both axes labelled (units where there are any); a legend where several series share an
+axes; a bar chart's value axis starting at zero, or a title that says plainly where it is cut; an
+opaque background, so that the figure reads in JupyterLab's dark theme as in its light one.
+"""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
+
+from lora_tutorial import diagrams, plots  # noqa: E402
+
+CUT = ("axis starts at", "axis is cut", "cut at", "starts at")
+
+
+def figure_problems(fig: plt.Figure) -> list[str]:
+    """What breaks the rules in `fig`, one line per problem (empty: none)."""
+    problems = []
+    face = fig.patch.get_facecolor()
+    if face[3] < 1:
+        problems.append(f"transparent background {face}")
+    suptitle = fig._suptitle.get_text() if fig._suptitle else ""
+    for index, ax in enumerate(fig.axes):
+        if not ax.axison or ax.get_label() == "<colorbar>":
+            continue
+        where = f"axes {index} ({ax.get_title() or suptitle!r})"
+        title = ax.get_title() or suptitle
+        if not title:
+            problems.append(f"{where}: no title")
+        if not ax.get_xlabel() or not ax.get_ylabel():
+            problems.append(f"{where}: an axis without a label")
+        named = {h.get_label() for h in ax.get_lines() + ax.collections + ax.containers + ax.patches
+                 if not h.get_label().startswith("_")}
+        if len(named) > 1 and ax.get_legend() is None and not fig.legends:
+            problems.append(f"{where}: {len(named)} series and no legend")
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        if bars and not isinstance(bars[0], ErrorbarContainer):
+            horizontal = bars[0].orientation == "horizontal"
+            low = ax.get_xlim()[0] if horizontal else ax.get_ylim()[0]
+            scale = ax.get_xscale() if horizontal else ax.get_yscale()
+            if scale == "linear" and low != 0 and not any(word in title.lower() for word in CUT):
+                problems.append(f"{where}: a bar axis starting at {low:g} without saying so in the title")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_the_rules_catch_what_they_should():
+    fig, ax = plots.new_figure()
+    ax.bar([0, 1], [0.9, 0.95])
+    ax.set_ylim(0.8, 1)
+    ax.plot([0, 1], [0.9, 0.9], label="a")
+    ax.plot([0, 1], [0.8, 0.8], label="b")
+    found = figure_problems(fig)
+    assert any("no title" in p for p in found) and any("without a label" in p for p in found)
+    assert any("no legend" in p for p in found) and any("bar axis starting at 0.8" in p for p in found)
+    ax.set(title="Accuracy (axis starts at 80 %)", xlabel="digit", ylabel="accuracy (%)")
+    ax.legend()
+    assert figure_problems(fig) == []
+    fig.patch.set_alpha(0)
+    assert [p.split(" (")[0] for p in figure_problems(fig)] == ["transparent background"]
+
+
+STABLE = {
+    "show_digits": lambda: plots.show_digits(torch.randn(8, 28, 28), torch.arange(8)),
+    "plot_loss": lambda: plots.plot_loss([1 / (1 + i) for i in range(300)]),
+    "plot_wrong_counts": lambda: plots.plot_wrong_counts(list(range(10)), list(range(10, 0, -1)), 9),
+    "lora_diagram": lambda: diagrams.lora_diagram(2000, 1000, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(STABLE))
+def test_every_figure_follows_the_rules(name):
+    fig = STABLE[name]()
+    figures = fig.values() if isinstance(fig, dict) else [fig]
+    for figure in figures:
+        assert figure_problems(figure) == [], name
