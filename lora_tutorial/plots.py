@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 from .data import MEAN, STD
 
@@ -77,133 +77,358 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
 
 
 def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
-    """Target-digit and other-digit accuracy after LoRA, against rank and against trainable
-    parameters (log axes); with several seeds, the mean and the min-max band."""
+    """The papermill sweep's table drawn two ways: the target digit's wrong answers and the other
+    digits' accuracy against the rank (`sweep_rank.png`), and the two against each other, one
+    point per configuration (`sweep_tradeoff.png`); with several seeds, the mean and min-max bars."""
     done = [r for r in rows if r["status"] == "done"]
     series: dict[tuple, dict[int, list[dict]]] = {}
-    for r in done:
-        key = (r["alpha"] if r["alpha"] != r["rank"] else "rank", r["target_digit"], r["finetune_steps"])
+    for r in done:  # one series per alpha rule ("rank": alpha = r), digit and step count
+        rule = "rank" if r["alpha"] == r["rank"] != 1 else r["alpha"]
+        key = (rule, r["target_digit"], r["finetune_steps"])
         series.setdefault(key, {}).setdefault(r["rank"], []).append(r)
-    figures = {}
-    for name, x_of, xlabel in (("sweep_rank.png", lambda r: r["rank"], "LoRA rank r"),
-                               ("sweep_params.png", lambda r: r["lora_parameters"],
-                                "trainable LoRA parameters")):
-        fig, ax = new_figure(figsize=(7.5, 4))
-        for (alpha, digit, steps), by_rank in sorted(series.items(), key=str):
-            ranks = sorted(by_rank)
-            xs = [x_of(by_rank[k][0]) for k in ranks]
-            label = f"alpha={'r' if alpha == 'rank' else alpha}, digit {digit}, {steps} steps"
-            for column, style, what in (("target_accuracy_after", "-o", "target digit"),
-                                        ("other_digits_accuracy_after", "--s", "other digits")):
-                values = [[r[column] for r in by_rank[k]] for k in ranks]
-                mean = [sum(v) / len(v) for v in values]
-                line, = ax.plot(xs, mean, style, label=f"{what} ({label})")
-                if any(len(v) > 1 for v in values):
-                    ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values],
-                                    color=line.get_color(), alpha=0.2)
-        if done:
-            ax.axhline(sum(r["other_digits_accuracy_before"] for r in done) / len(done), color="gray",
-                       linewidth=0.8, linestyle=":", label="other digits before LoRA")
-        ax.set_xscale("log", base=2 if name == "sweep_rank.png" else 10)
-        ax.set_xticks(sorted({x_of(r) for r in done}))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set(xlabel=xlabel, ylabel="test accuracy after fine-tuning", title="What LoRA's rank buys")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        figures[name] = fig
-    return figures
+    for (rule, digit, steps), by_rank in list(series.items()):  # rank 1 with alpha 1 is also alpha = r
+        shared = series.get((1.0, digit, steps), {})
+        if rule == "rank" and 1 in shared and 1 not in by_rank:
+            by_rank[1] = shared[1]
+            if set(shared) == {1}:  # that series held nothing else
+                del series[(1.0, digit, steps)]
+    rank_fig, (left, right) = new_figure(1, 2, figsize=(11, 4))
+    trade_fig, trade = new_figure(figsize=(8, 4.8))
+    before_shown = set()
+    for (alpha, digit, steps), by_rank in sorted(series.items(), key=str):
+        ranks = sorted(by_rank)
+        label = f"alpha={'r' if alpha == 'rank' else f'{alpha:g}'}, digit {digit}, {steps} steps"
+        wrong = [_spread_cell([r["target_wrong_after"] for r in by_rank[k]]) for k in ranks]
+        others = [_spread_cell([100 * r["other_digits_accuracy_after"] for r in by_rank[k]]) for k in ranks]
+        line = left.errorbar(ranks, *_mean_and_bars(wrong), fmt="o-", capsize=3, label=label)
+        color = line[0].get_color()
+        right.errorbar(ranks, *_mean_and_bars(others), fmt="s--", capsize=3, color=color, label=label)
+        (wx, wxerr), (oy, oyerr) = _mean_and_bars(wrong), _mean_and_bars(others)
+        trade.errorbar(wx, oy, xerr=wxerr, yerr=oyerr, fmt="o", capsize=3, color=color, label=label)
+        for x, y, k in zip(wx, oy, ranks, strict=True):
+            trade.annotate(f"r={k}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        first = by_rank[ranks[0]][0]
+        if digit not in before_shown:  # the pre-trained network's values for this digit
+            before_shown.add(digit)
+            wrong_before = first["target_wrong_before"]
+            others_before = 100 * first["other_digits_accuracy_before"]
+            left.axhline(wrong_before, color="gray", linestyle=":", linewidth=0.9,
+                         label=f"pre-trained (digit {digit})")
+            right.axhline(others_before, color="gray", linestyle=":", linewidth=0.9,
+                          label=f"pre-trained (digit {digit})")
+            trade.scatter([wrong_before], [others_before], marker="x", color="gray", zorder=3,
+                          label=f"pre-trained (digit {digit})")
+    all_ranks = sorted({r["rank"] for r in done}) or [1]
+    for ax in (left, right):
+        _rank_axis(ax, all_ranks)
+    _count_axis(left, "y")
+    left.set(xlabel="LoRA rank r", ylabel="wrong answers on the target digit (test images)",
+             title="Target digit (symlog scale)")
+    right.set(xlabel="LoRA rank r", ylabel="mean accuracy, the other nine digits (%)",
+              title="The other digits")
+    left.legend(fontsize=8)
+    rank_fig.suptitle("What LoRA's rank buys (mean and min-max over the seeds)")
+    rank_fig.tight_layout()
+    _count_axis(trade, "x")
+    trade.set(xlabel="wrong answers on the target digit, test images (fewer is better; symlog scale)",
+              ylabel="mean accuracy, the other nine digits (%)",
+              title="Fixing the target digit against keeping the others")
+    trade.legend(fontsize=8)
+    trade.grid(alpha=0.3)
+    trade_fig.tight_layout()
+    return {"sweep_rank.png": rank_fig, "sweep_tradeoff.png": trade_fig}
 
 
-def plot_singular_values(values: dict[str, torch.Tensor], shares: dict[str, list[float]],
-                         ranks: Sequence[int], show: int = 100) -> plt.Figure:
-    """Left: each layer's singular values of delta W, largest first (log scale). Right: the share
-    of each layer's energy the top r hold, against r."""
-    fig, (left, right) = new_figure(1, 2, figsize=(11, 3.8))
-    for name, s in values.items():
-        s = s.detach().cpu().double().numpy()[:show]
-        left.semilogy(np.arange(1, len(s) + 1), s, ".-", markersize=3, label=f"{name} ({len(values[name])})")
-        right.plot(ranks, shares[name], "o-", label=name)
-    left.set(xlabel="index of the singular value", ylabel="singular value (log scale)",
-             title=f"Singular values of delta W (first {show})")
-    left.legend(fontsize=8, title="layer (how many)", title_fontsize=8)
-    right.set_xscale("log", base=2)
-    right.set_xticks(list(ranks))
-    right.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
-    right.xaxis.set_minor_formatter(NullFormatter())
-    right.set(xlabel="rank r", ylabel="share of the energy in the top r", ylim=(0, 1.02),
-              title="How much of delta W the top r directions hold")
-    right.legend(fontsize=8)
+# 07's rank study ---------------------------------------------------------------------------
+
+# How each scaling rule is drawn: its colour and the factor in front of B @ A.
+SCALING_STYLE = {"alpha fixed": ("tab:blue", "alpha / r"), "alpha = r": ("tab:red", "1"),
+                 "rsLoRA": ("tab:green", "alpha / sqrt(r)")}
+KAIMING_COLOR = "tab:purple"
+
+
+def _spread_cell(values: Sequence[float]) -> dict:
+    return {"mean": sum(values) / len(values), "low": min(values), "high": max(values)}
+
+
+def _mean_and_bars(cells: Sequence[dict], factor: float = 1.0) -> tuple[list[float], list[list[float]]]:
+    """Means, and the distances down to the minimum and up to the maximum (matplotlib's bars)."""
+    means = [factor * c["mean"] for c in cells]
+    return means, [[m - factor * c["low"] for m, c in zip(means, cells, strict=True)],
+                   [factor * c["high"] - m for m, c in zip(means, cells, strict=True)]]
+
+
+def _rank_axis(ax, ranks: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ranks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _count_axis(ax, which: str) -> None:
+    """A symlog axis for counts: linear from 0 to 1, logarithmic above, so that 0 wrong answers
+    and the pre-trained network's tens both fit and the small counts stay readable."""
+    (ax.set_yscale if which == "y" else ax.set_xscale)("symlog", linthresh=1)
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_locator(FixedLocator([0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    axis.set_minor_formatter(NullFormatter())
+    low, high = ax.get_ylim() if which == "y" else ax.get_xlim()
+    (ax.set_ylim if which == "y" else ax.set_xlim)(-0.3, max(high, 1) * 1.4)  # room above the largest
+
+
+def _style(entry: dict) -> tuple[str, str]:
+    """Colour and legend text of a rank-study configuration."""
+    if entry["init"] == "kaiming":
+        return KAIMING_COLOR, f"{entry['scaling']}, Kaiming-uniform A"
+    color, factor = SCALING_STYLE.get(entry["scaling"], ("tab:gray", "?"))
+    return color, f"{entry['scaling']} (scale {factor})"
+
+
+def _by_series(entries: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
+    series: dict[tuple[str, str], list[dict]] = {}
+    for e in entries:
+        series.setdefault((e["scaling"], e["init"]), []).append(e)
+    return {k: sorted(v, key=lambda e: e["rank"]) for k, v in series.items()}
+
+
+def plot_rank_study(entries: Sequence[dict], before: dict, digit: int,
+                    split: str = "validation") -> plt.Figure:
+    """The target digit's wrong answers (left) and the other digits' mean accuracy (right) against
+    the rank, one line per scaling rule: the mean over the seeds with min-max bars (lines are
+    nudged sideways so that the bars do not hide each other); the pre-trained network dotted."""
+    fig, (left, right) = new_figure(1, 2, figsize=(11.5, 4.2))
+    series = {k: v for k, v in _by_series(entries).items() if k[1] == "normal"}
+    for i, ((_, _), mine) in enumerate(series.items()):
+        color, label = _style(mine[0])
+        nudge = 2 ** (0.06 * (i - (len(series) - 1) / 2))
+        xs = [e["rank"] * nudge for e in mine]
+        left.errorbar(xs, *_mean_and_bars([e[f"{split}_target_wrong"] for e in mine]), fmt="o-", capsize=3,
+                      color=color, label=label)
+        right.errorbar(xs, *_mean_and_bars([e[f"{split}_others_accuracy"] for e in mine], 100), fmt="s-",
+                       capsize=3, color=color, label=label)
+    left.axhline(before[f"{split}_target_wrong"], color="gray", linestyle=":", label="pre-trained")
+    right.axhline(100 * before[f"{split}_others_accuracy"], color="gray", linestyle=":", label="pre-trained")
+    ranks = sorted({e["rank"] for e in entries})
+    for ax in (left, right):
+        _rank_axis(ax, ranks)
+    _count_axis(left, "y")
+    left.set(xlabel="LoRA rank r", ylabel=f"wrong answers on digit {digit} ({split} images)",
+             title=f"Digit {digit} (symlog scale: linear below 1)")
+    right.set(xlabel="LoRA rank r", ylabel=f"mean accuracy, the other nine digits (%, {split})",
+              title="The other digits")
+    left.legend(fontsize=8)
+    seeds = len(entries[0]["seeds"]) if entries else 0
+    fig.suptitle(f"Rank under three scaling rules (mean and min-max over {seeds} seeds)")
     fig.tight_layout()
     return fig
 
 
-def plot_rank_comparison(ranks: Sequence[int], truncated: Sequence[dict], lora: Sequence[dict],
-                         full: dict, pretrained: dict, digit: int) -> plt.Figure:
-    """Wrong answers on the target digit and the other digits' accuracy against the rank r, for
-    full fine-tuning's delta W cut to rank r and for LoRA trained at rank r; the full fine-tune
-    and the pre-trained network as horizontal lines."""
-    fig, axes = new_figure(1, 2, figsize=(11, 3.8))
-    for ax, key, ylabel in ((axes[0], "target_wrong", f"wrong answers on digit {digit}"),
-                            (axes[1], "others_accuracy", "mean accuracy, the other nine digits")):
-        ax.plot(ranks, [r[key] for r in truncated], "o-", label="full fine-tune's delta W, cut to rank r")
-        ax.plot(ranks, [r[key] for r in lora], "s--", label="LoRA trained at rank r")
-        ax.axhline(full[key], color="tab:red", linewidth=0.9, label="full fine-tune")
-        ax.axhline(pretrained[key], color="gray", linewidth=0.9, linestyle=":", label="pre-trained")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(ranks))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+def plot_update_norms(entries: Sequence[dict], guides: dict[str, float] | None = None) -> plt.Figure:
+    """||delta W||_F of each adapted layer against the rank, one line per scaling rule (mean, min-max
+    bars, log scales). `guides` maps a rule to a power p: a dotted line from its rank-1 mean times r^p."""
+    layers = [k.removeprefix("delta_norm_") for k in (entries[0] if entries else {})
+              if k.startswith("delta_norm_")]
+    fig, axes = new_figure(1, max(1, len(layers)), figsize=(4 * max(1, len(layers)), 3.9), squeeze=False)
+    series = {k: v for k, v in _by_series(entries).items() if k[1] == "normal"}
+    ranks = sorted({e["rank"] for e in entries})
+    for ax, layer in zip(axes[0], layers, strict=False):
+        column = f"delta_norm_{layer}"
+        for mine in series.values():
+            color, label = _style(mine[0])
+            ax.errorbar([e["rank"] for e in mine], *_mean_and_bars([e[column] for e in mine]), fmt="o-",
+                        capsize=3, color=color, label=label)
+            power = (guides or {}).get(mine[0]["scaling"])
+            if power is not None and mine[0]["rank"] == 1:
+                start = mine[0][column]["mean"]
+                ax.plot(ranks, [start * r ** power for r in ranks], ":", color=color, linewidth=1)
+        _rank_axis(ax, ranks)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="LoRA rank r", ylabel=f"||delta W||_F of {layer} (log scale)", title=layer)
+    if guides:
+        axes[0][0].plot([], [], ":", color="gray", label="dotted: rank 1 x r^p (see text)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("How large an update each scaling rule makes (Frobenius norm of scale * B @ A)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rank_tradeoff(entries: Sequence[dict], before: dict, digit: int, chosen: str | None = None,
+                       split: str = "validation") -> plt.Figure:
+    """One point per configuration: the target digit's wrong answers (x) against the other digits'
+    mean accuracy (y), the mean over the seeds with min-max bars both ways, labelled with the rank.
+    Left and up is better on both counts; the pre-trained network is the grey cross and dotted line."""
+    fig, ax = new_figure(figsize=(11, 5.2))
+    shown = set()
+    for e in entries:
+        color, label = _style(e)
+        (x,), xerr = _mean_and_bars([e[f"{split}_target_wrong"]])
+        (y,), yerr = _mean_and_bars([e[f"{split}_others_accuracy"]], 100)
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="s" if e["init"] == "kaiming" else "o", capsize=3,
+                    color=color, label=None if label in shown else label, alpha=0.85)
+        shown.add(label)
+        ax.annotate(f"r={e['rank']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if e["name"] == chosen:
+            ax.scatter([x], [y], s=220, facecolors="none", edgecolors="black", zorder=4,
+                       label=f"chosen: {chosen}")
+    ax.scatter([before[f"{split}_target_wrong"]], [100 * before[f"{split}_others_accuracy"]], marker="x",
+               s=60, color="gray", zorder=3, label="pre-trained")
+    ax.axhline(100 * before[f"{split}_others_accuracy"], color="gray", linestyle=":", linewidth=0.9)
+    _count_axis(ax, "x")
+    ax.set(xlabel=f"wrong answers on digit {digit}, {split} images (fewer is better; symlog scale)",
+           ylabel=f"mean accuracy of the other nine digits (%, {split})",
+           title="Fixing the target digit against keeping the others")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the points, not on them
+    fig.tight_layout()
+    return fig
+
+
+def _log2_rank_axis(ax, ticks: Sequence[int]) -> None:
+    """A log-2 x axis for ranks, labelled at `ticks` as plain numbers."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _cumulative_shares(values: torch.Tensor, most: int) -> np.ndarray:
+    """The share of the energy in the top r singular values, for r = 1 .. min(most, how many)."""
+    energy = values.detach().cpu().double().numpy() ** 2
+    total = energy.sum()
+    shares = np.cumsum(energy) / total if total > 0 else np.ones_like(energy)
+    return shares[:most]
+
+
+def plot_energy_shares(runs: dict[str, list[dict[str, torch.Tensor]]], random: dict[str, torch.Tensor],
+                       most: int = 64) -> plt.Figure:
+    """One panel per layer: the share of delta W's energy held by its top r singular directions,
+    against r (log scale), for each run (the mean over its seeds, and the min-max band), and for
+    a random matrix of the layer's shape (dashed). `runs` maps a run's name to one dict of
+    singular values per layer for each seed."""
+    layers = list(random)
+    fig, axes = new_figure(1, len(layers), figsize=(4.3 * len(layers), 3.9), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for name, seeds in runs.items():
+            curves = np.array([_cumulative_shares(values[layer], most) for values in seeds])
+            r = np.arange(1, curves.shape[1] + 1)
+            line, = ax.plot(r, curves.mean(axis=0), "-", label=name)
+            if len(curves) > 1:
+                ax.fill_between(r, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.2)
+        shares = _cumulative_shares(random[layer], most)
+        ax.plot(np.arange(1, len(shares) + 1), shares, "--", color="gray", label="a random matrix")
+        count = len(random[layer])
+        ticks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t <= min(most, count)]
+        _log2_rank_axis(ax, ticks + ([count] if count < most and count not in ticks else []))
+        ax.set(xlabel="r, the directions kept", ylabel="share of the energy in the top r", ylim=(0, 1.02),
+               title=f"{layer}: {count:,} directions in all")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    seeds = max(len(s) for s in runs.values()) if runs else 0
+    fig.suptitle(f"How much of delta W its top r directions hold (mean and min-max over {seeds} seeds)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_rank_comparison(ranks: Sequence[int], runs: dict[str, list[dict]], lora: dict[int, list[dict]],
+                         pretrained: dict, digit: int) -> plt.Figure:
+    """Wrong answers on the target digit and the other digits' accuracy against the rank r: each
+    full fine-tune's delta W cut to rank r (its whole update as a line and band of the same colour),
+    and LoRA trained at rank r; the mean over the seeds with min-max error bars; the pre-trained
+    network as a dotted reference line. `runs` maps a name to its rows (`lowrank.full_runs`)."""
+    fig, axes = new_figure(1, 2, figsize=(11.5, 4.4))
+    every = sorted(set(ranks) | set(lora))
+
+    def errorbar(ax, xs, groups, key, style, label, color=None):
+        values = np.array([[row[key] for row in rows] for rows in groups], dtype=float)
+        mean = values.mean(axis=1)
+        spread_ = [mean - values.min(axis=1), values.max(axis=1) - mean]
+        return ax.errorbar(xs, mean, yerr=spread_, fmt=style, capsize=3, label=label, color=color)
+
+    for ax, key, ylabel in ((axes[0], "target_wrong", f"wrong answers on digit {digit} (test images)"),
+                            (axes[1], "others_accuracy", "mean accuracy of the other nine digits")):
+        for name, rows in runs.items():
+            groups = [[next(c for c in row["cuts"] if c["rank"] == r) for row in rows] for r in ranks]
+            bars = errorbar(ax, list(ranks), groups, key, "o-", f"{name}: delta W cut to rank r")
+            color = bars.lines[0].get_color()
+            whole = np.array([row[key] for row in rows], dtype=float)
+            ax.axhline(whole.mean(), color=color, linewidth=1, linestyle="-.", label=f"{name}: whole delta W")
+            ax.axhspan(whole.min(), whole.max(), color=color, alpha=0.12)
+        if lora:  # drawn a little to the right, so that its bars do not hide the cuts' at the same rank
+            errorbar(ax, [1.06 * r for r in sorted(lora)], [lora[r] for r in sorted(lora)], key, "s--",
+                     "LoRA trained at rank r", color="tab:green")
+        ax.axhline(pretrained[key], color="gray", linewidth=1, linestyle=":", label="pre-trained")
+        _log2_rank_axis(ax, every)
         ax.set(xlabel="rank r", ylabel=ylabel)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Rank r: the best rank-r piece of the full update, and LoRA")
-    fig.tight_layout()
+        ax.set_ylim(bottom=0, top=1.02 if key == "others_accuracy" else None)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"Digit {digit}: fewer is better")
+    axes[1].set_title("The other digits: higher is better")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    seeds = max((len(rows) for rows in [*runs.values(), *lora.values()]), default=0)
+    fig.suptitle(f"The best rank-r piece of the full update, and LoRA at rank r (mean, min-max over {seeds} "
+                 "seeds)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 
-def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float], target_digit: int) -> plt.Figure:
-    """Each digit's test accuracy before and after fine-tuning, with the change in points."""
+def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
+                            target_digit: int, images: str = "test images") -> plt.Figure:
+    """Each digit's accuracy after fine-tuning (bars from zero: the mean over runs, with their
+    min-max), the pre-trained accuracy as a reference mark on each bar, and the mean change in
+    points written above it. `after` is one run's ten accuracies, or one list per seed."""
     digits = np.arange(10)
-    before, after = 100 * np.asarray(before), 100 * np.asarray(after)
+    before = 100 * np.asarray(before, dtype=float)
+    runs = 100 * np.atleast_2d(np.asarray(after, dtype=float))
+    mean, low, high = runs.mean(axis=0), runs.min(axis=0), runs.max(axis=0)
     fig, ax = new_figure(figsize=(8, 3.8))
-    ax.bar(digits - 0.2, before, width=0.4, label="pre-trained", color="tab:gray")
-    ax.bar(digits + 0.2, after, width=0.4, label="after LoRA fine-tuning", color="tab:orange")
+    what = f"after LoRA fine-tuning (mean of {len(runs)} seeds, min-max)" if len(runs) > 1 else \
+        "after LoRA fine-tuning"
+    ax.bar(digits, mean, width=0.6, color="tab:orange", label=what,
+           yerr=np.clip([mean - low, high - mean], 0, None) if len(runs) > 1 else None, capsize=3)
+    ax.hlines(before, digits - 0.38, digits + 0.38, color="black", linewidth=2, label="pre-trained", zorder=3)
     ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
                label=f"target digit {target_digit}")
-    for x, (b, a) in enumerate(zip(before, after, strict=True)):
-        ax.text(x + 0.2, a + 0.5, f"{a - b:+.1f}", ha="center", va="bottom", fontsize=8)
-    low = min(before.min(), after.min())
-    ax.set(xticks=digits, xlabel="true digit", ylabel="accuracy (%)", ylim=(max(0, low - 10), 104),
-           title="Accuracy per digit (the numbers: change in points)")
-    ax.legend(loc="lower left", fontsize=8)
+    for x, (b, a) in enumerate(zip(before, mean, strict=True)):
+        ax.text(x, max(a, b) + 1.5, f"{a - b:+.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set(xticks=digits, xlabel="true digit", ylabel=f"accuracy on the {images} (%)", ylim=(0, 112),
+           title="Accuracy per digit after fine-tuning (numbers: mean change in points)")
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.95)
     fig.tight_layout()
     return fig
 
 
-def plot_tradeoff(rows: Sequence[dict], pretrained: dict, chosen: str, digit: int) -> plt.Figure:
-    """One point per fine-tuning setting: wrong answers on the target digit against the other
-    digits' mean accuracy. Up and to the left is better on both counts; settings that land on
-    (nearly) the same point share one label; the chosen one is green, named in the legend."""
+def plot_tradeoff(summaries: Sequence[dict], pretrained: dict, chosen: str, digit: int,
+                  max_loss_points: float, split: str = "validation") -> plt.Figure:
+    """One point per fine-tuning setting (`forgetting.summarize`'s entries) on one split: the mean
+    wrong answers on the target digit against the points the other digits lose, with the min-max
+    over seeds as error bars. Down and to the left is better on both counts; the pre-trained
+    network (0 points lost) and the limit on forgetting are drawn as reference lines."""
     fig, ax = new_figure(figsize=(8, 4.5))
-    groups: dict[tuple[int, float], list[dict]] = {}
-    for row in rows:
-        if row["name"] != chosen:
-            key = (row["target_wrong"], round(100 * row["others_accuracy"], 1))
-            groups.setdefault(key, []).append(row)
-    for members in groups.values():
-        xs, ys = [r["target_wrong"] for r in members], [100 * r["others_accuracy"] for r in members]
-        ax.scatter(xs, ys, s=30, color="tab:blue", zorder=3)
-        ax.annotate(" / ".join(r["name"] for r in members), (xs[0], max(ys)), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    best = next(r for r in rows if r["name"] == chosen)
-    ax.scatter(best["target_wrong"], 100 * best["others_accuracy"], s=80, color="tab:green", zorder=3,
-               label=f"chosen: {chosen}")
-    ax.scatter(pretrained["target_wrong"], 100 * pretrained["others_accuracy"], marker="x", color="gray",
-               zorder=3, label="pre-trained")
-    ax.set(xlabel=f"wrong answers on digit {digit} (fewer is better)",
-           ylabel="mean accuracy of the other nine digits (%)",
-           title="What each setting buys on the target digit, and what it costs the others")
-    ax.legend(loc="lower right", fontsize=8)
+    for entry in summaries:
+        wrong, lost = entry[split]["target_wrong"], entry[split]["points_lost"]
+        picked = entry["name"] == chosen
+        ax.errorbar(wrong["mean"], lost["mean"], fmt="o",  # rounding can put a mean a hair outside its range
+                    xerr=np.clip([[wrong["mean"] - wrong["low"]], [wrong["high"] - wrong["mean"]]], 0, None),
+                    yerr=np.clip([[lost["mean"] - lost["low"]], [lost["high"] - lost["mean"]]], 0, None),
+                    color="tab:green" if picked else "tab:blue", markersize=8 if picked else 5, capsize=3,
+                    zorder=3, label=f"chosen: {chosen}" if picked else None)
+        ax.annotate(entry["name"], (wrong["mean"], lost["mean"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.axhline(0, color="gray", linewidth=0.9, linestyle=":",
+               label=f"pre-trained ({pretrained['target_wrong']} wrong on {digit}, 0 points lost)")
+    ax.axhline(max_loss_points, color="tab:red", linewidth=0.9, linestyle="--",
+               label=f"max_forgetting_points = {max_loss_points:g}")
+    ax.set(xlabel=f"wrong answers on digit {digit}, {split} images (fewer is better)",
+           ylabel="points the other nine digits lose\n(mean of their accuracies, percentage points)",
+           title=f"What each setting buys on digit {digit}, and what it costs the others ({split} images)")
+    ax.set_xlim(left=0)
+    ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

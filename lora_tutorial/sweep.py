@@ -80,12 +80,14 @@ def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
             "checkpoint_dir": checkpoint_dir(out, extra)}
 
 
-def configurations(ranks: list[int], alphas: list[float] | None, fixed_alpha: bool, digits: list[int | str],
-                   seeds: list[int], steps: list[int], extra: dict[str, Any]) -> list[Config]:
+def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_rank: bool,
+                   digits: list[int | str], seeds: list[int], steps: list[int],
+                   extra: dict[str, Any]) -> list[Config]:
     """Every combination, each validated (with the other parameters) before anything runs."""
     configs = []
     for rank, digit, seed, step in itertools.product(ranks, digits, seeds, steps):
-        for alpha in ([1.0] if fixed_alpha else alphas or [float(rank)]):
+        # alpha fixed while the rank varies (the paper's protocol), unless asked otherwise
+        for alpha in ([float(rank)] if alpha_equals_rank else alphas or [1.0]):
             config = Config(rank, float(alpha), digit, seed, step)
             Settings.from_mapping(config.parameters(Path("."), extra))
             if config not in configs:
@@ -306,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="ranks to try (default 1 2 4 8; the last layer has 10 outputs, so at most 10)")
-    parser.add_argument("--alphas", type=float, nargs="+", help="alphas to try (default: alpha = rank)")
-    parser.add_argument("--fixed-alpha", action="store_true", help="alpha = 1 for every rank, as the post")
+    parser.add_argument("--alphas", type=float, nargs="+",
+                        help="alphas to try, each at every rank (default: 1, fixed while the rank varies, as "
+                             "in the LoRA paper and the post)")
+    parser.add_argument("--alpha-equals-rank", action="store_true",
+                        help="alpha = rank instead: the scale alpha / r stays 1, but the update still grows "
+                             "with the rank (07_rank_sweep measures it)")
     parser.add_argument("--digits", type=target_digit, nargs="+", default=[WORST],
                         help="digits to fine-tune on, or 'worst' (the default: the digit the pre-trained "
                              "network gets wrong most on its training images)")
@@ -335,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs={args.jobs}: expected an integer >= 1")
     out = args.out.resolve()
     try:
-        configs = configurations(args.ranks, args.alphas, args.fixed_alpha, args.digits, args.seeds,
+        if args.alphas and args.alpha_equals_rank:
+            parser.error("--alphas and --alpha-equals-rank: give one or the other")
+        configs = configurations(args.ranks, args.alphas, args.alpha_equals_rank, args.digits, args.seeds,
                                  args.iterations, extra)
         from .pipeline import preflight
 
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_summary(rows)
     print(f"\nTable: {shown_path(out / 'sweep.csv')} (and sweep.json); "
-          "plots: sweep_rank.png, sweep_params.png")
+          "plots: sweep_rank.png, sweep_tradeoff.png")
     failed = [r["name"] for r in rows if r["status"] != "done"]
     if failed:
         print(f"{len(failed)} configuration(s) failed: {', '.join(failed)}. Their error.json and executed "

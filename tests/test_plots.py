@@ -44,14 +44,18 @@ def test_per_digit_accuracy_and_the_sweep_figures_are_labelled():
     after = [0.98, 0.98, 0.95, 0.93, 0.90, 0.92, 0.97, 0.90, 0.80, 0.98]
     assert all(labelled(ax) for ax in plots.plot_per_digit_accuracy(before, after, 9).axes[:1])
     rows = [{"status": "done", "rank": r, "alpha": float(r), "target_digit": 9, "finetune_steps": 100,
-             "lora_parameters": 6_794 * r, "target_accuracy_after": 0.9 + r / 100,
-             "other_digits_accuracy_after": 0.95 - r / 100, "other_digits_accuracy_before": 0.96}
-            for r in (1, 2, 4)]
+             "lora_parameters": 6_794 * r, "target_wrong_before": 97, "target_wrong_after": 20 // r + seed,
+             "other_digits_accuracy_after": 0.95 - r / 100 - seed / 100, "other_digits_accuracy_before": 0.96}
+            for r in (1, 2, 4) for seed in (0, 1, 2)]
     figures = plots.plot_sweep(rows)
-    assert set(figures) == {"sweep_rank.png", "sweep_params.png"}
+    assert set(figures) == {"sweep_rank.png", "sweep_tradeoff.png"}
     for fig in figures.values():
-        ax = fig.axes[0]
-        assert labelled(ax) and len(ax.get_lines()) == 3  # target, other digits, the level before
+        assert all(labelled(ax) for ax in fig.axes)
+    target, others = figures["sweep_rank.png"].axes
+    assert [round(y) for y in target.containers[0].lines[0].get_ydata()] == [21, 11, 6]  # means over seeds
+    trade = figures["sweep_tradeoff.png"].axes[0]
+    assert [round(x) for x in trade.containers[0].lines[0].get_xdata()] == [21, 11, 6]
+    assert 96 in [round(line.get_ydata()[0]) for line in others.get_lines()]  # the level before, as a line
 
 
 def test_a_grid_of_digits_titles_each_image_with_its_label():

@@ -23,6 +23,7 @@ FACTS = {
     "0.1307", "0.3081", "255", "2,807,010", "6,794", "3,000", "2,000,000", "32", "64",
     "0.951", "116", "0.905", "300", "0.9624", "81",  # the post's figures; its code on a CPU
     "175", "3", "4.1", "7", "1.9", "1.7", "2021", "2020", "2023", "2024", "0.001",
+    "0.036", "0.022", "50", "80",  # Kaiming's bound 1/sqrt(784), 1/sqrt(2000); N(0, 1) is 50-80x that
 }
 SMALL = 16  # small whole numbers (digits, ranks, layers, steps of an example) are never results
 

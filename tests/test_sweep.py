@@ -30,14 +30,14 @@ def test_table_columns_and_values(swept):
         table = list(csv.DictReader(f))
     assert list(table[0]) == COLUMNS and json.loads((out / "sweep.json").read_text()) == rows
     for r, rank in zip(rows, (1, 4), strict=True):
-        assert r["status"] == "done" and r["rank"] == rank and r["alpha"] == float(rank)  # alpha = rank
+        assert r["status"] == "done" and r["rank"] == rank and r["alpha"] == 1.0  # fixed while r varies
         assert r["lora_parameters"] == rank * sum(i + o for i, o in LAYERS)
         assert r["lora_share_percent"] == pytest.approx(100 * r["lora_parameters"] / 2_807_010)
         assert r["accuracy_lora_off"] < 1 and r["target_wrong_after"] < r["target_wrong_before"]
         assert 0 <= r["target_accuracy_after"] <= 1 and r["finetune_seconds"] > 0
     assert rows[0]["accuracy_lora_off"] == rows[1]["accuracy_lora_off"]  # one shared pre-training
     assert len(list((out / "checkpoints").glob("pretrained-*.pt"))) == 1
-    assert (out / "sweep_rank.png").stat().st_size > 10_000 and (out / "sweep_params.png").is_file()
+    assert (out / "sweep_rank.png").stat().st_size > 10_000 and (out / "sweep_tradeoff.png").is_file()
 
 
 @pytest.mark.slow
