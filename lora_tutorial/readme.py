@@ -51,7 +51,39 @@ def results_table(found: dict[str, dict[str, Any]]) -> str:
     ])
 
 
-TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {"results": results_table}
+def _spread(cell: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    """'11.0 (8.0-13.0)': a mean over seeds and its range."""
+    if not cell:
+        return "-"
+    mean, low, high = (f"{cell[k] * scale:.{digits}f}" for k in ("mean", "low", "high"))
+    return mean if low == high else f"{mean} ({low}-{high})"
+
+
+def rank_table(found: dict[str, dict[str, Any]]) -> str:
+    """07's main sweep (alpha fixed): validation and test figures per rank, and the chosen rank."""
+    study = found["07_rank_sweep"]["rank_study"]
+    before, digit = study["pretrained"], study["settings"]["target_digit"]
+    seeds = len(study["seeds"])
+    lines = [f"| rank (alpha = 1) | digit {digit} wrong, validation | other digits %, validation | "
+             f"digit {digit} wrong, test | other digits %, test |",
+             "|---|---|---|---|---|",
+             f"| pre-trained | {before['validation_target_wrong']} | "
+             f"{100 * before['validation_others_accuracy']:.1f} | {before['test_target_wrong']} | "
+             f"{100 * before['test_others_accuracy']:.1f} |"]
+    for e in study["summary"]["main"]:
+        mark = " (chosen)" if e["rank"] == study["choice"]["rank"] else ""
+        lines.append(f"| {e['rank']}{mark} | {_spread(e.get('validation_target_wrong'))} | "
+                     f"{_spread(e.get('validation_others_accuracy'), 100)} | "
+                     f"{_spread(e.get('test_target_wrong'))} | "
+                     f"{_spread(e.get('test_others_accuracy'), 100)} |")
+    lines.append("")
+    lines.append(f"Mean (min-max) over {seeds} fine-tuning seeds. Chosen on the validation images: rank "
+                 f"{study['choice']['rank']}, {study['choice']['reason']}.")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {"results": results_table,
+                                                                  "rank-study": rank_table}
 
 
 def notebook_results(folder: Path) -> dict[str, dict[str, Any]]:
