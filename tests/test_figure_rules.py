@@ -26,6 +26,8 @@ def figure_problems(fig: plt.Figure) -> list[str]:
     if face[3] < 1:
         problems.append(f"transparent background {face}")
     suptitle = fig._suptitle.get_text() if fig._suptitle else ""
+    legends = [a.get_legend() for a in fig.axes if a.get_legend()] + list(fig.legends)
+    explained = {t.get_text() for legend in legends for t in legend.get_texts()}  # one legend may serve all
     for index, ax in enumerate(fig.axes):
         if not ax.axison or ax.get_label() == "<colorbar>":
             continue
@@ -37,7 +39,7 @@ def figure_problems(fig: plt.Figure) -> list[str]:
             problems.append(f"{where}: an axis without a label")
         named = {h.get_label() for h in ax.get_lines() + ax.collections + ax.containers + ax.patches
                  if not h.get_label().startswith("_")}
-        if len(named) > 1 and ax.get_legend() is None and not fig.legends:
+        if len(named) > 1 and not named <= explained:
             problems.append(f"{where}: {len(named)} series and no legend")
         bars = [c for c in ax.containers if isinstance(c, BarContainer)]
         if bars and not isinstance(bars[0], ErrorbarContainer):
@@ -71,11 +73,38 @@ def test_the_rules_catch_what_they_should():
     assert [p.split(" (")[0] for p in figure_problems(fig)] == ["transparent background"]
 
 
+def _cell(mean):
+    return {"mean": mean, "low": mean * 0.8, "high": mean * 1.2}
+
+
+def _study_entries():
+    """Entries shaped like rank_study.summary's: three rules x two ranks, and one Kaiming run."""
+    entries = []
+    for scaling in ("alpha fixed", "alpha = r", "rsLoRA"):
+        for rank in (1, 4):
+            entries.append({"name": f"{scaling} r{rank}", "scaling": scaling, "rank": rank, "init": "normal",
+                            "seeds": [0, 1, 2], "validation_target_wrong": _cell(10 / rank),
+                            "validation_others_accuracy": _cell(0.9),
+                            **{f"delta_norm_linear{i}": _cell(0.1 * rank) for i in (1, 2, 3)}})
+    entries.append({**entries[1], "name": "kaiming r4", "init": "kaiming"})
+    return entries
+
+
+BEFORE = {"validation_target_wrong": 80, "validation_others_accuracy": 0.96}
+SWEEP_ROWS = [{"status": "done", "rank": r, "alpha": 1.0, "target_digit": 9, "finetune_steps": 100,
+               "seed": s, "target_wrong_before": 97, "target_wrong_after": 20 - r - s,
+               "other_digits_accuracy_before": 0.96, "other_digits_accuracy_after": 0.9 + 0.01 * s}
+              for r in (1, 2, 4) for s in (0, 1, 2)]
+
 STABLE = {
     "show_digits": lambda: plots.show_digits(torch.randn(8, 28, 28), torch.arange(8)),
     "plot_loss": lambda: plots.plot_loss([1 / (1 + i) for i in range(300)]),
     "plot_wrong_counts": lambda: plots.plot_wrong_counts(list(range(10)), list(range(10, 0, -1)), 9),
     "lora_diagram": lambda: diagrams.lora_diagram(2000, 1000, 1),
+    "plot_sweep": lambda: plots.plot_sweep(SWEEP_ROWS),
+    "plot_rank_study": lambda: plots.plot_rank_study(_study_entries(), BEFORE, 9),
+    "plot_update_norms": lambda: plots.plot_update_norms(_study_entries(), {"alpha fixed": -0.5}),
+    "plot_rank_tradeoff": lambda: plots.plot_rank_tradeoff(_study_entries(), BEFORE, 9, "alpha fixed r4"),
 }
 
 
