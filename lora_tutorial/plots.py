@@ -398,7 +398,7 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Se
         ax.text(x, max(a, b) + 1.5, f"{a - b:+.1f}", ha="center", va="bottom", fontsize=8)
     ax.set(xticks=digits, xlabel="true digit", ylabel=f"accuracy on the {images} (%)", ylim=(0, 112),
            title="Accuracy per digit after fine-tuning (numbers: mean change in points)")
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.95)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -428,6 +428,8 @@ def plot_tradeoff(summaries: Sequence[dict], pretrained: dict, chosen: str, digi
            ylabel="points the other nine digits lose\n(mean of their accuracies, percentage points)",
            title=f"What each setting buys on digit {digit}, and what it costs the others ({split} images)")
     ax.set_xlim(left=0)
+    lowest = min(entry[split]["points_lost"]["low"] for entry in summaries)
+    ax.set_ylim(bottom=min(lowest, 0) - 0.3)  # keeps the pre-trained line (0) in sight
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,13 +1,17 @@
-"""Forgetting: per-digit changes, remedies as fine-tuning settings, and merged inference."""
+"""Forgetting: per-digit changes, remedies over seeds chosen on the validation images, serving."""
 
 import dataclasses
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from lora_tutorial import SettingsError, evaluate, merge_and_unload, separate_path
 from lora_tutorial.evaluate import from_confusion
 from lora_tutorial.forgetting import (
+    SPLITS,
+    agreement,
+    cell,
     check_latency,
     check_limit,
     check_remedies,
@@ -16,46 +20,131 @@ from lora_tutorial.forgetting import (
     forward_latency,
     others_lose_points,
     per_digit_change,
+    profile_pass,
+    profile_summary,
+    reference,
+    remedy_findings,
     remedy_runs,
+    remedy_table,
+    share_answering,
+    span,
+    summarize,
+    uneven_loss_text,
+    verdict,
 )
 from lora_tutorial.pipeline import choose_target, finetuned_model, pretrained_model, setup
+from lora_tutorial.stats import spread
 
 
-def diagonal(correct):
-    """An evaluation with `correct[d]` of 100 images of each digit right (the rest called 0/1)."""
+def diagonal(correct, wrong_as=None):
+    """An evaluation with `correct[d]` of 100 images of each digit right; the rest are called
+    `wrong_as` (default: 0, or 1 for the zeros)."""
     rows = []
     for d, c in enumerate(correct):
         row = [0] * 10
         row[d] = c
-        row[1 if d == 0 else 0] += 100 - c
+        other = wrong_as if wrong_as is not None and wrong_as != d else (1 if d == 0 else 0)
+        row[other] += 100 - c
         rows.append(row)
     return from_confusion(rows)
 
 
-def test_per_digit_change_and_the_other_nine():
+def test_per_digit_change_the_other_nine_and_who_they_are_called():
     before = diagonal([90] * 10)
-    after = diagonal([81] * 9 + [99])
+    after = diagonal([81] * 9 + [99], wrong_as=9)
     assert per_digit_change(before, after) == pytest.approx([-9] * 9 + [9])
     assert others_lose_points(before, after, 9) == pytest.approx(9)
     assert others_lose_points(before, before, 9) == 0
+    assert share_answering(before, 9) == 0 and share_answering(after, 9) == 1.0
+    assert share_answering(diagonal([100] * 10), 9) == 0.0  # no mistakes at all
+    changes = [per_digit_change(before, after)] * 3
+    text = uneven_loss_text([spread([c[d] for c in changes]) for d in range(10)],
+                            spread([9.0, 9.0, 9.0]), (0.0, spread([100.0] * 3)), 9)
+    assert text.startswith("Digit 9 gains 9.0 (9.0-9.0) points; the other nine lose 9.00 (9.00-9.00) points")
+    assert "100 (100-100) % are a 9 after fine-tuning, against 0 % before." in text
 
 
-def test_the_chosen_setting_keeps_the_other_digits_within_the_limit():
-    rows = [{"name": "plain", "target_wrong": 20, "others_accuracy": 0.90},
-            {"name": "replay", "target_wrong": 50, "others_accuracy": 0.958},
-            {"name": "gentle", "target_wrong": 70, "others_accuracy": 0.959}]
-    assert choose_setting(rows, others_before=0.964)["name"] == "replay"
-    assert choose_setting(rows, others_before=0.964, max_loss_points=0.1)["name"] == "gentle"
-    assert choose_setting(rows, others_before=0.964, max_loss_points=10)["name"] == "plain"
-    for row in rows:
-        row["changes"] = {}
-    kept = describe_choice(choose_setting(rows, 0.964), 0.964, 1.0, 9)
-    assert kept.startswith("Chosen: replay ({}): the fewest wrong answers on digit 9 (50) among the settings "
-                           "whose other digits lose at most 1 point on average (it loses 0.60).")
-    nothing = choose_setting(rows, others_before=0.964, max_loss_points=0.1)
-    assert describe_choice(nothing, 0.964, 0.1, 9).startswith(
-        "No setting keeps the other digits within 0.1 points; the one that loses least is gentle "
-        "(0.50 points")
+def test_a_tie_is_an_overlap_of_the_ranges_over_the_seeds():
+    plain = spread([18, 19, 20])
+    assert verdict(spread([16, 17, 18]), plain) == "tie"  # 17 against 19 by the mean, yet they overlap
+    assert verdict(spread([14, 15, 16]), plain) == "fewer"
+    assert verdict(spread([30, 40]), plain) == "more"
+    assert span(spread([4, 5, 4.5]), 2) == "4.50 (4.00-5.00)"
+    assert span(spread([-2.9, -0.8])) == "-1.9 (-2.9 to -0.8)"
+    assert span(spread([-0.04, 1.7, 1.2])) == "1.0 (0.0-1.7)"  # never "-0.0"
+
+
+def run_rows(name, seeds, validation, test, steps=100, replay=0.0):
+    """Per-seed rows as `remedy_runs` makes them: (target_wrong, others_accuracy) per split."""
+    return [{"name": name, "changes": {}, "seed": s, "finetune_steps": steps, "replay_share": replay,
+             "validation": {"target_wrong": v[0], "others_accuracy": v[1], "accuracy": v[1]},
+             "test": {"target_wrong": t[0], "others_accuracy": t[1], "accuracy": t[1]}}
+            for s, v, t in zip(seeds, validation, test, strict=True)]
+
+
+BEFORE = {split: {"target_wrong": 90, "others_accuracy": 0.96, "accuracy": 0.955} for split in SPLITS}
+
+
+def test_the_choice_reads_the_validation_images_never_the_test_images():
+    seeds = [0, 1, 2]
+    rows = (run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
+            # on the validation images A is clearly better on the target digit; on the test images B is
+            + run_rows("A", seeds, [(20, 0.958), (21, 0.957), (22, 0.958)], [(60, 0.958)] * 3)
+            + run_rows("B", seeds, [(40, 0.958), (41, 0.957), (42, 0.958)], [(20, 0.958)] * 3))
+    summaries = summarize(rows, BEFORE)
+    assert [e["name"] for e in summaries] == ["plain", "A", "B"] and summaries[1]["seeds"] == seeds
+    assert cell(summaries[1], "validation", "target_wrong") == spread([20, 21, 22])
+    assert cell(summaries[0], "test", "points_lost").mean == pytest.approx(6.0)  # 100 * (0.96 - 0.90)
+    choice = choose_setting(summaries, 1.0)
+    assert choice.name == "A" and choice.allowed == ["A", "B"] and choice.tied == ["A"]
+    assert choose_setting(summaries, 1.0, split="test").name == "B"  # what the test images would pick
+    text = describe_choice(choice, summaries, 1.0, 9)
+    assert text.startswith("Chosen: A ({}): 21.0 (20.0-22.0) wrong on digit 9, the other digits lose")
+    assert "no other one's range overlaps it" in text
+    assert agreement(summaries[1], summaries[0], "plain") == (
+        "Against plain, the test images tell the same story about A as the validation images: more errors "
+        "on the target digit, less lost on the others.")
+    lucky = summarize(run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
+                      + run_rows("C", seeds, [(5, 0.90)] * 3, [(10, 0.90)] * 3), BEFORE)
+    assert agreement(lucky[1], lucky[0], "plain") == (
+        "Against plain, the validation images say fewer errors on the target digit, a tie on the others for "
+        "C; the test images say a tie on the target digit, a tie on the others. Where they differ, the test "
+        "images are the ones to quote.")
+    table = remedy_table(summaries, BEFORE, "validation", 9, "plain")
+    assert "pre-trained" in table and table.splitlines()[-1].split()[-3:] == ["more", "loses", "less"]
+
+
+def test_the_limit_ties_and_the_cheaper_setting():
+    seeds = [0, 1, 2]
+    rows = (run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
+            + run_rows("long replay", seeds, [(15, 0.955), (18, 0.955), (25, 0.955)], [(15, 0.955)] * 3,
+                       steps=300, replay=0.3)
+            + run_rows("gentle", seeds, [(20, 0.956), (22, 0.956), (24, 0.956)], [(20, 0.956)] * 3)
+            + run_rows("tiny", seeds, [(60, 0.9595)] * 3, [(60, 0.9595)] * 3))
+    summaries = summarize(rows, BEFORE)
+    choice = choose_setting(summaries, 1.0)
+    # long replay has the fewest errors by the mean, but gentle's range overlaps it and costs 100 steps
+    assert (choice.best, choice.name, choice.tied) == ("long replay", "gentle", ["long replay", "gentle"])
+    assert "a tie, and gentle is the cheapest of them to train" in describe_choice(choice, summaries, 1.0, 9)
+    assert choose_setting(summaries, 0.1).name == "tiny"  # a stricter limit leaves only the smallest update
+    nothing = choose_setting(summaries, 0.01)
+    assert (nothing.name, nothing.within_limit) == ("tiny", False)
+    assert describe_choice(nothing, summaries, 0.01, 9).startswith(
+        "No setting keeps the other digits within 0.01 points on average; the one that loses least is tiny")
+    test = [(20, 0.956)] * 3
+    even = summarize(run_rows("x", seeds, [(20, 0.956), (21, 0.956), (24, 0.956)], test)
+                     + run_rows("y", seeds, [(22, 0.956), (23, 0.956), (26, 0.956)], test), BEFORE)
+    both = choose_setting(even, 1.0)
+    assert (both.name, both.tied) == ("x", ["x", "y"])  # a tie at the same cost: the mean decides
+    assert describe_choice(both, even, 1.0, 9).endswith(
+        "overlaps y: a tie the seeds cannot separate. None of them is cheaper to train, so the fewest errors "
+        "by the mean decide.")
+    findings = remedy_findings(summaries, "plain", 1.0)
+    assert len(findings) == 3 and findings[0].startswith("**long replay**: more wrong answers on the target "
+                                                         "digit than plain")
+    assert "the other digits lose less" in findings[0] and "within the limit of 1" in findings[0]
+    with pytest.raises(ValueError, match="at least one"):
+        choose_setting([], 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -69,32 +158,70 @@ def small(tmp_path_factory, shared_checkpoints):
     return choose_target(settings, pre, verbose=False), data, pre.model  # "worst", decided
 
 
-def test_replay_share_0_is_the_plain_run_and_variants_change_what_they_name(small):
+def test_each_remedy_runs_once_per_seed_on_both_splits(small):
     settings, data, base = small
+    splits = {"validation": (data.val_images, data.val_labels),
+              "test": (data.test_images[:2000], data.test_labels[:2000])}  # a part of the test set: quick
     rows = remedy_runs(settings, data, base, {"plain": {}, "replay 0": {"replay_share": 0.0},
                                               "replay 0.5": {"replay_share": 0.5},
                                               "last layer": {"target_modules": ["linear3"]}},
-                       verbose=False)
-    plain, zero, replay, last = rows
-    assert zero["evaluation"] == plain["evaluation"]  # every prediction the same
-    assert replay["evaluation"] != plain["evaluation"]
-    assert last["changes"] == {"target_modules": ["linear3"]}
-    # training on other digits too keeps them better than training on nines alone
-    assert replay["others_accuracy"] > plain["others_accuracy"]
+                       seeds=[0, 1], splits=splits, verbose=False)
+    assert [(r["name"], r["seed"]) for r in rows[:4]] == [("plain", 0), ("plain", 1), ("replay 0", 0),
+                                                          ("replay 0", 1)]
+    plain, zero, replay, last = (rows[i:i + 2] for i in range(0, 8, 2))
+    for p, z in zip(plain, zero, strict=True):
+        assert z["evaluations"] == p["evaluations"]  # share 0 is the plain run: every prediction the same
+    assert plain[0]["evaluations"]["test"] != plain[1]["evaluations"]["test"]  # another seed, another run
+    assert replay[0]["replay_share"] == 0.5 and last[0]["changes"] == {"target_modules": ["linear3"]}
+    assert plain[0]["evaluations"]["validation"].total == int(data.validation.sum())
+    assert plain[0]["evaluations"]["test"].total == 2000
+    digit = settings.target_digit
+    assert plain[0]["validation"] == plain[0]["evaluations"]["validation"].digit_summary(digit)
+    # the same settings and seed again: loaded, the same predictions
+    again = remedy_runs(settings, data, base, {"plain": {}}, seeds=[1], splits=splits, verbose=False)
+    assert again[0]["evaluations"] == plain[1]["evaluations"]
+    before = reference({split: evaluate(base, *splits[split]) for split in SPLITS}, digit)
+    summaries = summarize(rows, before)
+    assert [e["seeds"] for e in summaries] == [[0, 1]] * 4
+    # training on other digits too keeps them better than training on the target digit alone
+    assert cell(summaries[2], "test", "points_lost").mean < cell(summaries[0], "test", "points_lost").mean
 
 
-def test_a_bad_variant_fails_before_any_variant_trains(small, tmp_path):
+def test_bad_remedies_and_seeds_fail_before_anything_trains(small, tmp_path):
     settings, data, base = small
     fresh = dataclasses.replace(settings, output_dir=str(tmp_path / "out"),
                                 checkpoint_dir=str(settings.checkpoint_path))
     with pytest.raises(SettingsError, match=r"replay_share=1.5 is not valid"):
-        remedy_runs(fresh, data, base, {"plain": {}, "too much": {"replay_share": 1.5}}, verbose=False)
+        remedy_runs(fresh, data, base, {"plain": {}, "too much": {"replay_share": 1.5}}, [0], verbose=False)
     with pytest.raises(SettingsError, match=r"The remedy 'typo' changes \{'replay': 0.3\}: expected a dict"):
-        remedy_runs(fresh, data, base, {"plain": {}, "typo": {"replay": 0.3}}, verbose=False)
+        remedy_runs(fresh, data, base, {"plain": {}, "typo": {"replay": 0.3}}, [0], verbose=False)
+    with pytest.raises(SettingsError, match=r"seeds=\[0, 0\] is not valid"):
+        remedy_runs(fresh, data, base, {"plain": {}}, [0, 0], verbose=False)
     assert not (tmp_path / "out" / "adapters").exists()
 
 
-def test_merged_equals_parametrized_exactly_and_all_three_are_timed(small):
+def test_the_notebook_parameters_are_checked_with_the_fix():
+    from lora_tutorial import Settings
+    plain = Settings()
+    assert check_remedies(plain, {"r": {"replay_share": 0.3}})["r"].replay_share == 0.3
+    with pytest.raises(SettingsError, match=r"remedies=\[\] is not valid: expected a dict"):
+        check_remedies(plain, [])
+    with pytest.raises(SettingsError, match=r"rank=0 is not valid"):
+        check_remedies(plain, {"no rank": {"rank": 0}})
+    for outside in ({"finetune_seed": 3}, {"target_digit": 4}, {"seed": 1}, {"train_samples": 100}):
+        with pytest.raises(SettingsError, match=r"expected a dict of fine-tuning settings to change"):
+            check_remedies(plain, {"outside": outside})  # one thing varied: the fine-tuning step only
+    assert check_limit(1) == 1.0
+    with pytest.raises(SettingsError, match=r"max_forgetting_points=-1 is not valid: expected a number"):
+        check_limit(-1)
+    assert check_latency([1000, 100], 3) == ([1000, 100], 3)
+    with pytest.raises(SettingsError, match=r"latency_batches=\[0\] is not valid"):
+        check_latency([0], 3)
+    with pytest.raises(SettingsError, match=r"latency_repeats=0 is not valid: expected a whole number >= 1"):
+        check_latency([100], 0)
+
+
+def test_merged_and_cached_equal_parametrized_exactly_and_all_four_are_timed(small):
     settings, data, base = small
     model = finetuned_model(settings, data, base, verbose=False)
     images = data.test_images[:500]
@@ -102,12 +229,17 @@ def test_merged_equals_parametrized_exactly_and_all_three_are_timed(small):
     with torch.inference_mode():
         parametrized_logits = model(images)
         separate_logits = separate(images)
+        in_calls = torch.cat([model(images[i:i + 100]) for i in range(0, 500, 100)])
+        with parametrize.cached():  # the weights built at the first call, reused by the next four
+            assert torch.equal(torch.cat([model(images[i:i + 100]) for i in range(0, 500, 100)]), in_calls)
+            assert torch.equal(model(images), parametrized_logits)
     merged = merge_and_unload(finetuned_model(settings, data, base, verbose=False))  # a second copy
     with torch.inference_mode():
         assert torch.equal(merged(images), parametrized_logits)
     assert torch.allclose(separate_logits, parametrized_logits, atol=1e-4)
-    times = forward_latency({"parametrized": model, "separate": separate, "merged": merged}, images, 2)
-    assert list(times) == ["parametrized", "separate", "merged"] and all(t > 0 for t in times.values())
+    ways = {"parametrized": model, "cached": model, "separate": separate, "merged": merged}
+    times = forward_latency(ways, images, 2, around={"cached": parametrize.cached})
+    assert list(times) == list(ways) and all(t > 0 for t in times.values())
     assert evaluate(merged, images, data.test_labels[:500]) == evaluate(model, images, data.test_labels[:500])
     merged.train()
     calls = []
@@ -119,19 +251,48 @@ def test_merged_equals_parametrized_exactly_and_all_three_are_timed(small):
         forward_latency({"merged": merged}, images, 0)
 
 
-def test_the_notebook_parameters_are_checked_with_the_fix():
-    from lora_tutorial import Settings
-    plain = Settings()
-    assert check_remedies(plain, {"r": {"replay_share": 0.3}})["r"].replay_share == 0.3
-    with pytest.raises(SettingsError, match=r"remedies=\[\] is not valid: expected a dict"):
-        check_remedies(plain, [])
-    with pytest.raises(SettingsError, match=r"target_digit=12 is not valid"):
-        check_remedies(plain, {"other digit": {"target_digit": 12}})
-    assert check_limit(1) == 1.0
-    with pytest.raises(SettingsError, match=r"max_forgetting_points=-1 is not valid: expected a number"):
-        check_limit(-1)
-    assert check_latency([10000, 100], 3) == ([10000, 100], 3)
-    with pytest.raises(SettingsError, match=r"latency_batches=\[0\] is not valid"):
-        check_latency([0], 3)
-    with pytest.raises(SettingsError, match=r"latency_repeats=0 is not valid: expected a whole number >= 1"):
-        check_latency([100], 0)
+def test_the_profile_counts_the_rebuilds_of_each_way(small):
+    settings, data, base = small
+    model = finetuned_model(settings, data, base, verbose=False)
+    separate = separate_path(model)
+    merged = merge_and_unload(finetuned_model(settings, data, base, verbose=False))
+    images = data.test_images[:500]  # 5 calls of 100
+    found = {"parametrized": profile_pass(model, images, 100),
+             "cached": profile_pass(model, images, 100, parametrize.cached),
+             "separate": profile_pass(separate, images, 100), "merged": profile_pass(merged, images, 100)}
+    assert {name: rebuilds for name, (_, rebuilds) in found.items()} == {
+        "parametrized": 15, "cached": 3, "separate": 0, "merged": 0}  # 3 layers x 5 calls; once per layer
+    ops = found["parametrized"][0]
+    assert {o.op for o in ops if o.rebuild} >= {"aten::mm", "aten::mul", "aten::add"}  # B @ A, scale, W + ...
+    assert not any(o.rebuild for o in found["separate"][0] + found["merged"][0])
+    assert sum(o.calls for o in ops if o.op == "aten::mm" and o.rebuild) == 15
+    summary = profile_summary(ops, 15, found["merged"][0])
+    assert summary["rebuilds"] == 15 and 0 < summary["rebuild_share"] < 1
+    assert profile_summary(*found["separate"], found["merged"][0])["extra_share"] > 0  # B (A x): its own ops
+    assert profile_summary(*found["merged"], found["merged"][0])["extra_ms"] == 0
+
+
+def test_the_figures_start_at_zero_and_draw_the_pre_trained_reference():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lora_tutorial.plots import plot_per_digit_accuracy, plot_tradeoff
+
+    before = [0.98, 0.99, 0.94, 0.90, 0.97, 0.98, 0.97, 0.94, 0.96, 0.90]
+    runs = [[a - 0.1 * (d in (7, 8)) + 0.01 * s for d, a in enumerate(before)] for s in range(3)]
+    ax = plot_per_digit_accuracy(before, runs, 9).axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_title() and ax.get_xlabel() and "%" in ax.get_ylabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "pre-trained" in legend and "after LoRA fine-tuning (mean of 3 seeds, min-max)" in legend
+    assert [t.get_text() for t in ax.texts][7] == "-9.0"  # the mean change, above each bar
+    seeds = [0, 1, 2]
+    summaries = summarize(run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
+                          + run_rows("gentle", seeds, [(30, 0.958)] * 3, [(30, 0.958)] * 3), BEFORE)
+    ax = plot_tradeoff(summaries, BEFORE["validation"], "gentle", 9, 1.0).axes[0]
+    assert ax.get_ylim()[0] < 0 < ax.get_ylim()[1] and ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["pre-trained (90 wrong on 9, 0 points lost)", "max_forgetting_points = 1",
+                      "chosen: gentle"]
+    plt.close("all")
