@@ -12,16 +12,12 @@ from lora_tutorial.forgetting import (
     SPLITS,
     agreement,
     cell,
-    check_latency,
     check_limit,
     check_remedies,
     choose_setting,
     describe_choice,
-    forward_latency,
     others_lose_points,
     per_digit_change,
-    profile_pass,
-    profile_summary,
     reference,
     remedy_findings,
     remedy_runs,
@@ -33,6 +29,7 @@ from lora_tutorial.forgetting import (
     verdict,
 )
 from lora_tutorial.pipeline import choose_target, finetuned_model, pretrained_model, setup
+from lora_tutorial.serving import check_latency, forward_latency, profile_pass, profile_summary
 from lora_tutorial.stats import spread
 
 
