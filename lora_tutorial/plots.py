@@ -357,7 +357,7 @@ def plot_rank_comparison(ranks: Sequence[int], runs: dict[str, list[dict]], lora
             color = bars.lines[0].get_color()
             whole = np.array([row[key] for row in rows], dtype=float)
             ax.axhline(whole.mean(), color=color, linewidth=1, linestyle="-.", label=f"{name}: whole delta W")
-            ax.axhspan(whole.min(), whole.max(), color=color, alpha=0.12)
+            ax.axhspan(whole.min(), whole.max(), color=color, alpha=0.12, label="_seeds' range")
         if lora:  # drawn a little to the right, so that its bars do not hide the cuts' at the same rank
             errorbar(ax, [1.06 * r for r in sorted(lora)], [lora[r] for r in sorted(lora)], key, "s--",
                      "LoRA trained at rank r", color="tab:green")

@@ -1,64 +1,229 @@
-"""Why low rank: singular values, energy shares, truncated SVD, and the measured costs."""
+"""Why low rank: decompositions, energy shares, random baselines, verdicts, runs and measured costs."""
 
-import pytest
-import torch
+import math
+from dataclasses import replace
 
-from lora_tutorial import OversizedMLP, add_lora, lora_modules
-from lora_tutorial.lowrank import (
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lora_tutorial import OversizedMLP, Settings, SettingsError, add_lora, lora_modules  # noqa: E402
+from lora_tutorial.lowrank import (  # noqa: E402
     adam_state_bytes,
+    as_good,
+    chance_of_abs_cosine,
+    check_lora_ranks,
     check_ranks,
+    check_replay_share,
+    compare,
+    cut_verdicts,
+    decompose,
+    decompose_lora,
+    describe_cut,
+    direction_agreement,
     energy_shares,
-    finetune_and_measure,
+    full_runs,
     fully_trainable,
     last_layer_trainable,
     lora_at_rank,
-    low_rank_approximations,
+    lora_runs,
+    measure_costs,
+    random_abs_cosine,
+    random_matrix_values,
     saved_bytes,
     singular_values,
+    step_times,
+    summarize,
     top_direction_cosines,
+    verdict,
     weight_deltas,
     with_deltas,
 )
-from lora_tutorial.pipeline import pretrained_model, setup
+from lora_tutorial.pipeline import finetune_key, pretrained_model, setup  # noqa: E402
+from lora_tutorial.plots import plot_energy_shares, plot_rank_comparison  # noqa: E402
+from lora_tutorial.stats import spread  # noqa: E402
 
 PARAMETERS = 2_807_010
 
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+# Decompositions -----------------------------------------------------------------------------
 
 def test_energy_shares_grow_with_the_rank_and_reach_one_at_full_rank():
     torch.manual_seed(0)
     delta = torch.randn(40, 12) @ torch.diag(torch.linspace(3, 0.1, 12)) @ torch.randn(12, 30)
     values = singular_values(delta)
     assert len(values) == 30 and torch.all(values[:-1] >= values[1:])
+    assert torch.allclose(values, torch.linalg.svdvals(delta.double()), atol=1e-6)
     shares = energy_shares(values, [1, 2, 4, 8, 12, 30, 64])
     assert all(a < b for a, b in zip(shares[:4], shares[1:5], strict=True))
     assert 0 < shares[0] < 1
     assert shares[4] == pytest.approx(1, abs=1e-9)  # a rank-12 product: only float rounding beyond 12
     assert shares[5:] == [1.0, 1.0]  # at full rank (30) and beyond it, exactly all
-    assert sum(values.double() ** 2) == pytest.approx(torch.linalg.matrix_norm(delta.double()) ** 2)
+    assert sum(values ** 2) == pytest.approx(torch.linalg.matrix_norm(delta.double()) ** 2)
+    assert energy_shares(torch.zeros(5), [1, 3]) == [1.0, 1.0]  # a zero update: nothing is left out
     with pytest.raises(ValueError, match=r"ranks=\[0\]"):
         energy_shares(values, [0])
 
 
-@pytest.mark.parametrize("rank", [1, 2, 5])
-def test_a_rank_r_approximation_has_rank_at_most_r_and_is_the_best(rank):
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50)])  # tall and wide: either Gram matrix
+def test_decompose_agrees_with_an_svd_and_its_cut_is_the_best_of_its_rank(shape):
     torch.manual_seed(1)
-    delta = torch.randn(50, 20)
-    approx = low_rank_approximations(delta, [rank, 20])[rank]
-    assert approx.shape == delta.shape and approx.dtype == delta.dtype
-    assert torch.linalg.matrix_rank(approx) <= rank
-    values = singular_values(delta)
-    # Eckart-Young: what is left out is exactly the energy of the singular values dropped
-    left = torch.linalg.matrix_norm((delta - approx).double()) ** 2
-    assert float(left) == pytest.approx(float((values[rank:] ** 2).sum()), rel=1e-4)
-    assert torch.allclose(low_rank_approximations(delta, [20])[20], delta, atol=1e-5)
-    with pytest.raises(ValueError, match=r"ranks=\[0\]"):
-        low_rank_approximations(delta, [0])
+    delta = torch.randn(shape)
+    piece = decompose(delta, keep=5)
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    assert torch.allclose(piece.values, s, atol=1e-9)
+    assert piece.u.shape == (shape[0], 5) and piece.v.shape == (shape[1], 5)
+    for i in range(5):  # the same directions, each up to its sign
+        assert abs(float(piece.u[:, i] @ u[:, i])) == pytest.approx(1, abs=1e-6)
+        assert abs(float(piece.v[:, i] @ vh[i])) == pytest.approx(1, abs=1e-6)
+    for rank in (1, 2, 5):
+        cut = piece.truncated(rank)
+        assert cut.shape == delta.shape and cut.dtype == torch.float32
+        assert torch.linalg.matrix_rank(cut) <= rank
+        # Eckart-Young: what is left out is exactly the energy of the singular values dropped
+        left = torch.linalg.matrix_norm((delta - cut).double()) ** 2
+        assert float(left) == pytest.approx(float((s[rank:] ** 2).sum()), rel=1e-4)
+    with pytest.raises(ValueError, match="only the top 5 directions were kept"):
+        piece.truncated(6)
+    whole = decompose(delta, keep=20)
+    assert torch.allclose(whole.truncated(64), delta, atol=1e-5)  # beyond its rank: the whole matrix
+
+
+def test_a_zero_update_decomposes_without_dividing_by_zero():
+    piece = decompose(torch.zeros(6, 4), keep=2)
+    assert torch.count_nonzero(piece.values) == 0 and torch.isfinite(piece.u).all()
+    assert torch.count_nonzero(piece.truncated(2)) == 0
+
+
+def test_a_lora_update_decomposes_from_its_factors_alone():
+    torch.manual_seed(2)
+    model = OversizedMLP()
+    add_lora(model, rank=3, alpha=2.0)
+    for lora in lora_modules(model).values():
+        torch.nn.init.normal_(lora.lora_B)
+    for lora in lora_modules(model).values():
+        mine, reference = decompose_lora(lora), decompose(lora.delta_weight().detach(), keep=3)
+        assert len(mine.values) == 3
+        assert torch.allclose(mine.values, reference.values[:3], rtol=1e-5)
+        assert top_direction_cosines(mine, reference) == pytest.approx((1.0, 1.0), abs=1e-5)
+        assert torch.allclose(mine.truncated(3), lora.delta_weight().detach(), atol=1e-4)
+
+
+def test_top_direction_cosines_see_the_same_and_orthogonal_directions():
+    u, v = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    big = 5 * torch.outer(u, v) + 0.1 * torch.outer(torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 1.0, 0]))
+    same = decompose(-2 * torch.outer(u, v), keep=1)
+    assert top_direction_cosines(decompose(big, 1), same) == pytest.approx((1.0, 1.0))
+    other_input = decompose(torch.outer(u, torch.tensor([0, 0, 0, 1.0])), keep=1)
+    assert top_direction_cosines(decompose(big, 1), other_input) == pytest.approx((1.0, 0.0))
+
+
+# Random yardsticks --------------------------------------------------------------------------
+
+def random_unit_vectors(count, d, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, d, generator=generator, dtype=torch.float64)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("d", [10, 1000])
+def test_the_random_cosine_level_matches_a_simulation_in_its_own_dimension(d):
+    a, b = random_unit_vectors(4000, d, 0), random_unit_vectors(4000, d, 1)
+    simulated = float((a * b).sum(dim=1).abs().mean())
+    assert random_abs_cosine(d) == pytest.approx(simulated, rel=0.2)
+    assert random_abs_cosine(d) == pytest.approx(math.sqrt(2 / (math.pi * d)), rel=0.03)
+    assert random_abs_cosine(10) > 10 * random_abs_cosine(2000)  # linear3's two sides differ tenfold
+    assert random_abs_cosine(1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("d, c", [(10, 0.5), (10, 0.9), (1000, 0.05), (2, 0.5)])
+def test_the_chance_of_a_random_match_agrees_with_a_simulation(d, c):
+    count = 40_000 if d <= 10 else 10_000
+    a, b = random_unit_vectors(count, d, 2), random_unit_vectors(count, d, 3)
+    simulated = float(((a * b).sum(dim=1).abs() >= c).double().mean())
+    error = math.sqrt(simulated * (1 - simulated) / count)  # the simulation's own standard error
+    assert chance_of_abs_cosine(c, d) == pytest.approx(simulated, abs=5 * error + 1e-3)
+    assert chance_of_abs_cosine(0.0, d) == pytest.approx(1.0)
+    assert chance_of_abs_cosine(1.0, d) == pytest.approx(0.0, abs=1e-9)
+    assert chance_of_abs_cosine(0.3, 1) == 1.0
+
+
+def test_a_random_matrix_spreads_its_energy_and_is_the_same_for_a_seed():
+    values = random_matrix_values((10, 2000), seed=0)
+    assert torch.equal(values, random_matrix_values((10, 2000), seed=0))
+    top = energy_shares(values, [1])[0]
+    assert 0.1 < top < 0.13  # about 11 % in the first of 10 directions, not "under 1 %"
+    assert energy_shares(random_matrix_values((200, 100)), [1])[0] < 0.05
+
+
+# Several seeds, one verdict -----------------------------------------------------------------
+
+def test_verdicts_call_overlapping_ranges_a_tie_and_know_which_way_is_better():
+    low, high, middle = spread([1, 2, 3]), spread([5, 6, 7]), spread([3, 5])
+    assert verdict(low, high, higher_is_better=True) == "worse"
+    assert verdict(low, high, higher_is_better=False) == "better"
+    assert verdict(middle, low, True) == verdict(middle, high, True) == "tie"
+    rows = [{"target_wrong": w, "others_accuracy": a, "cuts": [{"rank": 1, "target_wrong": w + 5,
+                                                               "others_accuracy": a + 0.2}]}
+            for w, a in ((10, 0.5), (12, 0.6))]
+    assert compare(rows, rows) == {"target_wrong": "tie", "others_accuracy": "tie"}
+    assert cut_verdicts(rows, 1) == {"target_wrong": "worse", "others_accuracy": "better"}
+    assert not as_good(cut_verdicts(rows, 1)) and as_good({"a": "tie", "b": "better"})
+    text = describe_cut("plain", rows, 1, 9)
+    assert "digit 9 16.0 (15.0-17.0) against 11.0 (10.0-12.0)" in text and "(worse)" in text
+    assert text.endswith("Not as good as the whole update on both counts.")
+
+
+# Checking the notebook's parameters ---------------------------------------------------------
+
+def test_the_notebooks_ranks_and_replay_share_are_checked_with_the_fix():
+    assert check_ranks("ranks", [8, 1, 2, 1]) == [1, 2, 8]
+    for bad in ([], [0], [1.5], "1, 2", [True]):
+        with pytest.raises(SettingsError, match=r"ranks=.* is not valid: expected a list of whole numbers"):
+            check_ranks("ranks", bad)
+    with pytest.raises(SettingsError, match=r"give a list with -y '\{ranks: \[1, 4\]\}'"):
+        check_ranks("ranks", "[0, 2]")
+    assert check_lora_ranks("lora_ranks", [4, 1, 10]) == [1, 4, 10]
+    with pytest.raises(SettingsError, match=r"lora_ranks=\[1, 16\] is not valid: .*linear3 .* from 1 to 10"):
+        check_lora_ranks("lora_ranks", [1, 16])
+    settings = Settings()
+    assert check_replay_share(settings, 0.3) == 0.3
+    with pytest.raises(SettingsError, match=r"^full_replay_share=1.5 is not valid"):
+        check_replay_share(settings, 1.5)
+    with pytest.raises(SettingsError, match=r"full_replay_share=0 is not valid: .*e.g. 0.3"):
+        check_replay_share(settings, 0)
+
+
+# The models and what they cost --------------------------------------------------------------
+
+def test_lora_at_a_rank_keeps_alpha_fixed_and_draws_a_from_the_fine_tuning_seed():
+    base = OversizedMLP()
+    settings = Settings(alpha=1.0, target_digit=9)
+    model = lora_at_rank(settings, base, 4)
+    assert {n: (m.rank, m.scale) for n, m in lora_modules(model).items()} == {
+        "linear1": (4, 0.25), "linear2": (4, 0.25), "linear3": (4, 0.25)}
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    again = lora_at_rank(settings, base, 4)
+    other = lora_at_rank(replace(settings, finetune_seed=1), base, 4)
+    a = lora_modules(model)["linear1"].lora_A
+    assert torch.equal(a, lora_modules(again)["linear1"].lora_A)
+    assert not torch.equal(a, lora_modules(other)["linear1"].lora_A)
 
 
 def test_deltas_of_a_lora_model_are_its_low_rank_update_and_go_back_on_exactly():
     torch.manual_seed(0)
     base = OversizedMLP()
-    tuned = lora_at_rank(settings_stub(), base, 3)
+    tuned = lora_at_rank(Settings(target_digit=9), base, 3)
     with torch.no_grad():
         for lora in lora_modules(tuned).values():
             lora.lora_B.normal_()
@@ -69,20 +234,6 @@ def test_deltas_of_a_lora_model_are_its_low_rank_update_and_go_back_on_exactly()
         assert torch.linalg.matrix_rank(deltas[name]) <= 3
     images = torch.randn(4, 28, 28)
     assert torch.allclose(with_deltas(base, deltas)(images), tuned(images), atol=1e-4)
-
-
-def settings_stub():
-    from lora_tutorial import Settings
-    return Settings()
-
-
-def test_lora_at_a_rank_beyond_linear3_gives_it_its_largest_and_keeps_the_scale_at_one():
-    model = lora_at_rank(settings_stub(), OversizedMLP(), 16)
-    assert {n: (m.rank, m.scale) for n, m in lora_modules(model).items()} == {
-        "linear1": (16, 1.0), "linear2": (16, 1.0), "linear3": (10, 1.0)}
-    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
-    fixed = lora_at_rank(settings_stub(), OversizedMLP(), 4, alpha=1.0)
-    assert {m.scale for m in lora_modules(fixed).values()} == {0.25}
 
 
 def test_measured_costs_follow_what_trains():
@@ -98,36 +249,92 @@ def test_measured_costs_follow_what_trains():
     assert 4 * PARAMETERS < saved_bytes(full) < 4 * PARAMETERS + 4096
     assert 4 * 20_010 < saved_bytes(last) < 4 * 20_010 + 4096
     assert 4 * 6_794 < saved_bytes(lora) < 4 * 6_794 + 4096
+    record = {"what": "the settings 05 records", "rank": 1}
+    assert saved_bytes(lora, record) > saved_bytes(lora)  # the record is part of the file
     assert all(p.requires_grad for p in full.parameters())
     assert [n for n, p in last.named_parameters() if p.requires_grad] == ["linear3.weight", "linear3.bias"]
 
 
-def test_fine_tuning_the_last_layer_moves_only_it_and_is_measured(small_settings):
+def test_step_times_split_each_step_and_leave_the_models_as_they_were():
+    torch.manual_seed(0)
+    base = OversizedMLP()
+    full = fully_trainable(base)
+    lora = lora_at_rank(Settings(target_digit=9), base, 1)
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    images, labels = torch.randn(30, 28, 28), torch.randint(0, 10, (30,))
+    times = step_times({"full": full, "lora": lora}, images, labels, batch_size=10, lr=1e-3, steps=3,
+                       warmup=1)
+    assert set(times) == {"full", "lora"}
+    assert all(set(t) == {"forward_backward", "adam"} and min(t.values()) > 0 for t in times.values())
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in before.items())
+    assert torch.count_nonzero(lora_modules(lora)["linear1"].lora_B) == 0  # still untrained
+
+
+# Real runs, tiny ----------------------------------------------------------------------------
+
+def test_full_and_lora_runs_on_small_settings(small_settings):
     device, data = setup(small_settings, verbose=False)
     base = pretrained_model(small_settings, data, device, verbose=False).model
-    model = last_layer_trainable(base)
-    row = finetune_and_measure(small_settings, data, model, "last layer", verbose=False)
-    deltas = weight_deltas(base, model)
-    assert torch.count_nonzero(deltas["linear1"]) == 0 and torch.count_nonzero(deltas["linear2"]) == 0
-    assert torch.count_nonzero(deltas["linear3"]) > 0
-    assert row["trainable"] == 20_010 and row["seconds"] > 0
-    assert row["target_wrong"] == row["evaluation"].wrong_counts[9]
-    assert 0 < row["others_accuracy"] <= 1
+    data = replace(data, test_images=data.test_images[:2000], test_labels=data.test_labels[:2000])  # quick
+    settings = replace(small_settings, finetune_steps=10)
+    full = full_runs(settings, data, base, [0, 1], [1, 4])
+    assert [row["seed"] for row in full] == [0, 1] and all(row["seconds"] > 0 for row in full)
+    assert [cut["rank"] for cut in full[0]["cuts"]] == [1, 4]
+    assert full[0]["pieces"]["linear1"].u.shape == (1000, 4)  # the top max(ranks) directions kept
+    assert not torch.equal(full[0]["pieces"]["linear2"].values, full[1]["pieces"]["linear2"].values)
+    for row in full:
+        for cut in row["cuts"]:
+            assert set(cut) == {"rank", "target_wrong", "others_accuracy", "accuracy"}
+            assert 0 <= cut["others_accuracy"] <= 1
+    lora = lora_runs(settings, data, base, 1, [0, 1])
+    assert [len(row["pieces"]["linear2"].values) for row in lora] == [1, 1]
+    assert all(0 < row["a_moved"]["linear1"] < 1 for row in lora)  # A moves, a little
+    agreement = direction_agreement(lora, full)
+    assert agreement["linear3"]["output"]["dimensions"] == 10
+    assert agreement["linear3"]["input"]["dimensions"] == 2000
+    assert agreement["linear3"]["output"]["random"] == pytest.approx(random_abs_cosine(10))
+    assert all(0 <= c <= 1 for c in agreement["linear1"]["output"]["cosines"])
+    costs = measure_costs(settings, data, {"every weight": fully_trainable(base),
+                                           "LoRA, rank 1": lora_at_rank(settings, base, 1)}, steps=2)
+    assert [row["trainable"] for row in costs] == [PARAMETERS, 6_794]
+    assert costs[1]["file_bytes"] == saved_bytes(lora_at_rank(settings, base, 1),
+                                                 finetune_key(replace(settings, rank=1), data))
+    random = {name: random_matrix_values((piece.u.shape[0], piece.v.shape[0]))
+              for name, piece in full[0]["pieces"].items()}
+    summary = summarize({"plain": full}, random, {1: lora}, agreement, costs, 9)
+    assert summary.count("\n- ") == 4 and "Cut to rank 1, the plain update is" in summary
 
 
-def test_top_direction_cosines_see_the_same_and_orthogonal_directions():
-    u, v = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
-    big = 5 * torch.outer(u, v) + 0.1 * torch.outer(torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 1.0, 0]))
-    assert top_direction_cosines(big, -2 * torch.outer(u, v)) == pytest.approx((1.0, 1.0))
-    other_input = torch.outer(u, torch.tensor([0, 0, 0, 1.0]))
-    assert top_direction_cosines(big, other_input) == pytest.approx((1.0, 0.0))
+# Figures ------------------------------------------------------------------------------------
+
+def test_the_energy_figure_has_a_panel_per_layer_with_the_random_yardstick():
+    from test_figure_rules import figure_problems  # the rules every figure follows
+
+    torch.manual_seed(0)
+    runs = {"plain": [{"a": torch.rand(20).sort(descending=True).values, "b": torch.rand(10)}
+                      for _ in range(3)]}
+    fig = plot_energy_shares(runs, {"a": random_matrix_values((30, 20)), "b": random_matrix_values((10, 40))})
+    assert len(fig.axes) == 2 and "3 seeds" in fig._suptitle.get_text()
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() and ax.get_ylim()[0] == 0
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["plain", "a random matrix"]
+    assert figure_problems(fig) == []
 
 
-def test_a_notebooks_ranks_are_checked_with_the_fix():
-    from lora_tutorial import SettingsError
-    assert check_ranks("ranks", [8, 1, 2, 1]) == [1, 2, 8]
-    for bad in ([], [0], [1.5], "1, 2", [True]):
-        with pytest.raises(SettingsError, match=r"ranks=.* is not valid: expected a list of whole numbers"):
-            check_ranks("ranks", bad)
-    with pytest.raises(SettingsError, match=r"give a list with -y '\{ranks: \[1, 4\]\}'"):
-        check_ranks("ranks", "[0, 2]")
+def test_the_rank_figure_draws_cuts_lora_and_references_from_zero():
+    from test_figure_rules import figure_problems  # the rules every figure follows
+
+    def row(w, a):
+        return {"target_wrong": w, "others_accuracy": a,
+                "cuts": [{"rank": r, "target_wrong": w + r, "others_accuracy": a} for r in (1, 4)]}
+
+    runs = {"plain": [row(0, 0.3), row(1, 0.4)], "replay 0.3": [row(20, 0.9), row(25, 0.95)]}
+    lora = {1: [{"target_wrong": 19, "others_accuracy": 0.88}] * 2}
+    fig = plot_rank_comparison([1, 4], runs, lora, {"target_wrong": 97, "others_accuracy": 0.96}, 9)
+    left, right = fig.axes[:2]
+    assert left.get_ylim()[0] == 0 and right.get_ylim() == (0, 1.02)
+    assert all(ax.get_title() and ax.get_xlabel() and ax.get_ylabel() for ax in (left, right))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"plain: delta W cut to rank r", "replay 0.3: whole delta W", "LoRA trained at rank r",
+            "pre-trained"} <= set(labels)
+    assert figure_problems(fig) == []
