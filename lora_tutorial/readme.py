@@ -52,11 +52,13 @@ def results_table(found: dict[str, dict[str, Any]]) -> str:
 
 
 def _spread(cell: dict | None, scale: float = 1.0, digits: int = 1) -> str:
-    """'11.0 (8.0-13.0)': a mean over seeds and its range."""
+    """'11.0 (8-13)': a mean over seeds and its range (in whole numbers when the values are counts)."""
     if not cell:
         return "-"
-    mean, low, high = (f"{cell[k] * scale:.{digits}f}" for k in ("mean", "low", "high"))
-    return mean if low == high else f"{mean} ({low}-{high})"
+    low, high = (cell[k] * scale for k in ("low", "high"))
+    whole = low == int(low) and high == int(high)  # counts: their range in whole numbers
+    low, high = (f"{v:.0f}" if whole else f"{v:.{digits}f}" for v in (low, high))
+    return f"{cell['mean'] * scale:.{digits}f} ({low}-{high})"
 
 
 def rank_table(found: dict[str, dict[str, Any]]) -> str:
@@ -82,8 +84,85 @@ def rank_table(found: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _runs(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """Per-seed values as '11.0 (8-13)'."""
+    cell = {"mean": sum(values) / len(values), "low": min(values), "high": max(values)}
+    return _spread(cell, scale, digits)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _rank_enough_rows(why: dict[str, Any], digit: int) -> list[str]:
+    rank, lines = why["enough"]["rank"], []
+    for name, runs in why["full"].items():
+        cut = [next(c for c in run["cuts"] if c["rank"] == rank) for run in runs]
+        verdict = "yes" if why["enough"].get(name) else "no"
+        wrong = (f"{_runs([r['target_wrong'] for r in runs])} whole, "
+                 f"{_runs([c['target_wrong'] for c in cut])} cut")
+        others = (f"{_runs([r['others_accuracy'] for r in runs], 100)} % whole, "
+                  f"{_runs([c['others_accuracy'] for c in cut], 100)} % cut")
+        lines.append(f"| 08: full fine-tune ({name}): does its update cut to rank {rank} do the job? | "
+                     f"{verdict}. Digit {digit} wrong: {wrong}; other digits: {others} |")
+    return lines
+
+
+def _cost_row(why: dict[str, Any]) -> list[str]:
+    rank = why["enough"]["rank"]
+    costs = {c["name"]: c for c in why["costs"]}
+    full, lora = costs.get("every weight"), costs.get(f"LoRA, rank {rank}")
+    if not (full and lora):
+        return []
+    trained = f"{full['trainable']:,} vs {lora['trainable']:,} trained numbers"
+    state = f"Adam state {_size(full['optimizer_bytes'])} vs {_size(lora['optimizer_bytes'])}"
+    files = f"file {_size(full['file_bytes'])} vs {_size(lora['file_bytes'])}"
+    step = f"one step {sum(full['step_ms'].values()):.1f} vs {sum(lora['step_ms'].values()):.1f} ms"
+    return [f"| 08: full fine-tune vs LoRA rank {rank}, what each costs | {trained}; {state}; {files}; "
+            f"{step} (this CPU) |"]
+
+
+def _forgetting_rows(forget: dict[str, Any], digit: int) -> list[str]:
+    lost = _spread(forget["others_lose_points"], 1, 1)
+    lines = [f"| 09: what fine-tuning on {digit} alone costs the other digits | {lost} points of mean "
+             "accuracy |"]
+    plain = forget["summaries"][0]["test"]
+    chosen = next(e for e in forget["summaries"] if e["name"] == forget["chosen"])["test"]
+    limit = forget["max_forgetting_points"]
+    points = f"{limit:g} point" + ("" if limit == 1 else "s")
+    lines.append(f"| 09: the remedy chosen on the validation images (the others may lose at most {points}) "
+                 f"| {forget['chosen']}: digit {digit} wrong {_spread(chosen['target_wrong'])}, the "
+                 f"others lose {_spread(chosen['points_lost'], 1, 2)} points (the plain run: "
+                 f"{_spread(plain['target_wrong'])} and {_spread(plain['points_lost'], 1, 2)}) |")
+    for batch, times in sorted(forget["latency_seconds"].items(), key=lambda kv: -int(kv[0])):
+        ratios = ", ".join(f"{name} {seconds / times['merged']:.2f}x" for name, seconds in times.items()
+                           if name != "merged")
+        lines.append(f"| 09: serving in calls of {int(batch):,} images, time against merged | {ratios} "
+                     "(this CPU) |")
+    return lines
+
+
+def beyond_table(found: dict[str, dict[str, Any]]) -> str:
+    """08's and 09's answers in one table: mean (min-max) over the seeds, on the test images."""
+    why, forget = found["08_why_low_rank"]["why_low_rank"], found["09_forgetting"]["forgetting"]
+    digit = why["settings"]["target_digit"]
+    lines = [f"| question | answer measured (mean (min-max) over {len(why['seeds'])} seeds, test images) |",
+             "|---|---|"]
+    lines += _rank_enough_rows(why, digit) + _cost_row(why) + _forgetting_rows(forget, digit)
+    return "\n".join(lines)
+
+
+def run_summary(found: dict[str, dict[str, Any]]) -> str:
+    """The summary `python -m lora_tutorial.run` prints, for the committed run's results."""
+    from .run import summary
+
+    return f"```\n{summary(found['06_compare']['results'])}\n```"
+
+
 TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {"results": results_table,
-                                                                  "rank-study": rank_table}
+                                                                  "run-summary": run_summary,
+                                                                  "rank-study": rank_table,
+                                                                  "beyond": beyond_table}
 
 
 def notebook_results(folder: Path) -> dict[str, dict[str, Any]]:
