@@ -279,7 +279,11 @@ def test_the_figures_start_at_zero_and_draw_the_pre_trained_reference():
 
     before = [0.98, 0.99, 0.94, 0.90, 0.97, 0.98, 0.97, 0.94, 0.96, 0.90]
     runs = [[a - 0.1 * (d in (7, 8)) + 0.01 * s for d, a in enumerate(before)] for s in range(3)]
-    ax = plot_per_digit_accuracy(before, runs, 9).axes[0]
+    from test_figure_rules import figure_problems  # the rules every figure follows
+
+    fig = plot_per_digit_accuracy(before, runs, 9)
+    assert figure_problems(fig) == []
+    ax = fig.axes[0]
     assert ax.get_ylim()[0] == 0 and ax.get_title() and ax.get_xlabel() and "%" in ax.get_ylabel()
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "pre-trained" in legend and "after LoRA fine-tuning (mean of 3 seeds, min-max)" in legend
@@ -287,7 +291,9 @@ def test_the_figures_start_at_zero_and_draw_the_pre_trained_reference():
     seeds = [0, 1, 2]
     summaries = summarize(run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
                           + run_rows("gentle", seeds, [(30, 0.958)] * 3, [(30, 0.958)] * 3), BEFORE)
-    ax = plot_tradeoff(summaries, BEFORE["validation"], "gentle", 9, 1.0).axes[0]
+    fig = plot_tradeoff(summaries, BEFORE["validation"], "gentle", 9, 1.0)
+    assert figure_problems(fig) == []
+    ax = fig.axes[0]
     assert ax.get_ylim()[0] < 0 < ax.get_ylim()[1] and ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["pre-trained (90 wrong on 9, 0 points lost)", "max_forgetting_points = 1",
