@@ -235,7 +235,8 @@ def describe_choice(choice: Choice, summaries: Sequence[dict], max_loss_points: 
         as_cheap = any(training_cost(by_name[n]) == training_cost(chosen) for n in others)
         return (text + f" It has the fewest target errors by the mean, but its range overlaps "
                 f"{', '.join(others)}: a tie the seeds cannot separate. "
-                + ("None of them is cheaper to train, so the fewest errors by the mean decide." if as_cheap
+                + ("By the rule's measure of cost (fine-tuning steps, then old data) none of them is "
+                   "cheaper, so the fewest errors by the mean decide." if as_cheap
                    else "It is also the cheapest of them to train, so it stays."))
     return (text + f" {choice.best} has the fewest target errors by the mean, but the ranges of "
             f"{', '.join(choice.tied)} overlap: a tie, and {choice.name} is the cheapest of them to train "
@@ -275,13 +276,13 @@ def uneven_loss_text(per_digit: Sequence[Spread], lost: Spread, answering: tuple
     text = (f"Digit {digit} gains {span(per_digit[digit])} points; the other nine lose {span(lost, 2)} "
             f"points on average (mean (min-max) over {lost.count} seeds).")
     if above:
-        losses = ", ".join(f"{d} loses {span(Spread(-s.mean, -s.high, -s.low, s.count))}"
+        losses = ", ".join(f"digit {d} loses {span(Spread(-s.mean, -s.high, -s.low, s.count))}"
                            for d, s in ((d, per_digit[d]) for d in above))
         text += f" The loss is uneven: {losses}"
         if rest:
             worst_rest = max(-per_digit[d].mean for d in rest)
-            text += (f"; the other {len(rest)} lose at most {worst_rest:.1f} on average" if worst_rest > 0
-                     else f"; the other {len(rest)} lose nothing on average")
+            text += (f"; each of the other {len(rest)} digits loses at most {worst_rest:.1f} on average"
+                     if worst_rest > 0 else f"; the other {len(rest)} digits lose nothing on average")
         text += "."
     share_before, share_after = answering
     text += (f" Of the other digits' wrong answers, {span(share_after, 0)} % are a {digit} after "

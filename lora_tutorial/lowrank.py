@@ -551,7 +551,8 @@ def direction_agreement(lora_rows: Sequence[dict], full_rows: Sequence[dict]) ->
 
 
 def _chance_text(p: float) -> str:
-    return "< 1e-6" if p < 1e-6 else f"{p:.2g}"
+    """A probability as a percentage, like the 1 % threshold it is compared with."""
+    return "< 1e-4 %" if p < 1e-6 else f"{100 * p:.2g} %"
 
 
 def agreement_table(agreement: dict[str, dict]) -> str:

@@ -50,8 +50,11 @@ def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-trai
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
         ax.plot(np.arange(window - 1, len(values)), smooth, color="tab:blue",
                 label=f"mean of {window} batches")
-    top = float(np.percentile(values, 99)) if len(values) else 1.0  # a few wild batches would hide the trend
-    ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, ylim=(0, top))
+    top = float(values.max()) if len(values) else 1.0
+    if len(values) >= 1000 and float(np.percentile(values, 99)) < top:  # wild batches would hide the trend
+        top = float(np.percentile(values, 99))
+        title += " (axis cut at the 99th percentile of the batches)"
+    ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, ylim=(0, top * 1.02))
     ax.legend()
     fig.tight_layout()
     return fig
@@ -364,7 +367,10 @@ def plot_rank_comparison(ranks: Sequence[int], runs: dict[str, list[dict]], lora
         ax.axhline(pretrained[key], color="gray", linewidth=1, linestyle=":", label="pre-trained")
         _log2_rank_axis(ax, every)
         ax.set(xlabel="rank r", ylabel=ylabel)
-        ax.set_ylim(bottom=0, top=1.02 if key == "others_accuracy" else None)
+        if key == "others_accuracy":
+            ax.set_ylim(bottom=0, top=1.02)
+        else:  # a little room below zero, so that points at 0 wrong answers are not hidden by the axis
+            ax.set_ylim(bottom=-0.03 * ax.get_ylim()[1])
         ax.grid(alpha=0.3)
     axes[0].set_title(f"Digit {digit}: fewer is better")
     axes[1].set_title("The other digits: higher is better")
@@ -421,7 +427,8 @@ def plot_tradeoff(summaries: Sequence[dict], pretrained: dict, chosen: str, digi
         ax.annotate(entry["name"], (wrong["mean"], lost["mean"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
     ax.axhline(0, color="gray", linewidth=0.9, linestyle=":",
-               label=f"pre-trained ({pretrained['target_wrong']} wrong on {digit}, 0 points lost)")
+               label=f"0 points lost (the pre-trained network; its {pretrained['target_wrong']} wrong on "
+                     f"{digit} lie further right)")
     ax.axhline(max_loss_points, color="tab:red", linewidth=0.9, linestyle="--",
                label=f"max_forgetting_points = {max_loss_points:g}")
     ax.set(xlabel=f"wrong answers on digit {digit}, {split} images (fewer is better)",

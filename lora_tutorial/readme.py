@@ -95,7 +95,7 @@ def _size(n: float) -> str:
 
 
 def _rank_enough_rows(why: dict[str, Any], digit: int) -> list[str]:
-    rank, lines = why["enough"]["rank"], []
+    rank, lines, before = why["enough"]["rank"], [], why["before"]
     for name, runs in why["full"].items():
         cut = [next(c for c in run["cuts"] if c["rank"] == rank) for run in runs]
         verdict = "yes" if why["enough"].get(name) else "no"
@@ -104,7 +104,8 @@ def _rank_enough_rows(why: dict[str, Any], digit: int) -> list[str]:
         others = (f"{_runs([r['others_accuracy'] for r in runs], 100)} % whole, "
                   f"{_runs([c['others_accuracy'] for c in cut], 100)} % cut")
         lines.append(f"| 08: full fine-tune ({name}): does its update cut to rank {rank} do the job? | "
-                     f"{verdict}. Digit {digit} wrong: {wrong}; other digits: {others} |")
+                     f"{verdict}. Digit {digit} wrong: {wrong} (pre-trained {before['target_wrong']}); other "
+                     f"digits: {others} (pre-trained {100 * before['others_accuracy']:.1f} %) |")
     return lines
 
 
@@ -116,14 +117,14 @@ def _cost_row(why: dict[str, Any]) -> list[str]:
         return []
     trained = f"{full['trainable']:,} vs {lora['trainable']:,} trained numbers"
     state = f"Adam state {_size(full['optimizer_bytes'])} vs {_size(lora['optimizer_bytes'])}"
-    files = f"file {_size(full['file_bytes'])} vs {_size(lora['file_bytes'])}"
+    files = f"saved tensors {_size(full['file_bytes'])} vs {_size(lora['file_bytes'])}"
     step = f"one step {sum(full['step_ms'].values()):.1f} vs {sum(lora['step_ms'].values()):.1f} ms"
     return [f"| 08: full fine-tune vs LoRA rank {rank}, what each costs | {trained}; {state}; {files}; "
             f"{step} (this CPU) |"]
 
 
 def _forgetting_rows(forget: dict[str, Any], digit: int) -> list[str]:
-    lost = _spread(forget["others_lose_points"], 1, 1)
+    lost = _spread(forget["others_lose_points"], 1, 2)
     lines = [f"| 09: what fine-tuning on {digit} alone costs the other digits | {lost} points of mean "
              "accuracy |"]
     plain = forget["summaries"][0]["test"]
@@ -138,7 +139,7 @@ def _forgetting_rows(forget: dict[str, Any], digit: int) -> list[str]:
         ratios = ", ".join(f"{name} {seconds / times['merged']:.2f}x" for name, seconds in times.items()
                            if name != "merged")
         lines.append(f"| 09: serving in calls of {int(batch):,} images, time against merged | {ratios} "
-                     "(this CPU) |")
+                     "(one adapter, the median of a few passes, this CPU) |")
     return lines
 
 

@@ -204,5 +204,8 @@ def serving_findings(latency: dict[int, dict[str, float]], profiles: dict[int, d
                      f"of its time. The separate path rebuilds nothing ({sep['rebuilds']}) but spends "
                      f"{100 * sep['extra_share']:.0f} % of its time in operators the merged network never "
                      "runs: its thin products B (A x) and the sums that add them on.")
+            if par["rebuilds"] == cached["rebuilds"]:  # one call per pass: both rebuild once per layer
+                text += (" Here every pass is a single call, so the parametrized and the cached network do "
+                         "the same work; the difference between their times is the machine's noise.")
         parts.append(text)
     return "\n\n".join(parts)
