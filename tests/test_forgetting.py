@@ -134,8 +134,8 @@ def test_the_limit_ties_and_the_cheaper_setting():
     both = choose_setting(even, 1.0)
     assert (both.name, both.tied) == ("x", ["x", "y"])  # a tie at the same cost: the mean decides
     assert describe_choice(both, even, 1.0, 9).endswith(
-        "overlaps y: a tie the seeds cannot separate. None of them is cheaper to train, so the fewest errors "
-        "by the mean decide.")
+        "overlaps y: a tie the seeds cannot separate. By the rule's measure of cost (fine-tuning steps, then "
+        "old data) none of them is cheaper, so the fewest errors by the mean decide.")
     findings = remedy_findings(summaries, "plain", 1.0)
     assert len(findings) == 3 and findings[0].startswith("**long replay**: more wrong answers on the target "
                                                          "digit than plain")
@@ -296,6 +296,7 @@ def test_the_figures_start_at_zero_and_draw_the_pre_trained_reference():
     ax = fig.axes[0]
     assert ax.get_ylim()[0] < 0 < ax.get_ylim()[1] and ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["pre-trained (90 wrong on 9, 0 points lost)", "max_forgetting_points = 1",
+    assert legend == ["0 points lost (the pre-trained network; its 90 wrong on 9 lie further right)",
+                      "max_forgetting_points = 1",
                       "chosen: gentle"]
     plt.close("all")
