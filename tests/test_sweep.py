@@ -122,7 +122,7 @@ def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch)
     assert len(lines) == 2 and "02_pretrain.ipynb" in lines[0] and "06_compare.ipynb" in lines[1]
     done = subprocess.run(shlex.split(lines[1]), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    config = Config(2, 2.0, "worst", 0, 10)  # the sweep's default digit
+    config = Config(2, 1.0, "worst", 0, 10)  # the sweep's defaults: alpha 1 at every rank, the worst digit
     results = finished(config, out)
     assert results["lora_parameters"] == 2 * sum(i + o for i, o in LAYERS)
     # 'worst' is decided in the run, on the training images; the table holds the digit it chose
