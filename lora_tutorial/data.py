@@ -138,6 +138,21 @@ def validation_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask.to(labels.device)
 
 
+SPLITS = ("validation", "test")  # the notebooks choose on the first and report on the second
+
+
+def split_images(data: Mnist, splits: tuple[str, ...] | list[str] = SPLITS
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The images and labels of each split asked for, taken out once (the validation ones are a
+    masked copy)."""
+    pairs = {"validation": lambda: (data.val_images, data.val_labels),
+             "test": lambda: (data.test_images, data.test_labels)}
+    unknown = [s for s in splits if s not in pairs]
+    if unknown:
+        raise ValueError(f"splits={list(splits)}: expected names from {list(pairs)}.")
+    return {split: pairs[split]() for split in splits}
+
+
 def fit_subset(data: Mnist, digit: int, others: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The fine-tuning images of one digit (with `others`, of every other digit): training images
     outside the validation split."""

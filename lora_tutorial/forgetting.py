@@ -17,13 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Mnist
+from .data import SPLITS, Mnist, split_images
 from .evaluate import Evaluation, evaluate
 from .pipeline import adapter_path, finetuned_model
 from .settings import Settings, SettingsError
 from .stats import Spread, check_seeds, spread
 
-SPLITS = ("validation", "test")  # choose on the first, report on the second
 # What a remedy may change: the fine-tuning step only. The pre-trained network, the target digit
 # and the data stay those of the notebook (one thing varied at a time); `seeds` sets finetune_seed.
 REMEDY_SETTINGS = ("rank", "alpha", "target_modules", "finetune_steps", "replay_share")
@@ -94,11 +93,6 @@ def span(values: Spread, digits: int = 1) -> str:
 
 
 # Running the remedies over seeds ---------------------------------------------------------------
-
-def split_images(data: Mnist) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The validation and the test images with their labels, each gathered once."""
-    return {"validation": (data.val_images, data.val_labels), "test": (data.test_images, data.test_labels)}
-
 
 def reference(evaluations: dict[str, Evaluation], digit: int) -> dict[str, dict]:
     """The pre-trained network's figures per split: what every 'points lost' is measured from."""

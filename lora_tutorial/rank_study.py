@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import Mnist
+from .data import SPLITS, Mnist, split_images
 from .evaluate import Evaluation, evaluate, from_confusion
 from .lora import base_weight, lora_modules, separate_path
 from .model import LAYER_NAMES, OversizedMLP
@@ -47,7 +47,6 @@ SCALINGS: dict[str, Callable[[int, float], tuple[float, bool]]] = {
 # about the learning rate per step and the r directions of B @ A add up like a random walk
 # (||B @ A|| about sqrt(r) times its rank-1 size): the rule's factor times sqrt(r).
 RANDOM_WALK_POWER = {"alpha fixed": -0.5, "alpha = r": 0.5, "rsLoRA": 0.0}
-SPLITS = ("validation", "test")  # choose on the first, report on the second
 METRICS = ("target_wrong", "target_error_rate", "others_accuracy", "accuracy")
 
 
@@ -130,16 +129,6 @@ def split_columns(split: str, result: Evaluation, digit: int) -> dict:
             f"{split}_target_error_rate": result.wrong_counts[digit] / max(1, total),
             f"{split}_others_accuracy": result.mean_accuracy_except(digit),
             f"{split}_accuracy": result.accuracy}
-
-
-def split_images(data: Mnist, splits: Iterable[str] = SPLITS) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The images of each split asked for, taken out once (the validation ones are a masked copy)."""
-    pairs = {"validation": lambda: (data.val_images, data.val_labels),
-             "test": lambda: (data.test_images, data.test_labels)}
-    unknown = [s for s in splits if s not in pairs]
-    if unknown:
-        raise ValueError(f"splits={list(splits)}: expected names from {list(pairs)}.")
-    return {split: pairs[split]() for split in splits}
 
 
 class Judge:
