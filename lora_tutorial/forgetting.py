@@ -81,15 +81,7 @@ def share_answering(evaluation: Evaluation, digit: int) -> float:
 
 def span(values: Spread, digits: int = 1) -> str:
     """'4.6 (4.1-5.0)': the mean and the range; '-1.7 (-2.9 to -0.8)' when a bound is negative."""
-    def number(value: float) -> str:
-        text = f"{value:.{digits}f}"
-        return text[1:] if text.startswith("-") and float(text) == 0 else text  # never "-0.0"
-
-    if values.count == 1:
-        return number(values.mean)
-    low, high = number(values.low), number(values.high)
-    between = " to " if "-" in low + high else "-"
-    return f"{number(values.mean)} ({low}{between}{high})"
+    return values.text(digits)
 
 
 # Running the remedies over seeds ---------------------------------------------------------------
@@ -156,9 +148,7 @@ def cell(entry: dict, split: str, measure: str) -> Spread:
 def verdict(spread_: Spread, reference_: Spread) -> str:
     """'tie' when the two ranges overlap (the seeds alone move them that far), else 'fewer' or
     'more': whether `spread_` lies below or above `reference_`."""
-    if spread_.overlaps(reference_):
-        return "tie"
-    return "fewer" if spread_.mean < reference_.mean else "more"
+    return {"better": "fewer", "worse": "more"}.get(spread_.versus(reference_, higher_is_better=False), "tie")
 
 
 # Choosing, on the validation images ------------------------------------------------------------

@@ -323,9 +323,7 @@ def over_seeds(rows: Sequence[dict], key: str) -> Spread:
 def verdict(candidate: Spread, reference: Spread, higher_is_better: bool) -> str:
     """'tie' when the two ranges overlap (the seeds alone move them that far), else 'better' or
     'worse' for the candidate."""
-    if candidate.overlaps(reference):
-        return "tie"
-    return "better" if (candidate.mean > reference.mean) == higher_is_better else "worse"
+    return candidate.versus(reference, higher_is_better)
 
 
 def cut_verdicts(full: Sequence[dict], rank: int) -> dict[str, str]:

@@ -334,10 +334,7 @@ def choose_rank(entries: Sequence[dict], before: dict, max_forgetting_points: fl
 
 def compare(a: Spread, b: Spread, higher_is_better: bool) -> str:
     """'tie' when the ranges overlap, else which is better: 'first better' / 'second better'."""
-    if a.overlaps(b):
-        return "tie"
-    first = a.mean > b.mean if higher_is_better else a.mean < b.mean
-    return "first better" if first else "second better"
+    return {"better": "first better", "worse": "second better"}.get(a.versus(b, higher_is_better), "tie")
 
 
 def markdown_table(entries: Sequence[dict], columns: Sequence[str], digit: int,

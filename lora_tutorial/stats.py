@@ -24,11 +24,25 @@ class Spread:
         """True when the two ranges share a value: the difference is inside the seeds' spread."""
         return self.low <= other.high and other.low <= self.high
 
+    def versus(self, other: Spread, higher_is_better: bool) -> str:
+        """'tie' when the ranges overlap (the seeds alone move a result that far), else 'better' or
+        'worse' for this one."""
+        if self.overlaps(other):
+            return "tie"
+        return "better" if (self.mean > other.mean) == higher_is_better else "worse"
+
     def text(self, digits: int = 1, scale: float = 1.0) -> str:
-        """'12.3 (10.0-14.0)': the mean and the range, each multiplied by `scale`."""
-        f = f"{{:.{digits}f}}"
-        mean, low, high = (f.format(v * scale) for v in (self.mean, self.low, self.high))
-        return f"{mean} ({low}-{high})" if self.count > 1 else mean
+        """'12.3 (10.0-14.0)': the mean and the range, each multiplied by `scale`;
+        '-1.7 (-2.9 to -0.8)' when a bound is negative, and never '-0.0'."""
+        def number(value: float) -> str:
+            text = f"{value * scale:.{digits}f}"
+            return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+        if self.count == 1:
+            return number(self.mean)
+        low, high = number(self.low), number(self.high)
+        between = " to " if "-" in low + high else "-"
+        return f"{number(self.mean)} ({low}{between}{high})"
 
 
 def spread(values: Sequence[float]) -> Spread:
