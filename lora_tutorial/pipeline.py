@@ -27,11 +27,11 @@ from .settings import WORST, Settings, check_writable, fingerprint, shown_path
 from .train import train, train_with_dataloader
 
 
-def preflight(settings: Settings) -> torch.device:
-    """What the settings need from this machine, checked before any work: the device is here,
-    the output folders can be written, a data folder named explicitly holds MNIST's files.
-    Returns the device."""
-    device = pick_device(settings.device)
+def preflight(settings: Settings, check_device: bool = True) -> torch.device | None:
+    """What the settings need from this machine, checked before any work: the device is here
+    (unless the work runs elsewhere: `check_device=False`), the output folders can be written, a
+    data folder named explicitly holds MNIST's files. Returns the device."""
+    device = pick_device(settings.device) if check_device else None
     check_writable("output_dir", settings.output_path)
     check_writable("checkpoint_dir", settings.checkpoint_path)
     named = named_folder(settings.data_dir)

@@ -6,6 +6,7 @@ are collected into `sweep.csv` and `sweep.json` with plots beside them. The comm
 again at any time: finished configurations (a valid `results.json`, written atomically) are
 skipped, failed or interrupted ones are run again. `--dry-run` prints one papermill command per
 configuration for a scheduler; running the sweep afterwards only collects their results.
+`--engine ray` runs each configuration as a Ray task on an existing cluster (`engines.py`).
 """
 
 from __future__ import annotations
@@ -14,27 +15,27 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import shlex
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write, write_json
+from .engines import LocalEngine, Place, RayEngine, engine_summary, run_process
 from .evaluate import from_confusion
 from .run import notebook_parameters, notebooks_dir, parse_value
 from .settings import WORST, Settings, ShortError, project_root, shown_path
-from .train import PROGRESS_ENV, progress_bar, text_progress_bars
+from .train import progress_bar
 
 NOTEBOOK = "06_compare"
 COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", "lora_parameters",
            "lora_share_percent", "accuracy_lora_on", "accuracy_lora_off", "target_wrong_before",
            "target_wrong_after", "target_accuracy_before", "target_accuracy_after",
            "other_digits_accuracy_before", "other_digits_accuracy_after", "finetune_seconds",
-           "status", "error"]
+           "host", "node", "pid", "devices", "seconds", "status", "error"]
+WHERE = ["host", "node", "pid", "devices", "seconds"]  # where and how long the configuration ran
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,19 @@ def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_ra
 
 def papermill_command(config: Config, out: Path, extra: dict[str, Any]) -> list[str]:
     """One plain papermill command line that runs this configuration."""
-    command = [sys.executable, "-m", "papermill", str(notebooks_dir() / f"{NOTEBOOK}.ipynb"),
-               str(out / config.name / f"{NOTEBOOK}.ipynb"), "--cwd", str(notebooks_dir()),
-               "-k", "python3", "--no-progress-bar"]
-    return command + ["-y", yaml_parameters(config.parameters(out, extra))]
+    return notebook_command(NOTEBOOK, out / config.name / f"{NOTEBOOK}.ipynb", config.parameters(out, extra))
+
+
+def pretrain_command(out: Path, extra: dict[str, Any]) -> list[str]:
+    """The papermill command line of the sweep's one shared pre-training."""
+    return notebook_command("02_pretrain", out / "02_pretrain.ipynb", pretrain_parameters(out, extra))
+
+
+def notebook_command(notebook: str, output: Path, parameters: dict[str, Any]) -> list[str]:
+    """Built from this interpreter (on a Ray node: the node's own) and this install's notebooks."""
+    return [sys.executable, "-m", "papermill", str(notebooks_dir() / f"{notebook}.ipynb"), str(output),
+            "--cwd", str(notebooks_dir()), "-k", "python3", "--no-progress-bar",
+            "-y", yaml_parameters(parameters)]
 
 
 def yaml_parameters(parameters: dict[str, Any]) -> str:
@@ -144,43 +154,31 @@ def notebook_error(path: Path) -> str:
     return "papermill failed before any cell raised"
 
 
-def run_one(config: Config, out: Path, extra: dict[str, Any], env: dict[str, str]) -> dict:
+def run_one(config: Config, out: Path, extra: dict[str, Any], place: Place) -> dict:
+    """Run one configuration where the engine put it; return its results and where it ran."""
     folder = out / config.name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.json").unlink(missing_ok=True)
-    (folder / "results.json").unlink(missing_ok=True)  # a stale or foreign file must not be trusted
-    done = subprocess.run(papermill_command(config, out, extra), env=env, capture_output=True, text=True)
+    for name in ("error.json", "results.json", "ran.json"):  # a stale or foreign file must not be trusted
+        (folder / name).unlink(missing_ok=True)
+    start = time.monotonic()
+    done = run_process(papermill_command(config, out, extra), place)
+    where = place.where(time.monotonic() - start)
     if done.returncode == 0 and (results := finished(config, out)):
-        return {"status": "done", "results": results}
+        write_json(folder / "ran.json", where)
+        return {"status": "done", "results": results, "where": where}
     error = notebook_error(folder / f"{NOTEBOOK}.ipynb")
     if done.returncode == 0:
         error = "the notebook ran but wrote no matching results.json"
-    write_json(folder / "error.json", {"error": error, "stderr_tail": done.stderr[-2000:]})
-    return {"status": "failed", "error": error}
+    write_json(folder / "error.json", {"error": error, "where": where, "stderr_tail": done.stderr[-2000:]})
+    return {"status": "failed", "error": error, "where": where}
 
 
-def job_environment(slot: int, jobs: int) -> dict[str, str]:
-    """Threads divided between jobs on a CPU; one GPU per job where several are visible."""
-    env = dict(os.environ, **{PROGRESS_ENV: "text"})
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    gpus = _visible_gpus()
-    if gpus > 1 and jobs > 1:
-        key = "HIP_VISIBLE_DEVICES" if _is_rocm() else "CUDA_VISIBLE_DEVICES"
-        env[key] = str(slot % gpus)
-    return env
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _is_rocm() -> bool:
-    import torch
-
-    return bool(torch.version.hip)
+def ran(config: Config, out: Path) -> dict:
+    """Where a finished configuration ran, from its folder (older sweeps did not record it)."""
+    try:
+        return json.loads((out / config.name / "ran.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _digit_accuracy(evaluation: dict, digit: int) -> float:
@@ -190,7 +188,8 @@ def _digit_accuracy(evaluation: dict, digit: int) -> float:
 def row(config: Config, outcome: dict) -> dict[str, Any]:
     base = {"name": config.name, "rank": config.rank, "alpha": config.alpha, "seed": config.seed,
             "target_digit": config.target_digit, "finetune_steps": config.finetune_steps,
-            "status": outcome["status"], "error": outcome.get("error", "")}
+            "status": outcome["status"], "error": outcome.get("error", ""),
+            **{k: outcome.get("where", {}).get(k, "") for k in WHERE}}
     r = outcome.get("results")
     if not r:
         return {**{c: "" for c in COLUMNS}, **base}
@@ -217,14 +216,23 @@ def write_table(rows: list[dict], out: Path) -> None:
     write_json(out / "sweep.json", rows)
 
 
-def pretrain_once(out: Path, extra: dict[str, Any]) -> None:
-    """Run 02_pretrain once, so every configuration loads the same checkpoint."""
-    import papermill
+def prepare(out: Path, extra: dict[str, Any], place: Place) -> dict | None:
+    """Pre-train once, where the engine runs work, unless the sweep's network is saved already;
+    return where it ran (None when it was saved)."""
+    if pretrained_exists(out, extra):
+        return None
+    start = time.monotonic()
+    pretrain_once(out, extra, place)
+    return place.where(time.monotonic() - start)
 
-    papermill.execute_notebook(str(notebooks_dir() / "02_pretrain.ipynb"), str(out / "02_pretrain.ipynb"),
-                               parameters=pretrain_parameters(out, extra), cwd=str(notebooks_dir()),
-                               kernel_name="python3",
-                               progress_bar=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
+
+def pretrain_once(out: Path, extra: dict[str, Any], place: Place) -> None:
+    """Run 02_pretrain once, so every configuration loads the same checkpoint."""
+    done = run_process(pretrain_command(out, extra), place)
+    if done.returncode != 0:
+        executed = out / "02_pretrain.ipynb"
+        raise ShortError(f"the sweep's pre-training failed ({notebook_error(executed)}); its executed "
+                         f"notebook is {shown_path(executed)}. Nothing else ran.")
 
 
 def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
@@ -257,9 +265,11 @@ def print_summary(rows: list[dict]) -> None:
 
 
 def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None, jobs: int = 1,
-          progress: bool = True) -> list[dict]:
-    """Run what is not finished yet, collect every configuration into the table; return its rows."""
+          progress: bool = True, engine: LocalEngine | RayEngine | None = None) -> list[dict]:
+    """Run what is not finished yet (on `engine`: this machine, `jobs` at a time, by default),
+    collect every configuration into the table; return its rows."""
     extra = dict(extra or {})
+    engine = engine or LocalEngine(jobs)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     outcomes: dict[Config, dict] = {}
@@ -267,29 +277,34 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
     for config in configs:
         results = finished(config, out)
         if results:
-            outcomes[config] = {"status": "done", "results": results}
+            outcomes[config] = {"status": "done", "results": results, "where": ran(config, out)}
         else:
             todo.append(config)
     if todo:
-        if not pretrained_exists(out, extra):
-            with text_progress_bars():
-                pretrain_once(out, extra)
-        bar = progress_bar(len(todo), "Sweep", progress)
-        pool = ThreadPoolExecutor(max_workers=jobs)
+        engine.check_folder(out)  # on a cluster: can every node read and write it?
+        bar = None
         try:
-            futures = {pool.submit(run_one, c, out, extra, job_environment(i % jobs, jobs)): c
-                       for i, c in enumerate(todo)}
-            for future in futures:
-                outcomes[futures[future]] = future.result()
+            if progress:
+                print("The shared pre-trained network (02_pretrain): loading it, or training it once ...",
+                      flush=True)
+            where = engine.call(prepare, out, extra)
+            if progress and where:
+                print(f"Pre-trained it in {where['seconds']:.0f} s on {where['host']} ({where['node'][:8]}).")
+            bar = progress_bar(len(todo), "Sweep", progress)
+            for config, outcome, error in engine.map(run_one, todo, out, extra):
+                outcomes[config] = outcome if error is None else {"status": "failed", "error": error}
                 bar.update(1)
-        except BaseException:  # Ctrl-C: start nothing new; what finished stays finished
-            pool.shutdown(wait=False, cancel_futures=True)
-            print(f"\nSweep interrupted: the finished configurations are kept in {shown_path(out)}; "
-                  "run the same command again to do the rest.", file=sys.stderr)
+        except BaseException as err:  # Ctrl-C: start nothing new; what finished stays finished
+            engine.cancel()
+            if isinstance(err, KeyboardInterrupt):
+                print(f"\nSweep interrupted: the finished configurations are kept in {shown_path(out)}; "
+                      "run the same command again to do the rest.", file=sys.stderr)
             raise
         finally:
-            bar.close()
-        pool.shutdown()
+            if bar is not None:
+                bar.close()
+    elif progress:
+        print(f"All {len(configs)} configuration(s) had finished already: nothing to run.")
     rows = [row(c, outcomes[c]) for c in configs]
     write_table(rows, out)
     if any(r["status"] == "done" for r in rows):
@@ -325,10 +340,30 @@ def main(argv: list[str] | None = None) -> int:
                         metavar=("NAME", "VALUE"),
                         help="another notebook parameter for every configuration (-p train_samples 5000)")
     parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "sweep")
-    parser.add_argument("--jobs", type=int, default=1, help="configurations run at once")
+    parser.add_argument("--jobs", type=int, help="configurations run at once on this machine (default 1)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print one papermill command per configuration")
+    cluster = parser.add_argument_group("on a Ray cluster (README: 'Sweeping on a Ray cluster')")
+    cluster.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="local: this machine (the default); ray: one Ray task per configuration on "
+                              "an existing cluster")
+    cluster.add_argument("--address", help="the cluster's HOST:PORT (default: $RAY_ADDRESS)")
+    cluster.add_argument("--gpus-per-config", type=float,
+                         help="GPUs per configuration (default 1 when the cluster has GPUs, else 0)")
+    cluster.add_argument("--cpus-per-config", type=float, help="CPUs per configuration (default 1)")
     args = parser.parse_args(argv)
+    if args.engine == "ray":
+        if args.jobs is not None:
+            parser.error("--jobs is for --engine local: on Ray, the cluster's free GPUs and CPUs decide how "
+                         "many configurations run at once (see --gpus-per-config, --cpus-per-config)")
+        if args.dry_run:
+            parser.error("--dry-run prints commands for a scheduler of your own: leave out --engine ray")
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in ("address", "gpus_per_config", "cpus_per_config")
+                 if getattr(args, n) is not None]
+        if given:
+            parser.error(f"{' '.join(given)}: only with --engine ray")
+    jobs = 1 if args.jobs is None else args.jobs
     extra = {name: parse_value(value) for name, value in args.parameter}
     reserved = {"rank", "alpha", "target_digit", "finetune_seed", "finetune_steps", "output_dir"}
     if reserved & set(extra):
@@ -337,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(extra) - set(taken):
         parser.error(f"-p {sorted(set(extra) - set(taken))}: {NOTEBOOK} takes no such parameter; it takes "
                      f"{sorted(set(taken) - reserved)}")
-    if args.jobs < 1:
-        parser.error(f"--jobs={args.jobs}: expected an integer >= 1")
+    if jobs < 1:
+        parser.error(f"--jobs={jobs}: expected an integer >= 1")
     out = args.out.resolve()
     try:
         if args.alphas and args.alpha_equals_rank:
@@ -347,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                                  args.iterations, extra)
         from .pipeline import preflight
 
-        preflight(Settings.from_mapping(pretrain_parameters(out, extra)))  # GPU, folders, data
+        # GPU (here, when it runs here), folders, data
+        preflight(Settings.from_mapping(pretrain_parameters(out, extra)), check_device=args.engine == "local")
     except ShortError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -362,9 +398,24 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             print(shlex.join(papermill_command(config, out, extra)))
         return 0
-    rows = sweep(configs, out, extra, args.jobs)
+    engine: LocalEngine | RayEngine = LocalEngine(jobs)
+    try:
+        if args.engine == "ray":
+            engine = RayEngine(args.address, args.gpus_per_config, args.cpus_per_config or 1.0)
+            engine.connect()
+            print(f"Sweep {engine.describe()}.")
+        rows = sweep(configs, out, extra, jobs, engine=engine)
+    except ShortError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130  # the sweep has said what it kept
+    finally:
+        engine.close()
     print()
     print_summary(rows)
+    if args.engine == "ray":
+        print(f"\nThe configurations {engine_summary(rows)}.")
     print(f"\nTable: {shown_path(out / 'sweep.csv')} (and sweep.json); "
           "plots: sweep_rank.png, sweep_tradeoff.png")
     failed = [r["name"] for r in rows if r["status"] != "done"]

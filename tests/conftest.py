@@ -38,8 +38,9 @@ if WORKERS > 1:  # two processes with two threads each on two cores only get in 
 
 # The order parts are handed out in (pyproject: --no-loadscope-reorder keeps it): the longest
 # first, so that no process is left with one at the end. xdist gives each process two parts at the
-# start; the notebooks' second is a short one, so that the next long ones go to the other process.
-LONGEST_FIRST = ("committed-notebooks", "test_notebooks.py", "test_lab.py", "test_sweep.py",
+# start. The sweep's file comes second, so that its Ray cluster boots while the other process is
+# in its first notebooks (Ray gives a booting node 30 s, which a machine busy everywhere can miss).
+LONGEST_FIRST = ("committed-notebooks", "test_sweep.py", "test_notebooks.py", "test_lab.py",
                  "test_jupyterlab.py")
 
 

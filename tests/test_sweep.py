@@ -1,14 +1,23 @@
-"""The rank sweep: table values, resume, failures, dry-run commands that papermill accepts."""
+"""The rank sweep: table values, resume, failures, dry-run commands that papermill accepts; the
+same sweep on a real Ray cluster."""
 
 import csv
+import importlib.util
 import json
+import os
+import re
 import shlex
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from raycluster import LocalRayCluster, free_port
 
 from lora_tutorial import OversizedMLP, linear_layers
 from lora_tutorial import sweep as sweep_module
+from lora_tutorial.engines import GRACE_SECONDS, Place, run_process
 from lora_tutorial.sweep import COLUMNS, Config, configurations, finished, main, sweep
 
 SMALL = {"train_samples": 2000}
@@ -21,6 +30,111 @@ def swept(tmp_path_factory):
     configs = configurations([1, 4], None, False, [9], [0], [10], SMALL)
     rows = sweep(configs, out, SMALL, jobs=2, progress=False)
     return out, configs, rows
+
+
+# -- the Ray engine ------------------------------------------------------------------------------
+# A real cluster in other processes (raycluster.py): a head that runs nothing and two worker nodes
+# with one CPU and one (logical) GPU each. The sweep runs as a process of its own, as a user runs it.
+
+def ray_installed() -> bool:
+    if importlib.util.find_spec("ray") is not None:
+        return True
+    if os.environ.get("CI"):
+        pytest.fail("Ray is not installed: CI installs it from requirements.txt")
+    return False
+
+
+@pytest.fixture(scope="class")
+def ray_cluster():
+    if not ray_installed():
+        pytest.skip("Ray is not installed (pip install -e '.[ray]')")
+    cluster = LocalRayCluster(workers=2)
+    try:
+        cluster.ready()
+        yield cluster
+    finally:
+        cluster.stop()
+    assert not cluster.processes(), "processes of the test cluster outlived it"
+
+
+def ray_sweep(address: str, out, *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """The small sweep of `swept` (ranks 1 and 4, digit 9, 10 steps) on Ray; returns the driver's pid too."""
+    command = [sys.executable, "-m", "lora_tutorial.sweep", "--engine", "ray", "--address", address,
+               "--ranks", "1", "4", "--digits", "9", "--iterations", "10", "-p", "train_samples", "2000",
+               "--out", str(out), *args]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = driver.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, driver.returncode, stdout, stderr), driver.pid
+
+
+def files(out) -> dict[str, int]:
+    """Every file the configurations and the pre-training wrote, with its modification time."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and not p.name.startswith("sweep")}
+
+
+def ray_processes(cluster: LocalRayCluster) -> set[int]:
+    """Ray's own processes on this machine outside the test cluster."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if (b"gcs_server" in cmdline or b"raylet" in cmdline or cmdline.startswith(b"ray::")) and (
+                    os.getpgid(int(entry.name)) not in {p.pid for p in cluster.nodes}):
+                found.add(int(entry.name))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+
+@pytest.mark.slow
+class TestOnARayCluster:
+    """First in this file, so that the cluster boots while the machine is least busy, and is
+    stopped before the local sweep's tests."""
+
+    def test_each_configuration_runs_on_a_worker_node_and_gives_the_local_table(self, ray_cluster, swept,
+                                                                                 tmp_path):
+        out = tmp_path / "ray"
+        done, driver_pid = ray_sweep(ray_cluster.address, out)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = json.loads((out / "sweep.json").read_text())
+        assert [r["status"] for r in rows] == ["done", "done"]
+        # where each ran: two different worker nodes, in Ray's worker processes, each given its device
+        assert len({r["node"] for r in rows}) == 2 and "local" not in {r["node"] for r in rows}
+        assert driver_pid not in {r["pid"] for r in rows} and len({r["pid"] for r in rows}) == 2
+        assert all(r["devices"] in ("CUDA_VISIBLE_DEVICES=0", "HIP_VISIBLE_DEVICES=0") for r in rows)
+        # the shared pre-training ran first, as a task on a worker node
+        assert re.search(r"Pre-trained it in \d+ s on .+ \((\w{8})\)", done.stdout)
+        assert re.search(r"Pre-trained it in \d+ s on .+ \((\w{8})\)", done.stdout)[1] in {
+            r["node"][:8] for r in rows}
+        # the same numbers as the local engine for the same configurations (CPU runs are deterministic)
+        local_rows = swept[2]
+        ignore = {*sweep_module.WHERE, "finetune_seconds"}
+        assert [{k: v for k, v in r.items() if k not in ignore} for r in rows] == [
+            {k: v for k, v in r.items() if k not in ignore} for r in local_rows]
+
+        before = files(out)
+        again, _ = ray_sweep(ray_cluster.address, out)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "All 2 configuration(s) had finished already: nothing to run." in again.stdout
+        assert files(out) == before, "a second run re-ran finished work"
+        assert json.loads((out / "sweep.json").read_text()) == rows
+
+    def test_a_closed_address_and_too_many_gpus_are_refused_before_anything_runs(self, ray_cluster, tmp_path):
+        before = ray_processes(ray_cluster)
+        start = time.monotonic()
+        closed, _ = ray_sweep(f"127.0.0.1:{free_port()}", tmp_path / "closed")
+        assert closed.returncode == 2 and time.monotonic() - start < 30
+        assert "no Ray cluster answers there" in closed.stderr and "never starts a cluster" in closed.stderr
+        assert closed.stderr.count("\n") == 1, closed.stderr  # one sentence, no traceback
+        assert ray_processes(ray_cluster) <= before, "a Ray of its own was started"
+
+        greedy, _ = ray_sweep(ray_cluster.address, tmp_path / "greedy", "--gpus-per-config", "2")
+        assert greedy.returncode == 2
+        assert "--gpus-per-config=2: no node of the cluster" in greedy.stderr
+        assert "the most on one node is 1" in greedy.stderr
+        assert not (tmp_path / "greedy").exists() or not any((tmp_path / "greedy").iterdir())
 
 
 @pytest.mark.slow
@@ -144,3 +258,75 @@ def test_bad_values_are_refused_before_anything_runs(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):
         main(["--ranks", "1", "-p", "rank", "3", "--out", str(tmp_path)])
+
+
+def test_ray_options_are_refused_where_they_do_not_belong(tmp_path, capsys, monkeypatch):
+    for args, message in [
+        (["--engine", "ray", "--jobs", "2"], "--jobs is for --engine local"),
+        (["--engine", "ray", "--dry-run"], "--dry-run prints commands for a scheduler"),
+        (["--address", "127.0.0.1:6379"], "--address: only with --engine ray"),
+        (["--gpus-per-config", "1"], "--gpus-per-config: only with --engine ray"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["--ranks", "1", "--out", str(tmp_path), *args])
+        assert message in capsys.readouterr().err
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["--engine", "ray", "--ranks", "1", "--out", str(tmp_path)]) == 2
+    assert "--engine ray needs the cluster's address" in capsys.readouterr().err
+    assert main(["--engine", "ray", "--address", "nohost", "--ranks", "1", "--out", str(tmp_path)]) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    args = ["--engine", "ray", "--address", "127.0.0.1:6379", "--ranks", "1", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "pip install -e '.[ray]'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_cancelled_run_stops_its_whole_process_group(monkeypatch):
+    """What Ray's cancel does to a running task: a KeyboardInterrupt in its thread, which lands
+    between two of run_process's short waits. papermill's whole process group is stopped."""
+    marker = f"{time.time_ns() % 1000}{os.getpid()}"
+    place = Place(dict(os.environ), own_session=True, node="test")
+    real_communicate = subprocess.Popen.communicate
+    start = time.monotonic()
+
+    def cancelled_after_a_second(self, *args, **kwargs):
+        if time.monotonic() - start > 1:
+            raise KeyboardInterrupt  # as Ray's cancel raises it
+        return real_communicate(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", cancelled_after_a_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_process(["sh", "-c", f"sleep 60.{marker} & sleep 61.{marker}"], place)
+    assert time.monotonic() - start < 2 + GRACE_SECONDS
+    time.sleep(0.2)
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).endswith(marker)]
+    assert not left, "a child of the cancelled command is still running"
+
+
+def _cmdline(entry: Path) -> str:
+    try:
+        return entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def test_rocm_nodes_are_told_how_to_get_past_rays_device_check(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "0,1")  # as Slurm sets it on an AMD node
+    monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
+    args = ["--engine", "ray", "--address", "127.0.0.1:6379", "--ranks", "1", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "ROCR_VISIBLE_DEVICES=0,1 is set" in err
+    assert "export HIP_VISIBLE_DEVICES=$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES" in err
+
+
+def test_each_place_says_which_devices_it_was_given():
+    for given in ("CUDA_VISIBLE_DEVICES=0", "HIP_VISIBLE_DEVICES=3"):  # as Ray sets them
+        name, value = given.split("=")
+        assert Place({name: value}, own_session=True, node="n").devices == given
+    hidden = {"HIP_VISIBLE_DEVICES": "", "CUDA_VISIBLE_DEVICES": ""}  # a Ray task that asked for no GPU
+    assert Place(hidden, own_session=True, node="n").devices == "none"
+    assert Place({}, own_session=False, node="local").devices == ""
+    where = Place({}, own_session=False, node="local").where(1.23)
+    assert where["pid"] == os.getpid() and where["seconds"] == 1.2 and where["node"] == "local"
