@@ -25,7 +25,7 @@ from typing import Any
 from .checkpoints import atomic_write, write_json
 from .engines import LocalEngine, Place, RayEngine, engine_summary, run_process
 from .evaluate import from_confusion
-from .run import notebook_parameters, notebooks_dir, parse_value
+from .run import absolute_paths, notebook_parameters, notebooks_dir, parse_value
 from .settings import WORST, Settings, ShortError, project_root, shown_path
 from .train import progress_bar
 
@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             parser.error(f"{' '.join(given)}: only with --engine ray")
     jobs = 1 if args.jobs is None else args.jobs
-    extra = {name: parse_value(value) for name, value in args.parameter}
+    # folders relative to where the command runs (the notebooks run in notebooks/; on Ray, the path
+    # must be the same on every node: a shared file system)
+    extra = absolute_paths({name: parse_value(value) for name, value in args.parameter})
     reserved = {"rank", "alpha", "target_digit", "finetune_seed", "finetune_steps", "output_dir"}
     if reserved & set(extra):
         parser.error(f"-p {sorted(reserved & set(extra))}: set these with the sweep's own options")

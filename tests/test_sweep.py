@@ -330,3 +330,13 @@ def test_each_place_says_which_devices_it_was_given():
     assert Place({}, own_session=False, node="local").devices == ""
     where = Place({}, own_session=False, node="local").where(1.23)
     assert where["pid"] == os.getpid() and where["seconds"] == 1.2 and where["node"] == "local"
+
+
+def test_relative_folders_are_where_the_command_runs(tmp_path, monkeypatch, capsys):
+    """The notebooks run in notebooks/: `-p checkpoint_dir outputs/x` must still name ./outputs/x."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--ranks", "1", "-p", "checkpoint_dir", "shared/checkpoints", "--out", "sweep", "--dry-run"]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert all(f"checkpoint_dir: {tmp_path / 'shared' / 'checkpoints'}" in line for line in lines), lines
+    assert all(f"output_dir: {tmp_path / 'sweep'}" in line for line in lines), lines
