@@ -49,14 +49,14 @@ class Place:
                 "devices": self.devices, "seconds": round(seconds, 1)}
 
 
-def run_process(command: list[str], place: Place, cwd: str | None = None) -> subprocess.CompletedProcess:
+def run_process(command: list[str], place: Place) -> subprocess.CompletedProcess:
     """Run a command to its end with the place's environment; its output is captured.
 
     In its own session (Ray), an interrupt (Ray's cancel raises KeyboardInterrupt here) stops the
     whole process group; the notebook kernel, which papermill starts in a session of its own,
     shuts itself down within a second of losing papermill, its parent.
     """
-    process = subprocess.Popen(command, env=place.env, cwd=cwd, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, env=place.env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=place.own_session)
     try:
         while True:
@@ -88,14 +88,9 @@ def _stop_group(process: subprocess.Popen) -> None:
 class LocalEngine:
     """Configurations in threads on this machine, `jobs` at once (each runs its own processes)."""
 
-    name = "local"
-
     def __init__(self, jobs: int = 1):
         self.jobs = jobs
         self._pool: ThreadPoolExecutor | None = None
-
-    def describe(self) -> str:
-        return f"on this machine, {self.jobs} at a time"
 
     def check_folder(self, out: Path) -> None:
         """Nothing to check: this machine writes its own folder."""
@@ -150,8 +145,6 @@ class RayEngine:
     CUDA_VISIBLE_DEVICES or HIP_VISIBLE_DEVICES. Tasks are not retried: running the sweep again is
     the retry. Results go to a folder every node must be able to read and write.
     """
-
-    name = "ray"
 
     def __init__(self, address: str | None, gpus: float | None = None, cpus: float = 1.0):
         self.address = address or os.environ.get("RAY_ADDRESS") or ""
@@ -253,7 +246,7 @@ class RayEngine:
         self._refs = {ref: None}
         for _, result, error in self._wait():
             if error:
-                raise RuntimeError(error)
+                raise ShortError(error)
             return result
 
     def map(self, fn: Callable, items: list, *args: Any) -> Iterator[tuple[Any, Any, str | None]]:
@@ -269,8 +262,10 @@ class RayEngine:
                 item = self._refs.pop(ref)
                 try:
                     yield item, ray.get(ref), None
-                except ray.exceptions.RayError as err:
-                    yield item, None, f"the Ray task failed: {_last_line(err)}"
+                except ray.exceptions.RayError as err:  # the task raised, or its worker died
+                    cause = getattr(err, "cause", None)
+                    yield item, None, (str(cause) if isinstance(cause, ShortError)
+                                       else f"the Ray task failed: {_last_line(err)}")
 
     def cancel(self) -> None:
         """Cancel what is pending or running (a running task stops its papermill and kernel) and
