@@ -394,9 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / config.name).mkdir(parents=True, exist_ok=True)
         print(f"# pre-train once first (shared checkpoint), then run the lines below in any order;\n"
               f"# afterwards the same sweep command without --dry-run collects them into {shown_path(out)}.")
-        print(shlex.join([sys.executable, "-m", "papermill", str(notebooks_dir() / "02_pretrain.ipynb"),
-                          str(out / "02_pretrain.ipynb"), "--cwd", str(notebooks_dir()), "-k", "python3",
-                          "-y", yaml_parameters(pretrain_parameters(out, extra))]))
+        print(shlex.join(pretrain_command(out, extra)))
         for config in configs:
             print(shlex.join(papermill_command(config, out, extra)))
         return 0

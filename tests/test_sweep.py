@@ -77,13 +77,13 @@ def ray_processes(cluster: LocalRayCluster) -> set[int]:
     """Ray's own processes on this machine outside the test cluster."""
     found = set()
     for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            if (b"gcs_server" in cmdline or b"raylet" in cmdline or cmdline.startswith(b"ray::")) and (
-                    os.getpgid(int(entry.name)) not in {p.pid for p in cluster.nodes}):
-                found.add(int(entry.name))
-        except (OSError, ValueError):
-            pass
+        cmdline = _cmdline(entry)
+        if "gcs_server" in cmdline or "raylet" in cmdline or cmdline.startswith("ray::"):
+            try:
+                if os.getpgid(int(entry.name)) not in {p.pid for p in cluster.nodes}:
+                    found.add(int(entry.name))
+            except (OSError, ValueError):
+                pass
     return found
 
 
