@@ -667,9 +667,10 @@ def summarize(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], lora
     for name, rows in runs.items():
         said = cut_verdicts(rows, rank)
         good = as_good(said)
+        rest = ": within the spread of the seeds, the rest of it added nothing on these two measures."
         bullets.append(f"Cut to rank {rank}, the {name} update is {'as' if good else 'not as'} good as "
                        f"the whole of it (digit {digit}: {said['target_wrong']}, the other digits: "
-                       f"{said['others_accuracy']})" + (": the rest of it was not needed." if good else "."))
+                       f"{said['others_accuracy']})" + (rest if good else "."))
     if lora:
         low = min(lora)
         said = compare(lora[low], runs[first])
