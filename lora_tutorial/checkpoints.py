@@ -134,12 +134,13 @@ def layer_alphas(info: dict[str, Any]) -> dict[str, float]:
             for name in info["target_modules"]}
 
 
-def save_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Save only LoRA's A and B (safetensors), with what is needed to load them safely.
+def adapter_contents(model: nn.Module, settings: dict[str, Any] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An adapter as it is saved: LoRA's A and B (on the CPU), and its metadata.
 
     The metadata holds rank and alpha (with `rank_pattern` / `alpha_pattern` for layers that
     differ), the adapted layers and their weight shapes, a fingerprint of the base weights, and
-    the settings that produced the adapter. Returns that metadata.
+    the settings that produced the adapter.
     """
     loras = lora_modules(model)
     if not loras:
@@ -166,6 +167,13 @@ def save_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None =
     if rslora == {True}:  # only then, so older files and readers stay as they were
         info["use_rslora"] = True
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    return tensors, info
+
+
+def save_adapter(model: nn.Module, path: Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save only LoRA's A and B (safetensors), with what is needed to load them safely
+    (`adapter_contents`' metadata). Returns that metadata."""
+    tensors, info = adapter_contents(model, settings)
     metadata = {k: json.dumps(v) for k, v in info.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return info
