@@ -14,6 +14,7 @@ import gzip
 import importlib.resources
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -153,10 +154,13 @@ def split_images(data: Mnist, splits: tuple[str, ...] | list[str] = SPLITS
     return {split: pairs[split]() for split in splits}
 
 
-def fit_subset(data: Mnist, digit: int, others: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fine-tuning images of one digit (with `others`, of every other digit): training images
-    outside the validation split."""
-    keep = ~data.validation & ((data.train_labels != digit) if others else (data.train_labels == digit))
+def fit_subset(data: Mnist, digit: int | Sequence[int], others: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fine-tuning images of one digit, or of several (with `others`, of every other digit):
+    training images outside the validation split."""
+    digits = torch.tensor([digit] if isinstance(digit, int) else list(digit), device=data.train_labels.device)
+    chosen = torch.isin(data.train_labels, digits)
+    keep = ~data.validation & (~chosen if others else chosen)
     return data.train_images[keep], data.train_labels[keep]
 
 

@@ -7,6 +7,7 @@ of the time.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,12 @@ class Evaluation:
         return [row[d] / max(1, total) for d, (row, total) in
                 enumerate(zip(self.confusion, self.per_digit_totals(), strict=True))]
 
-    def mean_accuracy_except(self, digit: int) -> float:
-        """The mean of the other nine digits' accuracies: what fine-tuning on `digit` may cost."""
-        per_digit = self.per_digit_accuracy()
-        return sum(a for d, a in enumerate(per_digit) if d != digit) / 9
+    def mean_accuracy_except(self, digit: int | Collection[int]) -> float:
+        """The mean accuracy of the digits other than `digit` (one digit, or several): what
+        fine-tuning on it may cost them."""
+        left_out = {digit} if isinstance(digit, int) else set(digit)
+        kept = [a for d, a in enumerate(self.per_digit_accuracy()) if d not in left_out]
+        return sum(kept) / len(kept)
 
     def digit_summary(self, digit: int) -> dict:
         """What fine-tuning on `digit` is judged by: its wrong answers, the other digits' mean

@@ -1,0 +1,150 @@
+"""10's second half in parts: which digits get an adapter, the adapter trained on all of them, the
+table and the sentences written from it, and the timing helper."""
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from lora_tutorial import Evaluation, lora_modules, pretrained_model, setup
+from lora_tutorial.data import fit_subset
+from lora_tutorial.many_adapters import (
+    LOAD_ADAPTER,
+    LOAD_NETWORK,
+    SWAP,
+    SWITCH,
+    SWITCH_TWO,
+    adapter_table,
+    check_adapter_digits,
+    check_repeats,
+    combination_findings,
+    cost_findings,
+    count_text,
+    figures,
+    interleaved_seconds,
+    summarize,
+    union_adapter,
+    union_settings,
+    weakest_digits,
+)
+from lora_tutorial.settings import SettingsError
+from lora_tutorial.stats import Spread
+
+
+def evaluation(wrong: list[int], per_digit: int = 100) -> Evaluation:
+    """An evaluation with `per_digit` images of each digit and `wrong[d]` of digit d answered 0 (or 1)."""
+    confusion = []
+    for d, w in enumerate(wrong):
+        row = [0] * 10
+        row[d] = per_digit - w
+        row[1 if d == 0 else 0] += w
+        confusion.append(row)
+    correct = sum(confusion[d][d] for d in range(10))
+    return Evaluation(correct / (10 * per_digit), correct, 10 * per_digit, list(wrong), confusion)
+
+
+def test_the_weakest_digits_come_from_the_training_errors_worst_first():
+    training = evaluation([5, 9, 1, 30, 0, 2, 9, 4, 7, 12])
+    assert weakest_digits(training, 3) == [3, 9, 1]  # 9 and 6 tie at 9 errors: the smaller digit first
+    assert weakest_digits(training, 4) == [3, 9, 1, 6]
+
+
+@pytest.mark.parametrize("value", [1, 11, True, [9], [9, 9], [9, 10], "3", 2.0])
+def test_adapter_digits_refused(value):
+    with pytest.raises(SettingsError, match=re.escape(f"adapter_digits={value!r} is not valid: expected")):
+        check_adapter_digits(value)
+
+
+def test_adapter_digits_and_repeats_accepted():
+    assert check_adapter_digits(3) == 3 and check_adapter_digits((9, 3)) == [9, 3]
+    assert check_repeats(1) == 1
+    with pytest.raises(SettingsError, match=r"switch_repeats=0 is not valid: expected a whole number >= 1"):
+        check_repeats(0)
+
+
+def test_the_union_adapter_gets_what_the_single_ones_have_together():
+    from lora_tutorial import Settings
+
+    union = union_settings(Settings(rank=2, alpha=1.5, finetune_steps=40), 3)
+    assert (union.rank, union.alpha, union.finetune_steps) == (6, 4.5, 120)
+    with pytest.raises(SettingsError, match=r"The adapter trained on all 4 digits together has rank 4 x 3: "
+                                            r"rank=12 is too large for layer linear3 .* Choose fewer "
+                                            r"adapter_digits"):
+        union_settings(Settings(rank=3), 4)
+
+
+def test_fit_subset_and_the_other_digits_accuracy_take_several_digits(mnist):
+    images, labels = fit_subset(mnist, [9, 3])
+    assert set(labels.tolist()) == {3, 9}
+    assert len(labels) == len(fit_subset(mnist, 9)[1]) + len(fit_subset(mnist, 3)[1])
+    e = evaluation([0, 0, 50, 0, 0, 0, 0, 0, 0, 10])
+    assert e.mean_accuracy_except([2, 9]) == 1.0
+    assert e.mean_accuracy_except(9) == pytest.approx((8 + 0.5) / 9)
+
+
+def test_the_union_adapter_trains_on_its_digits_and_is_reused(small_settings):
+    settings = dataclasses.replace(small_settings, finetune_steps=5)
+    device, data = setup(settings, verbose=False)
+    pre = pretrained_model(settings, data, device, verbose=False)
+    first = union_adapter(settings, data, pre.model, [9, 3])
+    assert {n: m.rank for n, m in lora_modules(first).items()} == {"linear1": 2, "linear2": 2, "linear3": 2}
+    assert any(m.lora_B.abs().sum() > 0 for m in lora_modules(first).values())  # it trained
+    saved = list((settings.output_path / "adapters").glob("union-*.safetensors"))
+    assert len(saved) == 1
+    again = union_adapter(settings, data, pre.model, [9, 3])  # loaded from that file
+    for a, b in zip(lora_modules(first).values(), lora_modules(again).values(), strict=True):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    union_adapter(settings, data, pre.model, [9, 2])  # other digits: another file
+    assert len(list((settings.output_path / "adapters").glob("union-*.safetensors"))) == 2
+
+
+def test_table_and_findings_are_written_from_the_rows():
+    digits = [9, 3]
+    before = figures(evaluation([0, 0, 0, 10, 0, 0, 0, 0, 0, 20]), digits)
+    rows = []
+    for seed, shift in ((0, 0), (1, 2)):
+        for name, wrong in (("digit 9 alone", [0, 0, 0, 30, 0, 0, 0, 0, 0, 2]),
+                            ("digit 3 alone", [0, 0, 0, 1, 0, 0, 0, 0, 0, 40]),
+                            ("sum of the 2", [5, 0, 0, 4, 0, 0, 0, 0, 0, 6]),
+                            ("mean of the 2", [0, 0, 0, 6, 0, 0, 0, 0, 0, 12]),
+                            ("together", [20, 0, 0, 3, 0, 0, 0, 0, 0, 3])):
+            wrong = [w + shift if w else 0 for w in wrong]
+            rows.append({"name": name, "seed": seed, **figures(evaluation(wrong), digits)})
+    summaries = summarize(rows, digits)
+    names = ["digit 9 alone", "digit 3 alone", "sum of the 2", "mean of the 2", "together"]
+    assert [e["name"] for e in summaries] == names
+    assert summaries[0]["wrong"]["9"] == {"mean": 3.0, "low": 2.0, "high": 4.0, "count": 2}
+    table = adapter_table(summaries, before, digits).splitlines()
+    assert table[0].split() == "adapter wrong on 9 wrong on 3 other 8 digits % all %".split()
+    assert table[2].split()[2:4] == ["20", "10"]  # the pre-trained network's wrong answers
+    assert table[3].split()[3:7] == ["3.0", "(2-4)", "31.0", "(30-32)"]
+    text = combination_findings(summaries, before, digits, "sum of the 2", "mean of the 2", "together")
+    expected = [
+        "- **digit 9 alone**: wrong on 9 20 -> 3.0 (2-4); on the other chosen digits 3: 10 -> 31.0 (30-32)",
+        "**sum of the 2** against each digit's own adapter alone: wrong answers on 9, more (7.0 (6-8) "
+        "against 3.0 (2-4)); on 3, more (5.0 (4-6) against 2.0 (1-3))",
+        "**mean of the 2** against the sum of the 2: wrong answers on 9, more (13.0 (12-14) against 7.0 "
+        "(6-8)); on 3, a tie (7.0 (6-8) against 5.0 (4-6))",  # the ranges overlap
+        "on the other 8 digits (%) higher (100.00 (100.00-100.00) against 99.25 (99.12-99.38))",
+        "**together** against the sum of the 2: wrong answers on 9, fewer (4.0 (3-5) against 7.0 (6-8))",
+    ]
+    for sentence in expected:
+        assert sentence in text
+    assert count_text(Spread(19.0, 19.0, 19.0, 3)) == "19.0 (19-19)"
+
+
+def test_the_timing_helper_takes_turns_and_the_cost_sentences_use_ratios():
+    calls = []
+    seconds = interleaved_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4  # one warm-up each, then three rounds taking turns
+    assert all(s.count == 3 and s.low <= s.mean <= s.high for s in seconds.values())
+    medians = {SWITCH: 0.001, SWITCH_TWO: 0.0002, SWAP: 0.0001, LOAD_ADAPTER: 0.02, LOAD_NETWORK: 0.002}
+    measured = {name: Spread(value, value, value, 1) for name, value in medians.items()}
+    sizes = {"adapter (the tutorial's file)": 1024, "fine-tuned network": 1024 * 400}
+    text = cost_findings(sizes, measured, 3, 18)
+    assert "- Disk: 3 adapters take 3.0 KiB, 3 fine-tuned copies of the network 1.2 MiB: 400 times as much." \
+        in text
+    assert "set_adapter took 1.00 ms with 18 adapters held, 2.0 times as fast as it, and 0.20 ms with 2 " \
+        "held" in text
+    assert "loading an adapter folder with PEFT 20.00 ms, 10.0 times as slow as it." in text
