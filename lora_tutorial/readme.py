@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .many_adapters import LOAD_NETWORK, SWITCH
 from .report import published
 from .settings import project_root
 
@@ -143,13 +144,42 @@ def _forgetting_rows(forget: dict[str, Any], digit: int) -> list[str]:
     return lines
 
 
+def _many_adapters_rows(many: dict[str, Any]) -> list[str]:
+    """10's rows: PEFT against the tutorial's LoRA; the adapters per digit, combined; the costs."""
+    peft, digits, before = many["peft"], many["digits"], many["before"]
+    chosen = ", ".join(map(str, digits))
+
+    def gap(value: float) -> str:
+        return "0 (bit for bit)" if value == 0 else f"at most {value:.1e}"
+
+    lines = [f"| 10: PEFT's LoRA beside the tutorial's, same A and same batches | trained A and B differ by "
+             f"{gap(peft['adapter_gap'])}; merged weights by {gap(peft['merge_gap'])}; `disable_adapter()` "
+             "gives the pre-trained network exactly; to_peft / from_peft round trip exact |"]
+    pre_wrong = ", ".join(str(before["wrong"][str(d)]) for d in digits)
+    for e in many["summaries"]:
+        wrong = ", ".join(f"{d}: {_spread(e['wrong'][str(d)])}" for d in digits)
+        lines.append(f"| 10: {e['name']} (wrong on {chosen}; pre-trained {pre_wrong}) | {wrong}; other "
+                     f"{10 - len(digits)} digits {_spread(e['others_accuracy'])} % (pre-trained "
+                     f"{100 * before['others_accuracy']:.1f} %) |")
+    n, size = len(digits), many["bytes"]["adapter (the tutorial's file)"]
+    network = many["bytes"]["fine-tuned network"]
+    ms = {name: value["mean"] * 1e3 for name, value in many["seconds"].items()}
+    lines.append(f"| 10: what {n} tasks cost | {n} adapters {n * size / 1024:.1f} KiB vs {n} fine-tuned "
+                 f"copies {n * network / 2**20:.1f} MiB; PEFT's set_adapter {ms[SWITCH]:.2f} ms "
+                 f"({len(many['rows'])} adapters held) vs loading a network file {ms[LOAD_NETWORK]:.2f} ms "
+                 "(medians, this CPU) |")
+    return lines
+
+
 def beyond_table(found: dict[str, dict[str, Any]]) -> str:
-    """08's and 09's answers in one table: mean (min-max) over the seeds, on the test images."""
+    """08's, 09's and 10's answers in one table: mean (min-max) over the seeds, on the test images."""
     why, forget = found["08_why_low_rank"]["why_low_rank"], found["09_forgetting"]["forgetting"]
+    many = found["10_peft_and_many_adapters"]["many_adapters"]
     digit = why["settings"]["target_digit"]
     lines = [f"| question | answer measured (mean (min-max) over {len(why['seeds'])} seeds, test images) |",
              "|---|---|"]
     lines += _rank_enough_rows(why, digit) + _cost_row(why) + _forgetting_rows(forget, digit)
+    lines += _many_adapters_rows(many)
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 Executes the six notebooks in order with papermill, each into an executed copy under --out,
 all with the same parameters, then prints a short summary of the results. With --check it
 also fails unless the post's trends hold (see TRENDS). `--only 07_rank_sweep 08_why_low_rank
-09_forgetting` runs the three notebooks that go beyond the post.
+09_forgetting 10_peft_and_many_adapters` runs the four notebooks that go beyond the post.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .settings import Settings, SettingsError, ShortError, assigned_names, proje
 from .train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
-BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting")  # beyond the post: run them with --only
+# beyond the post: run them with --only
+BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting", "10_peft_and_many_adapters")
 # The bar for the pre-trained accuracy: the post's 0.95 less a margin for other hardware; a network
 # pre-trained on the offline sample's 4,000 images gets a lower bar (it reaches about 0.90).
 ACCURACY_BAR = {"mnist": 0.94, "sample": 0.85}
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
                         metavar=("NAME", "VALUE"), help="a notebook parameter, e.g. -p rank 4")
     parser.add_argument("--only", nargs="+", choices=STEPS + BEYOND,
-                        help="run only these notebooks (07, 08 and 09 run only when named here)")
+                        help="run only these notebooks (07-10 run only when named here)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless the post's trends hold: " + "; ".join(TRENDS).replace("%", "%%"))
     args = parser.parse_args(argv)

@@ -292,3 +292,41 @@ def test_forgetting_in_small_settings(quick_run, tmp_path):
     text = text_of(executed)
     assert "Merged == parametrized: the same logits, bit for bit" in text
     assert "cached == parametrized too, in calls of 100" in text
+
+
+@pytest.mark.slow
+def test_peft_and_many_adapters_in_small_settings(quick_run, tmp_path):
+    """10 on 2,000 images and 30 steps: PEFT and the tutorial agree where the notebook says they do,
+    every adapter and combination is evaluated once per seed, and the table has its columns."""
+    root, results = quick_run
+    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
+                  "switch_repeats": 2}
+    executed = execute("10_peft_and_many_adapters", tmp_path, parameters)
+    report = json.loads((root / "out" / "many_adapters.json").read_text())
+    peft = report["peft"]
+    assert peft["adapter_gap"] <= 1e-6 and peft["merge_gap"] <= 1e-6 and peft["sum_gap"] <= 1e-6
+    assert peft["same_as_05"] is True and peft["disagree"] <= 5  # of 10,000: rounding flips at most a few
+    wrong = report["training_wrong"]  # the pre-trained network's errors on its training images
+    digits = report["digits"]
+    assert digits == sorted(range(10), key=lambda d: (-wrong[d], d))[:3]
+    assert digits[0] == results["target_digit"]
+    assert report["before"]["wrong"] == {str(d): results["pretrained"]["wrong_counts"][d] for d in digits}
+    names = [f"digit {d} alone" for d in digits] + ["sum of the 3", "mean of the 3",
+                                                    f"one adapter, {', '.join(map(str, digits))} together"]
+    assert [(r["name"], r["seed"]) for r in report["rows"]] == [(n, s) for n in names for s in (0, 1, 2)]
+    assert [e["name"] for e in report["summaries"]] == names
+    assert all(sorted(e["wrong"]) == sorted(map(str, digits)) for e in report["summaries"])
+    # digit 9 alone with seed 0 is 05's run (its seed is the pre-training seed, 0): 06's wrong answers
+    first = report["rows"][0]
+    assert first["wrong"][str(digits[0])] == results["target_wrong_after"]
+    assert set(report["seconds"]) == {"switch adapters (PEFT's set_adapter)", "the same, 2 adapters held",
+                                      "copy another A and B in (ours)", "load an adapter folder (PEFT)",
+                                      "load a network file"}
+    assert 25_000 < report["bytes"]["adapter (the tutorial's file)"] < 30_000
+    assert report["bytes"]["fine-tuned network"] > 11_000_000  # 2,807,010 float32 numbers
+    text = text_of(executed)
+    assert "give the same logits, bit for bit, for all 10,000 test images" in text
+    assert "Onto another network: refused (other base weights)." in text
+    assert "weight is parametrized: {'linear1': True, 'linear2': True, 'linear3': True}" in text
+    header = f"wrong on {digits[0]}      wrong on {digits[1]}      wrong on {digits[2]}"
+    assert header in text and "other 7 digits %" in text

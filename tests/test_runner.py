@@ -8,7 +8,7 @@ from lora_tutorial.settings import SettingsError
 
 
 def test_each_notebook_declares_only_what_it_uses():
-    taken = {p.stem: notebook_parameters(p) for p in sorted(notebooks_dir().glob("0*.ipynb"))}
+    taken = {p.stem: notebook_parameters(p) for p in sorted(notebooks_dir().glob("[01]*.ipynb"))}
     assert taken["01_data"] == ["data_dir", "train_samples", "device"]  # no LoRA before LoRA
     assert not {"rank", "alpha", "finetune_steps", "replay_share"} & set(taken["02_pretrain"])
     assert "rank" in taken["03_parametrize"] and "finetune_steps" not in taken["03_parametrize"]
