@@ -1,10 +1,11 @@
 """One frozen base, many adapters (10): one LoRA per weak digit, switched and combined.
 
 Each digit's adapter is the tutorial's own fine-tuning run (05's settings, that digit as the
-target), saved and reused like every adapter here. The "union" adapter is trained once on the
-images of all the chosen digits together, with as many parameters and steps as the per-digit
-adapters have between them, so that it is compared with their combination at equal cost. Every
-run is repeated for a few fine-tuning seeds; the figures are the mean and the range over them.
+target), saved and reused like every adapter here, with a fine-tuning seed of its own
+(`adapter_seed`). The "together" adapter is trained once on the images of all the chosen digits,
+with as many parameters, images and updates per parameter as the per-digit adapters have between
+them, so that it is compared with their combination at equal cost. Every run is repeated for a few
+seeds; the figures are the mean and the range over them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from .checkpoints import load_adapter, save_adapter
 from .data import Mnist, fit_subset
 from .evaluate import Evaluation
+from .forgetting import share_answering
 from .lora import separate_path
 from .pipeline import adapter_path, finetune_key, finetuned_model, lora_copy
 from .settings import Settings, SettingsError, fingerprint
@@ -45,13 +47,26 @@ def weakest_digits(training: Evaluation, count: int) -> list[int]:
     return sorted(range(10), key=lambda d: (-training.wrong_counts[d], d))[:count]
 
 
+SEED_STRIDE = 1000  # between the fine-tuning seeds of one round's adapters (seeds are small numbers)
+
+
+def adapter_seed(seed: int, index: int) -> int:
+    """The fine-tuning seed of the `index`-th digit's adapter in round `seed`: `seed` for the first
+    (so the worst digit's adapter is 05's run), then seed + 1000, seed + 2000, ... Adapters trained
+    with one seed start from the same random A, which 100 steps barely move (08 measures it), so
+    their sum would be close to a rank-r update; seeds of their own make it a real sum of r-rank
+    updates, as independently trained adapters are."""
+    return seed + SEED_STRIDE * index
+
+
 def union_settings(settings: Settings, count: int) -> Settings:
-    """The settings of the adapter trained on `count` digits together: rank, alpha and steps each
-    times `count`, so that it has the parameters, the scale alpha / r and the steps of the
-    per-digit adapters together. A rank too large for a layer is one sentence, before any work."""
+    """The settings of the adapter trained on `count` digits together: rank, alpha and batch size
+    each times `count`, the same steps. It then has the parameters and the scale alpha / r of the
+    per-digit adapters together, sees as many images, and updates each parameter as often as each
+    of them does. A rank too large for a layer is one sentence, before any work."""
     try:
         return dataclasses.replace(settings, rank=count * settings.rank, alpha=count * settings.alpha,
-                                   finetune_steps=count * settings.finetune_steps)
+                                   batch_size=count * settings.batch_size)
     except SettingsError as err:
         raise SettingsError(f"The adapter trained on all {count} digits together has rank {count} x "
                             f"{settings.rank}: {err} Choose fewer adapter_digits, a smaller rank, or "
@@ -60,7 +75,8 @@ def union_settings(settings: Settings, count: int) -> Settings:
 
 def union_adapter(settings: Settings, data: Mnist, base: nn.Module, digits: Sequence[int]) -> nn.Module:
     """A LoRA trained on the fit images of all `digits` together (`union_settings`), from `base`;
-    saved under output_dir/adapters and loaded when it is there."""
+    saved under output_dir/adapters and loaded when it is there. Its key names the settings of the
+    run (the batch size included) and all the digits."""
     union = union_settings(settings, len(digits))
     key = {**finetune_key(union, data), "target_digit": list(digits)}  # all of them, not the settings' one
     path = union.output_path / "adapters" / f"union-{fingerprint(key, data.identity)}.safetensors"
@@ -83,9 +99,11 @@ def digit_adapter(settings: Settings, data: Mnist, base: nn.Module, digit: int) 
 
 def figures(evaluation: Evaluation, digits: Sequence[int]) -> dict:
     """One row of the table: wrong answers on each chosen digit, the other digits' mean accuracy,
-    the accuracy over all images."""
+    the accuracy over all images; and, per chosen digit, the share of the other digits' wrong
+    answers that are that digit (how strongly the network leans towards answering it)."""
     return {"wrong": {str(d): evaluation.wrong_counts[d] for d in digits},
-            "others_accuracy": evaluation.mean_accuracy_except(digits), "accuracy": evaluation.accuracy}
+            "others_accuracy": evaluation.mean_accuracy_except(digits), "accuracy": evaluation.accuracy,
+            "answered": {str(d): share_answering(evaluation, d) for d in digits}}
 
 
 def summarize(rows: Sequence[dict], digits: Sequence[int]) -> list[dict]:
@@ -129,6 +147,40 @@ def adapter_table(summaries: Sequence[dict], before: dict, digits: Sequence[int]
         lines.append(f"{e['name']:<34}{wrong}{measure(e, 'others_accuracy').text(2):>26}"
                      f"{measure(e, 'accuracy').text(2):>26}")
     return "\n".join(lines)
+
+
+def leaning_lines(rows: Sequence[dict], before: dict, digits: Sequence[int]) -> str:
+    """Per single-digit adapter: the share of the other digits' wrong answers that are its own digit,
+    mean (min-max) over the seeds, against the pre-trained network's share."""
+    lines = []
+    for d in digits:
+        shares = [100 * r["answered"][str(d)] for r in rows if r["name"] == f"digit {d} alone"]
+        lines.append(f"  digit {d} alone: {spread(shares).text(0)} % of the other digits' wrong answers "
+                     f"are a {d} (pre-trained: {100 * before['answered'][str(d)]:.0f} %)")
+    return "\n".join(lines)
+
+
+def overall_findings(summaries: Sequence[dict], before: dict, digits: Sequence[int]) -> str:
+    """Two bullets for the summary: the configuration with the best accuracy over all images, and
+    the one with the fewest wrong answers on the chosen digits (by the mean over the seeds), each
+    with what the other measure says of it."""
+    def total_wrong(e: dict) -> float:
+        return sum(measure(e, "wrong", d).mean for d in digits)
+
+    best = max(summaries, key=lambda e: measure(e, "accuracy").mean)
+    fewest = min(summaries, key=total_wrong)
+    pre_all, pre_wrong = 100 * before["accuracy"], sum(before["wrong"][str(d)] for d in digits)
+    accuracy = measure(best, "accuracy")
+    against = ("every seed above" if accuracy.low > pre_all else "every seed below" if accuracy.high < pre_all
+               else "a range that includes")
+    chosen = ", ".join(map(str, digits))
+    return (f"- Best accuracy over all images: **{best['name']}**, {accuracy.text(2)} % ({against} the "
+            f"pre-trained network's {pre_all:.2f} %), with {total_wrong(best):.1f} wrong answers on {chosen} "
+            f"together (pre-trained {pre_wrong}).\n"
+            f"- Fewest wrong answers on {chosen}: **{fewest['name']}**, {total_wrong(fewest):.1f} together, "
+            f"but the other {10 - len(digits)} digits fall to {measure(fewest, 'others_accuracy').text(2)} % "
+            f"(pre-trained {100 * before['others_accuracy']:.2f} %) and all images to "
+            f"{measure(fewest, 'accuracy').text(2)} %.")
 
 
 def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, Spread]:
@@ -208,7 +260,7 @@ def _how_fast(seconds: float, baseline: float) -> str:
 SWITCH = "switch adapters (PEFT's set_adapter)"
 SWITCH_TWO = "the same, 2 adapters held"
 SWAP = "copy another A and B in (ours)"
-LOAD_ADAPTER = "load an adapter folder (PEFT)"
+LOAD_ADAPTER = "load + delete an adapter folder (PEFT)"
 LOAD_NETWORK = "load a network file"
 
 
@@ -224,5 +276,5 @@ def cost_findings(sizes: dict[str, int], seconds: dict[str, Spread], count: int,
             f"took {median[SWITCH] * 1e3:,.2f} ms with {held} adapters held, "
             f"{_how_fast(median[SWITCH], base)} it, and {median[SWITCH_TWO] * 1e3:,.2f} ms with 2 held; "
             f"copying another adapter's A and B into the tutorial's LoRA {median[SWAP] * 1e3:,.3f} ms, "
-            f"{_how_fast(median[SWAP], base)} it; loading an adapter folder with PEFT "
-            f"{median[LOAD_ADAPTER] * 1e3:,.2f} ms, {_how_fast(median[LOAD_ADAPTER], base)} it.")
+            f"{_how_fast(median[SWAP], base)} it; loading an adapter folder with PEFT (and deleting it "
+            f"again) {median[LOAD_ADAPTER] * 1e3:,.2f} ms, {_how_fast(median[LOAD_ADAPTER], base)} it.")

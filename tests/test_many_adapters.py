@@ -15,6 +15,7 @@ from lora_tutorial.many_adapters import (
     SWAP,
     SWITCH,
     SWITCH_TWO,
+    adapter_seed,
     adapter_table,
     check_adapter_digits,
     check_repeats,
@@ -23,6 +24,8 @@ from lora_tutorial.many_adapters import (
     count_text,
     figures,
     interleaved_seconds,
+    leaning_lines,
+    overall_findings,
     summarize,
     union_adapter,
     union_settings,
@@ -67,7 +70,8 @@ def test_the_union_adapter_gets_what_the_single_ones_have_together():
     from lora_tutorial import Settings
 
     union = union_settings(Settings(rank=2, alpha=1.5, finetune_steps=40), 3)
-    assert (union.rank, union.alpha, union.finetune_steps) == (6, 4.5, 120)
+    assert (union.rank, union.alpha, union.batch_size, union.finetune_steps) == (6, 4.5, 30, 40)
+    assert [adapter_seed(0, i) for i in range(3)] == [0, 1000, 2000] and adapter_seed(2, 1) == 1002
     with pytest.raises(SettingsError, match=r"The adapter trained on all 4 digits together has rank 4 x 3: "
                                             r"rank=12 is too large for layer linear3 .* Choose fewer "
                                             r"adapter_digits"):
@@ -131,6 +135,15 @@ def test_table_and_findings_are_written_from_the_rows():
     ]
     for sentence in expected:
         assert sentence in text
+    leaning = [{"name": f"digit {d} alone", "seed": seed, "answered": {"9": share, "3": share / 2}}
+               for d in digits for seed, share in ((0, 0.5), (1, 0.7))]
+    assert leaning_lines(leaning, {"answered": {"9": 0.04, "3": 0.19}}, digits).splitlines() == [
+        "  digit 9 alone: 60 (50-70) % of the other digits' wrong answers are a 9 (pre-trained: 4 %)",
+        "  digit 3 alone: 30 (25-35) % of the other digits' wrong answers are a 3 (pre-trained: 19 %)"]
+    overall = overall_findings(summaries, before, digits)
+    assert "- Best accuracy over all images: **digit 9 alone**" not in overall
+    assert ("- Fewest wrong answers on 9, 3: **together**, 8.0 together, but the other 8 digits fall to "
+            "97.38 (97.25-97.50) %") in overall
     assert count_text(Spread(19.0, 19.0, 19.0, 3)) == "19.0 (19-19)"
 
 
@@ -147,4 +160,5 @@ def test_the_timing_helper_takes_turns_and_the_cost_sentences_use_ratios():
         in text
     assert "set_adapter took 1.00 ms with 18 adapters held, 2.0 times as fast as it, and 0.20 ms with 2 " \
         "held" in text
-    assert "loading an adapter folder with PEFT 20.00 ms, 10.0 times as slow as it." in text
+    assert "loading an adapter folder with PEFT (and deleting it again) 20.00 ms, 10.0 times as slow as it." \
+        in text
