@@ -171,13 +171,15 @@ def overall_findings(summaries: Sequence[dict], before: dict, digits: Sequence[i
     fewest = min(summaries, key=total_wrong)
     pre_all, pre_wrong = 100 * before["accuracy"], sum(before["wrong"][str(d)] for d in digits)
     accuracy = measure(best, "accuracy")
-    against = ("every seed above" if accuracy.low > pre_all else "every seed below" if accuracy.high < pre_all
-               else "a range that includes")
+    if accuracy.low > pre_all or accuracy.high < pre_all:
+        against = f"every round {'above' if accuracy.low > pre_all else 'below'}"
+    else:
+        against = "a range that includes"
     chosen = ", ".join(map(str, digits))
     return (f"- Best accuracy over all images: **{best['name']}**, {accuracy.text(2)} % ({against} the "
             f"pre-trained network's {pre_all:.2f} %), with {total_wrong(best):.1f} wrong answers on {chosen} "
-            f"together (pre-trained {pre_wrong}).\n"
-            f"- Fewest wrong answers on {chosen}: **{fewest['name']}**, {total_wrong(fewest):.1f} together, "
+            f"in total (the sum of their means; pre-trained {pre_wrong}).\n"
+            f"- Fewest wrong answers on {chosen}: **{fewest['name']}**, {total_wrong(fewest):.1f} in total, "
             f"but the other {10 - len(digits)} digits fall to {measure(fewest, 'others_accuracy').text(2)} % "
             f"(pre-trained {100 * before['others_accuracy']:.2f} %) and all images to "
             f"{measure(fewest, 'accuracy').text(2)} %.")

@@ -142,7 +142,7 @@ def test_table_and_findings_are_written_from_the_rows():
         "  digit 3 alone: 30 (25-35) % of the other digits' wrong answers are a 3 (pre-trained: 19 %)"]
     overall = overall_findings(summaries, before, digits)
     assert "- Best accuracy over all images: **digit 9 alone**" not in overall
-    assert ("- Fewest wrong answers on 9, 3: **together**, 8.0 together, but the other 8 digits fall to "
+    assert ("- Fewest wrong answers on 9, 3: **together**, 8.0 in total, but the other 8 digits fall to "
             "97.38 (97.25-97.50) %") in overall
     assert count_text(Spread(19.0, 19.0, 19.0, 3)) == "19.0 (19-19)"
 

@@ -23,7 +23,7 @@ FACTS = {
     "0.1307", "0.3081", "255", "2,807,010", "6,794", "3,000", "2,000,000", "32", "64",
     "0.951", "116", "0.905", "300", "0.962", "0.964",  # the post's figures; its code on CPUs
     "175", "3", "4.1", "7", "1.9", "1.7", "2021", "2020", "2023", "2024", "0.001",
-    "0.17",  # the PEFT version that added target_parameters
+    "0.17", "0.19",  # PEFT versions: target_parameters; set_adapter(..., inference_mode=True)
     "2.3",  # ln 10, the loss of a guess among ten digits
     "0.036", "0.022", "0.021", "0.013", "50", "80",  # Kaiming's bounds 1/sqrt(784), 1/sqrt(2000),
     # their standard deviations (bound / sqrt(3)); N(0, 1)'s is 50-80 times those
