@@ -33,7 +33,7 @@ from .settings import shown_path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_INSTALL = "pip install 'peft>=0.17,<1'"
+PEFT_INSTALL = "pip install 'peft>=0.18,<1'"
 KEY = re.compile(r"base_model\.model\.(?P<layer>.+)\.lora_(?P<part>[AB])\.weight")
 # Our own facts, kept in the safetensors header beside PEFT's {"format": "pt"}; PEFT ignores them.
 FINGERPRINT_KEY, SETTINGS_KEY = "lora_tutorial.base_fingerprint", "lora_tutorial.settings"

@@ -6,6 +6,7 @@ import copy
 import json
 import sys
 
+import peft  # a dependency: a missing or broken install fails here rather than skipping
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,8 +14,6 @@ from safetensors.torch import load_file, save_file
 from lora_tutorial import OversizedMLP, add_lora, lora_modules, save_adapter, separate_path
 from lora_tutorial.checkpoints import CheckpointError
 from lora_tutorial.peft_interop import CONFIG_FILE, WEIGHTS_FILE, from_peft, read_peft, to_peft
-
-peft = pytest.importorskip("peft")
 
 
 def network(seed: int = 0) -> OversizedMLP:
@@ -187,6 +186,6 @@ def test_the_wrong_network_is_refused(base, tmp_path):
 def test_without_peft_writing_says_how_to_install_it(base, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed
     with pytest.raises(CheckpointError, match=r"needs Hugging Face PEFT, which is not installed here: "
-                                              r"pip install 'peft>=0.17,<1'"):
+                                              r"pip install 'peft>=0.18,<1'"):
         to_peft(trained_lora(base, rank=1), tmp_path / "a")
     assert not (tmp_path / "a").exists()
