@@ -30,15 +30,17 @@ from .train import train
 
 
 def check_adapter_digits(value: object) -> int | list[int]:
-    """`adapter_digits`: how many of the weakest digits get an adapter (a whole number from 2 to
-    10), or the digits themselves (a list of at least two different digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 10:
+    """`adapter_digits`: how many of the weakest digits get an adapter (a whole number from 2 to 9:
+    at least one digit must be left to measure what the adapters cost the others), or the digits
+    themselves (a list of 2 to 9 different digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 9:
         return value
-    if (isinstance(value, (list, tuple)) and len(value) >= 2 and len(set(value)) == len(value)
+    if (isinstance(value, (list, tuple)) and 2 <= len(value) <= 9 and len(set(value)) == len(value)
             and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in value)):
         return list(value)
     raise SettingsError(f"adapter_digits={value!r} is not valid: expected how many of the weakest digits get "
-                        "an adapter (2 to 10, e.g. 3), or a list of different digits, e.g. [9, 3, 2].")
+                        "an adapter (2 to 9, e.g. 3; the others measure what the adapters cost), or a list "
+                        "of 2 to 9 different digits, e.g. [9, 3, 2].")
 
 
 def weakest_digits(training: Evaluation, count: int) -> list[int]:

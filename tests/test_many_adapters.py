@@ -53,7 +53,7 @@ def test_the_weakest_digits_come_from_the_training_errors_worst_first():
     assert weakest_digits(training, 4) == [3, 9, 1, 6]
 
 
-@pytest.mark.parametrize("value", [1, 11, True, [9], [9, 9], [9, 10], "3", 2.0])
+@pytest.mark.parametrize("value", [1, 10, True, [9], [9, 9], [9, 10], list(range(10)), "3", 2.0])
 def test_adapter_digits_refused(value):
     with pytest.raises(SettingsError, match=re.escape(f"adapter_digits={value!r} is not valid: expected")):
         check_adapter_digits(value)
