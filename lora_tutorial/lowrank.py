@@ -29,7 +29,7 @@ from torch import nn
 
 from .checkpoints import save_adapter
 from .data import Mnist, fit_subset
-from .evaluate import evaluate
+from .evaluate import evaluate, predict
 from .lora import LoRAParametrization, lora_modules, separate_path
 from .model import LAYER_SHAPES, linear_layers
 from .pipeline import finetune_key, lora_model, train_on_target
@@ -294,7 +294,9 @@ def lora_runs(settings: Settings, data: Mnist, base: nn.Module, rank: int, seeds
     """Fine-tune LoRA at `rank` (`lora_at_rank`) once per seed, through the separate path as 05 does.
 
     Each row: the seed, the seconds, the test results, each layer's decomposition of its update
-    ("pieces") and how far A moved from its random start, as a share of its size ("a_moved").
+    ("pieces"), how far A moved from its random start, as a share of its size ("a_moved"), A itself
+    at its start and after training ("a_start", "a_end"), and the predicted digit of every test
+    image ("predictions").
     """
     rows = []
     for seed in seeds:
@@ -309,7 +311,10 @@ def lora_runs(settings: Settings, data: Mnist, base: nn.Module, rank: int, seeds
         rows.append({"seed": seed, "seconds": seconds, **_summary(run, model, data),
                      "pieces": {name: decompose_lora(lora) for name, lora in loras.items()},
                      "a_moved": {name: float((lora.lora_A.detach() - start[name]).norm() / start[name].norm())
-                                 for name, lora in loras.items()}})
+                                 for name, lora in loras.items()},
+                     "a_start": {name: a.cpu() for name, a in start.items()},
+                     "a_end": {name: lora.lora_A.detach().cpu().clone() for name, lora in loras.items()},
+                     "predictions": predict(model, data.test_images)})
     return rows
 
 
@@ -463,9 +468,12 @@ def cost_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+TENSORS = ("pieces", "a_start", "a_end", "predictions")  # what a row holds that JSON cannot
+
+
 def plain_rows(rows: Sequence[dict]) -> list[dict]:
-    """The rows without what JSON cannot hold (the decompositions), for the results file."""
-    return [{k: v for k, v in row.items() if k != "pieces"} for row in rows]
+    """The rows without what JSON cannot hold (decompositions, tensors), for the results file."""
+    return [{k: v for k, v in row.items() if k not in TENSORS} for row in rows]
 
 
 # Tables and sentences written from the results ----------------------------------------------

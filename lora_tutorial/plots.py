@@ -441,3 +441,62 @@ def plot_tradeoff(summaries: Sequence[dict], pretrained: dict, chosen: str, digi
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _as_pixels(direction: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
+    """A 784-long direction as a 28 x 28 image of unit length, its sign turned to agree with
+    `reference` (a direction's sign means nothing, so the pictures are made comparable)."""
+    unit = direction.detach().double().cpu().flatten()
+    unit = unit / unit.norm()
+    if reference is not None and float(unit @ reference) < 0:
+        unit = -unit
+    return unit.reshape(28, 28).numpy()
+
+
+def plot_input_directions(rows: dict[str, torch.Tensor], title: str) -> plt.Figure:
+    """Directions in the 784-pixel input space as 28 x 28 images: one row of images per entry of
+    `rows` (a (k, 784) tensor: A's rows, or singular vectors as rows), each scaled to unit length,
+    on one shared colour scale with a colour bar. Signs are matched to the first image of the
+    first row, so that the same direction looks the same wherever it appears."""
+    columns = max(len(t) for t in rows.values())
+    fig, axes = new_figure(len(rows), columns, figsize=(1.9 * columns + 1.6, 2.0 * len(rows) + 0.6),
+                           squeeze=False)
+    reference = torch.from_numpy(_as_pixels(next(iter(rows.values()))[0], None).flatten())
+    pictures = {name: [_as_pixels(d, reference) for d in t] for name, t in rows.items()}
+    limit = max(float(np.abs(p).max()) for ps in pictures.values() for p in ps)
+    shown = None
+    for r, (name, images) in enumerate(pictures.items()):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(images):
+                shown = ax.imshow(images[c], cmap="RdBu_r", vmin=-limit, vmax=limit)
+                ax.set_title(f"{name}\n{c + 1}" if c == 0 else str(c + 1), fontsize=8, loc="left")
+    bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8)
+    bar.set_label("pixel weight in a unit-length direction (no unit)")
+    fig.suptitle(title)
+    return fig
+
+
+def show_changed_predictions(images: torch.Tensor, labels: torch.Tensor, before: torch.Tensor,
+                             after: torch.Tensor, count: int = 8,
+                             title: str = "Test images whose prediction changed") -> plt.Figure:
+    """Two rows of test images whose predicted digit changed: fixed (wrong before, right after)
+    and broken (right before, wrong after), the first `count` of each, titled 'before -> after'."""
+    fixed = ((before != labels) & (after == labels)).nonzero().flatten()[:count]
+    broken = ((before == labels) & (after != labels)).nonzero().flatten()[:count]
+    fig, axes = new_figure(2, count, figsize=(1.15 * count, 3.2), squeeze=False)
+    pixels = (images.detach().cpu() * STD + MEAN).clamp(0, 1)
+    for r, (name, picked) in enumerate((("fixed", fixed), ("broken", broken))):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(picked):
+                i = int(picked[c])
+                ax.imshow(pixels[i].reshape(28, 28).numpy(), cmap="gray_r")
+                ax.set_title(f"{name}: {int(before[i])} -> {int(after[i])}" if c == 0
+                             else f"{int(before[i])} -> {int(after[i])}", fontsize=8,
+                             color="tab:green" if name == "fixed" else "tab:red")
+    fig.suptitle(title + " (predicted before -> with LoRA)")
+    fig.tight_layout()
+    return fig

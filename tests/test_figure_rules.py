@@ -105,6 +105,11 @@ STABLE = {
     "plot_rank_study": lambda: plots.plot_rank_study(_study_entries(), BEFORE, 9),
     "plot_update_norms": lambda: plots.plot_update_norms(_study_entries(), {"alpha fixed": -0.5}),
     "plot_rank_tradeoff": lambda: plots.plot_rank_tradeoff(_study_entries(), BEFORE, 9, "alpha fixed r4"),
+    "plot_input_directions": lambda: plots.plot_input_directions(
+        {"A": torch.randn(1, 784), "full": torch.randn(3, 784)}, "Input directions"),
+    "show_changed_predictions": lambda: plots.show_changed_predictions(
+        torch.randn(6, 28, 28), torch.tensor([9, 9, 3, 3, 1, 1]), torch.tensor([4, 9, 3, 3, 2, 1]),
+        torch.tensor([9, 9, 9, 3, 9, 1])),
 }
 
 
@@ -114,3 +119,24 @@ def test_every_figure_follows_the_rules(name):
     figures = fig.values() if isinstance(fig, dict) else [fig]
     for figure in figures:
         assert figure_problems(figure) == [], name
+
+
+def test_input_directions_share_one_colour_scale_and_match_signs():
+    """Every image on one symmetric scale, each a unit-length direction whose sign agrees with the
+    first image's, so that a direction and its negative look the same."""
+    first = torch.randn(784, generator=torch.Generator().manual_seed(0))
+    fig = plots.plot_input_directions({"A": first[None], "flipped": -2 * first[None]}, "Input directions")
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 2 and len({im.get_clim() for im in images}) == 1
+    low, high = images[0].get_clim()
+    assert low == -high and high > 0
+    a, b = (im.get_array() for im in images)
+    assert abs(float((a ** 2).sum()) - 1) < 1e-9 and (a == b).all()  # unit length, the sign matched
+
+
+def test_changed_predictions_are_sorted_into_fixed_and_broken():
+    labels, before = torch.tensor([9, 9, 3, 3, 1, 1]), torch.tensor([4, 9, 3, 3, 2, 1])
+    after = torch.tensor([9, 9, 9, 3, 5, 1])
+    fig = plots.show_changed_predictions(torch.randn(6, 28, 28), labels, before, after, count=3)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == ["fixed: 4 -> 9", "broken: 3 -> 9"]  # image 4 went from one wrong answer to another

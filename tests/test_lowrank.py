@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from lora_tutorial import OversizedMLP, Settings, SettingsError, add_lora, lora_modules  # noqa: E402
 from lora_tutorial.lowrank import (  # noqa: E402
+    TENSORS,
     adam_state_bytes,
     as_good,
     chance_of_abs_cosine,
@@ -32,6 +33,7 @@ from lora_tutorial.lowrank import (  # noqa: E402
     lora_at_rank,
     lora_runs,
     measure_costs,
+    plain_rows,
     random_abs_cosine,
     random_matrix_values,
     saved_bytes,
@@ -289,6 +291,12 @@ def test_full_and_lora_runs_on_small_settings(small_settings):
     lora = lora_runs(settings, data, base, 1, [0, 1])
     assert [len(row["pieces"]["linear2"].values) for row in lora] == [1, 1]
     assert all(0 < row["a_moved"]["linear1"] < 1 for row in lora)  # A moves, a little
+    for row in lora:  # A before and after, as 08 draws them; the moved share is theirs
+        start, end = row["a_start"]["linear1"], row["a_end"]["linear1"]
+        assert start.shape == end.shape == (1, 784)
+        assert float((end - start).norm() / start.norm()) == pytest.approx(row["a_moved"]["linear1"])
+        assert row["predictions"].shape == (2000,) and row["predictions"].dtype == torch.int64
+    assert all(not set(TENSORS) & set(row) for row in plain_rows(lora))  # the JSON holds no tensors
     agreement = direction_agreement(lora, full)
     assert agreement["linear3"]["output"]["dimensions"] == 10
     assert agreement["linear3"]["input"]["dimensions"] == 2000
