@@ -453,11 +453,13 @@ def _as_pixels(direction: torch.Tensor, reference: torch.Tensor | None) -> np.nd
     return unit.reshape(28, 28).numpy()
 
 
-def plot_input_directions(rows: dict[str, torch.Tensor], title: str) -> plt.Figure:
+def plot_input_directions(rows: dict[str, torch.Tensor], title: str,
+                          captions: dict[str, list[str]] | None = None) -> plt.Figure:
     """Directions in the 784-pixel input space as 28 x 28 images: one row of images per entry of
     `rows` (a (k, 784) tensor: A's rows, or singular vectors as rows), each scaled to unit length,
     on one shared colour scale with a colour bar. Signs are matched to the first image of the
-    first row, so that the same direction looks the same wherever it appears."""
+    first row, so that the same direction looks the same wherever it appears (for a direction
+    unrelated to it the sign is arbitrary). `captions` gives a row's images their own titles."""
     columns = max(len(t) for t in rows.values())
     fig, axes = new_figure(len(rows), columns, figsize=(1.9 * columns + 1.6, 2.0 * len(rows) + 0.6),
                            squeeze=False)
@@ -471,9 +473,10 @@ def plot_input_directions(rows: dict[str, torch.Tensor], title: str) -> plt.Figu
             ax.axis("off")
             if c < len(images):
                 shown = ax.imshow(images[c], cmap="RdBu_r", vmin=-limit, vmax=limit)
-                ax.set_title(f"{name}\n{c + 1}" if c == 0 else str(c + 1), fontsize=8, loc="left")
+                caption = (captions or {}).get(name, [f"direction {i + 1}" for i in range(len(images))])[c]
+                ax.set_title(f"{name}\n{caption}" if c == 0 else caption, fontsize=8, loc="left")
     bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8)
-    bar.set_label("pixel weight in a unit-length direction (no unit)")
+    bar.set_label("pixel weight in a unit-length direction (no unit; 1/28 = 0.036 if spread evenly)")
     fig.suptitle(title)
     return fig
 

@@ -1,20 +1,25 @@
-"""Write the README's result tables from the results the committed notebooks published.
+"""Write the README's result tables and pictures from what the committed notebooks hold.
 
 `python -m lora_tutorial.readme` rewrites every block between `<!-- begin generated: NAME -->` and
 `<!-- end generated: NAME -->` in README.md from the notebooks' published results (see
-`report.py`); `--check` only compares, and exits 1 when a table differs from what the notebooks
-say (a test runs it). Numbers in those tables are therefore never typed by hand.
+`report.py`), and copies the figures the README shows (FIGURES) out of the notebooks' outputs
+into docs/; `--check` only compares, and exits 1 when a table or a picture differs from what the
+notebooks hold (a test runs it). Numbers and pictures in the README are therefore never made by
+hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import atomic_write
 from .many_adapters import LOAD_NETWORK, SWITCH
 from .report import published
 from .settings import project_root
@@ -196,6 +201,26 @@ TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {"results": resu
                                                                   "beyond": beyond_table}
 
 
+# The pictures the README shows: file -> (notebook, tag of the cell whose first picture it is)
+FIGURES = {"docs/what-lora-learned.png": ("08_why_low_rank", "readme-figure")}
+
+
+def notebook_figure(path: Path, tag: str) -> bytes:
+    """The first PNG that the cell tagged `tag` shows in a committed notebook."""
+    for cell in json.loads(Path(path).read_text())["cells"]:
+        if tag in cell.get("metadata", {}).get("tags", []):
+            for output in cell.get("outputs", []):
+                if "image/png" in output.get("data", {}):
+                    return base64.b64decode(output["data"]["image/png"])
+    raise KeyError(f"{Path(path).name} has no cell tagged {tag!r} that shows a picture.")
+
+
+def figures(root: Path) -> dict[Path, bytes]:
+    """Each README picture's file and the bytes the notebooks hold for it."""
+    return {root / name: notebook_figure(root / "notebooks" / f"{notebook}.ipynb", tag)
+            for name, (notebook, tag) in FIGURES.items()}
+
+
 def notebook_results(folder: Path) -> dict[str, dict[str, Any]]:
     """Every committed notebook's published results, by notebook name."""
     return {path.stem: published(path) for path in sorted(folder.glob("*.ipynb"))}
@@ -221,15 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     path = root / "README.md"
     text = path.read_text()
     new = render(text, notebook_results(root / "notebooks"))
+    pictures = figures(root)
     if args.check:
-        if new != text:
-            print("README.md's generated tables differ from the committed notebooks' results: run "
-                  "`python -m lora_tutorial.readme` and commit README.md.", file=sys.stderr)
+        stale = [p.name for p, png in pictures.items() if not p.is_file() or p.read_bytes() != png]
+        if new != text or stale:
+            print("README.md's generated tables or pictures " + (f"({', '.join(stale)}) " if stale else "")
+                  + "differ from the committed notebooks: run `python -m lora_tutorial.readme` and commit "
+                  "README.md and docs/.", file=sys.stderr)
             return 1
-        print("README.md's generated tables match the committed notebooks.")
+        print("README.md's generated tables and pictures match the committed notebooks.")
         return 0
     path.write_text(new)
-    print(f"Wrote {len(BLOCK.findall(new))} generated table(s) into README.md.")
+    for picture, png in pictures.items():
+        atomic_write(picture, lambda tmp, png=png: tmp.write_bytes(png))
+    print(f"Wrote {len(BLOCK.findall(new))} generated table(s) into README.md and {len(pictures)} "
+          "picture(s) into docs/.")
     return 0
 
 
