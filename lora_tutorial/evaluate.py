@@ -73,9 +73,12 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 10_000) ->
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 10_000) -> Evaluation:
-    predicted = predict(model, images, batch_size)
-    truth = labels.cpu()
-    confusion = torch.bincount(truth * 10 + predicted, minlength=100).reshape(10, 10)
+    return from_predictions(predict(model, images, batch_size), labels)
+
+
+def from_predictions(predicted: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+    """The evaluation of predictions already made (`predict`), against the true labels."""
+    confusion = torch.bincount(labels.cpu() * 10 + predicted.cpu(), minlength=100).reshape(10, 10)
     return from_confusion(confusion.tolist())
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from .checkpoints import save_adapter
 from .data import Mnist, fit_subset
-from .evaluate import evaluate, predict
+from .evaluate import evaluate, from_predictions, predict
 from .lora import LoRAParametrization, lora_modules, separate_path
 from .model import LAYER_SHAPES, linear_layers
 from .pipeline import finetune_key, lora_model, train_on_target
@@ -308,13 +308,15 @@ def lora_runs(settings: Settings, data: Mnist, base: nn.Module, rank: int, seeds
                         verbose=verbose)
         seconds = time.perf_counter() - started
         loras = lora_modules(model)
-        rows.append({"seed": seed, "seconds": seconds, **_summary(run, model, data),
+        predictions = predict(model, data.test_images)  # once: the summary is read off them too
+        summary = from_predictions(predictions, data.test_labels).digit_summary(run.target_digit)
+        rows.append({"seed": seed, "seconds": seconds, **summary,
                      "pieces": {name: decompose_lora(lora) for name, lora in loras.items()},
                      "a_moved": {name: float((lora.lora_A.detach() - start[name]).norm() / start[name].norm())
                                  for name, lora in loras.items()},
                      "a_start": {name: a.cpu() for name, a in start.items()},
                      "a_end": {name: lora.lora_A.detach().cpu().clone() for name, lora in loras.items()},
-                     "predictions": predict(model, data.test_images)})
+                     "predictions": predictions})
     return rows
 
 
