@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -164,11 +165,11 @@ def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
 
 
 def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
-                    verbose: bool = True) -> list[float]:
+                    verbose: bool = True, on_step: Callable[[int, int], None] | None = None) -> list[float]:
     """Train whatever in `model` is trainable on the target digit, as the settings say: the
     steps, batch size, learning rate and fine-tuning seed, and `replay_share` of each batch drawn
     from the other digits' images. Only the fit images are used, never the validation split.
-    Returns the losses."""
+    `on_step` goes to `train` (the explorer's progress bar). Returns the losses."""
     digit = settings.target_digit
     images, labels = fit_subset(data, digit)  # the validation images are never fine-tuned on
     replay = None
@@ -178,7 +179,7 @@ def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str
         desc = f"Fine-tuning on digit {digit}" + (f" ({settings.replay_share:g} replay)" if replay else "")
     return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,
                  lr=settings.learning_rate, seed=settings.lora_seed, desc=desc, progress=verbose,
-                 replay=replay, replay_share=settings.replay_share)
+                 replay=replay, replay_share=settings.replay_share, on_step=on_step)
 
 
 def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from .data import MEAN, STD
 
@@ -388,11 +388,19 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Se
     """Each digit's accuracy after fine-tuning (bars from zero: the mean over runs, with their
     min-max), the pre-trained accuracy as a reference mark on each bar, and the mean change in
     points written above it. `after` is one run's ten accuracies, or one list per seed."""
+    fig, ax = new_figure(figsize=(8, 3.8))
+    _per_digit_bars(ax, before, after, target_digit, images)
+    ax.set_title("Accuracy per digit after fine-tuning (numbers: mean change in points)")
+    fig.tight_layout()
+    return fig
+
+
+def _per_digit_bars(ax, before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
+                    target_digit: int, images: str) -> None:
     digits = np.arange(10)
     before = 100 * np.asarray(before, dtype=float)
     runs = 100 * np.atleast_2d(np.asarray(after, dtype=float))
     mean, low, high = runs.mean(axis=0), runs.min(axis=0), runs.max(axis=0)
-    fig, ax = new_figure(figsize=(8, 3.8))
     what = f"after LoRA fine-tuning (mean of {len(runs)} seeds, min-max)" if len(runs) > 1 else \
         "after LoRA fine-tuning"
     ax.bar(digits, mean, width=0.6, color="tab:orange", label=what,
@@ -402,9 +410,27 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Se
                label=f"target digit {target_digit}")
     for x, (b, a) in enumerate(zip(before, mean, strict=True)):
         ax.text(x, max(a, b) + 1.5, f"{a - b:+.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set(xticks=digits, xlabel="true digit", ylabel=f"accuracy on the {images} (%)", ylim=(0, 112),
-           title="Accuracy per digit after fine-tuning (numbers: mean change in points)")
+    ax.set(xticks=digits, xlabel="true digit", ylabel=f"accuracy on the {images} (%)", ylim=(0, 112))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
+
+
+def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence[float], target_digit: int,
+               title: str, images: str = "validation images") -> plt.Figure:
+    """The explorer's figure for one fine-tuning run: each digit's accuracy before and after (as
+    `plot_per_digit_accuracy`) beside the loss of every fine-tuning step and its running mean."""
+    fig, (bars, curve) = new_figure(1, 2, figsize=(11, 3.9), gridspec_kw={"width_ratios": [3, 2]})
+    _per_digit_bars(bars, before, after, target_digit, images)
+    bars.set_title("Accuracy per digit (numbers: change in points)", fontsize=10)
+    steps = np.arange(1, len(losses) + 1)
+    window = max(1, min(20, len(losses) // 5))
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    curve.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="one batch")
+    curve.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=2, label=f"mean of {window} steps")
+    curve.set(xlabel="fine-tuning step", ylabel="cross-entropy loss (per batch)", ylim=(0, None))
+    curve.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curve.set_title("Fine-tuning loss (axis starts at 0)", fontsize=10)
+    curve.legend(fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -22,7 +22,7 @@ from .train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
 # beyond the post: run them with --only
-BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting", "10_peft_and_many_adapters")
+BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting", "10_peft_and_many_adapters", "11_explorer")
 # The bar for the pre-trained accuracy: the post's 0.95 less a margin for other hardware; a network
 # pre-trained on the offline sample's 4,000 images gets a lower bar (it reaches about 0.90).
 ACCURACY_BAR = {"mnist": 0.94, "sample": 0.85}
@@ -109,9 +109,9 @@ PRETRAINING_TAG = "pretraining"  # the cell of 02_pretrain that pre-trains (or l
 
 def _tidy(path: Path) -> tuple[float, float]:
     """Keep papermill's recorded paths relative to the project (no machine paths in shared
-    notebooks) and merge each progress bar's updates into its final line, as Jupyter shows them;
-    return the seconds the notebook's cells took (start-up excluded) and, of those, the seconds
-    of the cell tagged 'pretraining'."""
+    notebooks), drop the widget state, and merge each progress bar's updates into its final line,
+    as Jupyter shows them; return the seconds the notebook's cells took (start-up excluded) and,
+    of those, the seconds of the cell tagged 'pretraining'."""
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
@@ -119,6 +119,9 @@ def _tidy(path: Path) -> tuple[float, float]:
 
     nb = nbformat.read(path, as_version=4)
     nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
+    # papermill stores the widgets' state too (11's panel: its figure twice over); JupyterLab does
+    # not restore it by default, and the panel's output carries its own text and figure instead
+    nb.metadata.pop("widgets", None)
     meta = nb.metadata.get("papermill", {})
     for key in ("input_path", "output_path"):
         if meta.get(key):

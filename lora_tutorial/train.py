@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -75,7 +75,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
           max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
           seed: int | None = 0, desc: str = "Training", progress: bool = True,
           replay: tuple[torch.Tensor, torch.Tensor] | None = None,
-          replay_share: float = 0.0) -> list[float]:
+          replay_share: float = 0.0, on_step: Callable[[int, int], None] | None = None) -> list[float]:
     """Train the model's trainable parameters; return the loss of every step.
 
     One epoch visits every image once in a random order, the same order as the post's loop
@@ -147,6 +147,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
                             f"diverged. Lower the learning rate (lr={lr:g}) or LoRA's alpha.")
                     bar.set_postfix(loss=f"{seen.mean().item():.3f}", refresh=False)
                     bar.update(step - bar.n)
+                    if on_step is not None:
+                        on_step(step, steps)
                 if step == steps:
                     break
     finally:

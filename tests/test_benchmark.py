@@ -11,6 +11,7 @@ import pytest
 from lora_tutorial.data import DATA_ENV
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tutorial.py"
+EXPLORER = SCRIPT.with_name("bench_explorer.py")
 
 
 @pytest.mark.slow
@@ -36,3 +37,27 @@ def test_benchmark_refuses_bad_options(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--train-samples", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--train-samples=0: expected an integer >= 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_explorer_benchmark_takes_turns_and_writes_its_table(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(EXPLORER), "--json", str(out), "--train-samples", "1000", "--presses", "2",
+               "--steps", "10", "--output-dir", str(tmp_path / "outputs")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["press"]["runs"]) == 2 and len(result["plain_finetune"]["runs"]) == 2
+    assert set(result["parts"]) == {"fine-tuning", "judging", "drawing"}
+    assert result["ratio_press_to_plain"] == pytest.approx(
+        result["press"]["median_s"] / result["plain_finetune"]["median_s"])
+    for part, values in result["parts"].items():  # the parts of each press add up to less than it
+        assert all(v < press for v, press in zip(values["runs"], result["press"]["runs"], strict=True)), part
+    assert result["meta"]["steps"] == 10 and result["meta"]["train_images"] == 1000
+    assert "one press" in done.stdout and "the 3 s budget" in done.stdout
+
+
+def test_explorer_benchmark_refuses_bad_options():
+    done = subprocess.run([sys.executable, str(EXPLORER), "--presses", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "--presses=0: expected an integer >= 1" in done.stderr

@@ -105,6 +105,8 @@ STABLE = {
     "plot_rank_study": lambda: plots.plot_rank_study(_study_entries(), BEFORE, 9),
     "plot_update_norms": lambda: plots.plot_update_norms(_study_entries(), {"alpha fixed": -0.5}),
     "plot_rank_tradeoff": lambda: plots.plot_rank_tradeoff(_study_entries(), BEFORE, 9, "alpha fixed r4"),
+    "plot_trial": lambda: plots.plot_trial([0.9] * 10, [0.8] * 9 + [0.99], [1 / (1 + i) for i in range(100)],
+                                           9, "rank 1, alpha 1"),
     "plot_input_directions": lambda: plots.plot_input_directions(
         {"A": torch.randn(1, 784), "full": torch.randn(3, 784)}, "Input directions"),
     "show_changed_predictions": lambda: plots.show_changed_predictions(

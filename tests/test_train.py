@@ -40,6 +40,17 @@ def test_max_steps_runs_past_one_epoch_and_last_batch_is_partial(mnist):
     assert len(losses) == 7  # 3 batches per epoch (10, 10, 5): two epochs and one more batch
 
 
+def test_on_step_follows_training_to_the_last_step(mnist):
+    seen = []
+    train(OversizedMLP(), mnist.train_images[:100], mnist.train_labels[:100], max_steps=9, progress=False,
+          on_step=lambda step, steps: seen.append((step, steps)))
+    assert seen == [(step, 9) for step in range(1, 10)]  # 9 steps: a report after each (at most 50 a run)
+    seen.clear()
+    train(OversizedMLP(), mnist.train_images[:1000], mnist.train_labels[:1000], max_steps=100, progress=False,
+          on_step=lambda step, steps: seen.append(step))
+    assert seen == list(range(2, 101, 2))  # 100 steps: every second one
+
+
 def test_lora_training_changes_only_lora(mnist):
     torch.manual_seed(0)
     model = OversizedMLP()

@@ -1,0 +1,131 @@
+"""11's explorer: the trial it runs (checked knobs, 05's run with 05's knobs) and the panel over
+it, driven here without a browser (tests/test_jupyterlab.py drives it in JupyterLab)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from lora_tutorial import choose_target, finetuned_model, lora_state_dict, pretrained_model, setup
+from lora_tutorial.data import split_images
+from lora_tutorial.evaluate import evaluate
+from lora_tutorial.explore import Explorer
+from lora_tutorial.settings import SettingsError
+from lora_tutorial.trial import Trial, check_scaling, run_trial, trial_of, trial_settings
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, shared_checkpoints):
+    from lora_tutorial import Settings
+
+    settings = Settings(train_samples=2000, finetune_steps=20, download=False,
+                        output_dir=str(tmp_path_factory.mktemp("explorer") / "out"),
+                        checkpoint_dir=shared_checkpoints)
+    device, data = setup(settings, verbose=False)
+    pre = pretrained_model(settings, data, device, verbose=False)
+    return choose_target(settings, pre, verbose=False), data, pre.model
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"rank": 16}, "rank=16 is too large for layer linear3 (10 x 2000 weight)"),
+    ({"target_modules": ()}, "LoRA must adapt at least one layer"),
+    ({"scaling": "alpha / r"}, "scaling='alpha / r' is not valid: expected one of ['alpha fixed',"),
+    ({"alpha": -1.0, "scaling": "alpha = r", "rank": 4}, "alpha=-1.0 is not valid"),  # as the reader set it
+    ({"replay_share": 0.04}, "replay_share=0.04 puts 0 of every 10 images from other digits"),
+    ({"finetune_steps": 0}, "finetune_steps=0 is not valid"),
+])
+def test_a_bad_trial_is_refused_with_the_value_and_the_fix(changes, message):
+    from lora_tutorial import Settings
+
+    trial = dataclasses.replace(Trial(), **changes)
+    with pytest.raises(SettingsError) as refused:
+        trial_settings(Settings(target_digit=9), trial)
+    assert message in str(refused.value)
+
+
+def test_the_scaling_rule_decides_the_alpha_lora_is_built_with():
+    from lora_tutorial import Settings
+
+    settings = Settings(target_digit=9)
+    built = {rule: trial_settings(settings, Trial(rank=4, alpha=2.0, scaling=rule)).alpha
+             for rule in ("alpha fixed", "alpha = r", "rsLoRA")}
+    assert built == {"alpha fixed": 2.0, "alpha = r": 8.0, "rsLoRA": 2.0}
+    hidden = ("linear1", "linear2")
+    run = trial_settings(settings, Trial(rank=16, target_modules=hidden, seed=7, target_digit=3))
+    assert (run.rank, run.target_modules, run.lora_seed, run.target_digit) == (16, hidden, 7, 3)
+    with pytest.raises(SettingsError, match="scaling=None is not valid"):
+        check_scaling(None)
+    with pytest.raises(ValueError, match="Decide the target digit first"):
+        trial_of(settings.__class__())  # "worst", not yet a digit
+
+
+def test_the_first_press_is_05s_run_and_judged_on_the_validation_images(small):
+    settings, data, base = small
+    images = split_images(data, ("validation",))["validation"]
+    before = evaluate(base, *images)
+    steps = []
+    result = run_trial(settings, data, base, trial_of(settings), before, images,
+                       on_step=lambda step, total: steps.append((step, total)))
+    saved = lora_state_dict(finetuned_model(settings, data, base, verbose=False))  # 05's adapter
+    pressed = lora_state_dict(result.model)
+    assert saved.keys() == pressed.keys() and all(torch.equal(saved[k], pressed[k]) for k in saved)
+    assert len(result.losses) == settings.finetune_steps and steps[-1] == (20, 20)
+    assert result.after.total == result.before.total == int(data.validation.sum())
+    assert result.trainable == 6_794 and result.scale == 1.0
+    digit = settings.target_digit
+    rows = result.numbers()
+    assert rows[0] == (f"wrong answers on digit {digit}", str(before.wrong_counts[digit]),
+                       str(result.after.wrong_counts[digit]))
+    assert [what for what, _, _ in rows[1:]] == ["other digits, mean accuracy", "all digits, accuracy"]
+    report = result.report()
+    assert f"On the {before.total:,} validation images: pre-trained -> fine-tuned" in report
+    assert result.trial.describe() in report and "6,794 trained numbers" in report
+
+
+def test_the_panel_refuses_a_bad_rank_trains_with_the_button_disabled_and_redraws(small):
+    settings, data, base = small
+    explorer = Explorer(settings, data, base)
+    assert explorer.message.value == "" and not explorer.button.disabled
+    assert "alpha / r = 1" in explorer.factor.value
+
+    explorer.rank.value = 16  # linear3 (10 x 2,000) cannot take it
+    assert "too large for layer linear3" in explorer.message.value and explorer.button.disabled
+    assert explorer.fine_tune() is None and explorer.result is None  # nothing trains
+    explorer.layers["linear3"].value = False
+    assert explorer.message.value == "" and not explorer.button.disabled
+    assert "alpha / r = 0.0625" in explorer.factor.value
+
+    explorer.rank.value, explorer.layers["linear3"].value, explorer.steps.value = 2, True, 30
+    seen = []
+    explorer.on_step = lambda step, steps: seen.append((step, explorer.button.disabled, explorer.busy))
+    result = explorer.fine_tune()
+    assert seen and all(disabled and busy for _, disabled, busy in seen)  # disabled while it trains
+    assert seen[-1][0] == 30 and not explorer.button.disabled and not explorer.busy
+    assert result is explorer.result and result.trial.rank == 2 and result.trial.finetune_steps == 30
+    assert bytes(explorer.figure.value).startswith(b"\x89PNG")
+    assert "rank 2, alpha 1 (alpha fixed), all layers; 30 steps" in explorer.numbers.value
+    assert explorer.message.value.startswith("Updated in ") and set(explorer.seconds) == {
+        "fine-tuning", "judging", "drawing", "update"}
+    bundle = explorer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and bundle["text/plain"].startswith("rank 2,")
+    assert bundle["image/png"]  # what a viewer without widgets shows
+
+
+def test_a_run_that_fails_is_a_message_in_the_panel_not_a_traceback(small, monkeypatch):
+    import lora_tutorial.explore as explore
+
+    settings, data, base = small
+    explorer = Explorer(settings, data, base)
+    first = explorer.fine_tune()
+
+    def diverges(*args, **kwargs):
+        raise FloatingPointError("The loss became nan at step 3: training diverged. Lower the learning rate")
+
+    monkeypatch.setattr(explore, "run_trial", diverges)
+    explorer.alpha.value = 16.0
+    assert explorer.fine_tune() is None
+    assert "The loss became nan at step 3" in explorer.message.value
+    assert explorer.result is first and explorer.progress.bar_style == "danger"
+    assert not explorer.busy and explorer.button.description == "Fine-tune"
+    explorer.alpha.value = 1.0  # a change of knob checks again and frees the button
+    assert not explorer.button.disabled and explorer.message.value == ""
