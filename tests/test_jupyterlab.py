@@ -37,6 +37,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "lora-tutorial-browser-test"
 QUICK = {"train_samples": 2000, "finetune_steps": 20}
+# The README's picture of the explorer (docs/explorer.png) is this test's screenshot of the panel,
+# taken with the notebooks' own parameters (full MNIST, the network 02 saved in outputs/):
+#   LORA_TUTORIAL_BROWSER_FULL=1 python -m pytest -n 0 tests/test_jupyterlab.py -k explorer
+FULL_ENV = "LORA_TUTORIAL_BROWSER_FULL"
+EXPLORER_PICTURE = SCREENSHOTS / "11_explorer-panel.png"
 # JupyterLab settings for the test's own settings folder: no news pop-up over the page, and every
 # cell kept in the page (not only those scrolled into view) so that the checks see them all.
 LAB_SETTINGS = {
@@ -88,12 +93,14 @@ def free_port() -> int:
 
 
 def quick_copy(name: str, folder: Path, output_dir: Path) -> None:
-    """The committed notebook without outputs, with small parameters, as a reader's copy."""
+    """The committed notebook without outputs, with small parameters, as a reader's copy (with
+    the notebook's own parameters under FULL_ENV=1: see EXPLORER_PICTURE)."""
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nb.metadata.pop("widgets", None)  # a reader's copy starts with no saved widget state
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-        if "parameters" in cell.metadata.get("tags", []):
+        if "parameters" in cell.metadata.get("tags", []) and os.environ.get(FULL_ENV) != "1":
             lines = [f"{k} = {v!r}" for k, v in {**QUICK, "output_dir": str(output_dir)}.items()]
             cell.source += "\n# browser test: small and quick\n" + "\n".join(lines) + "\n"
     nbformat.write(nb, folder / f"{name}.ipynb")
@@ -106,7 +113,7 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     folder, jupyter = root / "notebooks", root / "jupyter"
     folder.mkdir()
-    for name in ("01_data", "06_compare"):
+    for name in ("01_data", "06_compare", "11_explorer"):
         quick_copy(name, folder, root / "outputs")
     for path, values in LAB_SETTINGS.items():
         (jupyter / "settings" / path).parent.mkdir(parents=True, exist_ok=True)
@@ -268,3 +275,49 @@ def test_06_compare_runs_in_jupyterlab_with_widget_progress_bars(lab):
     except Exception:
         raise AssertionError(f"expected the pre-training and fine-tuning bars drawn as finished widgets; "
                              f"found {bars.all_inner_texts()}") from None
+
+
+def test_11_explorer_retrains_in_jupyterlab_when_the_rank_changes(lab):
+    """The panel as a reader uses it: change the rank, press Fine-tune, and see new numbers and a
+    new figure with no error; then a rank linear3 cannot take, refused in the panel."""
+    text, nb = run_all_cells(lab, "11_explorer")
+    assert_clean(nb)
+    assert "The first press gave 05's adapter" in text
+    _, page, _, _, _ = lab
+    panel = page.locator(".jp-NotebookPanel:visible .lora-explorer")
+    figure = panel.locator(".lora-explorer-figure")
+    figure.wait_for(timeout=30_000)  # the widget views are drawn a moment after the cell ends
+    numbers, button = panel.locator(".lora-explorer-numbers"), panel.locator(".lora-explorer-button")
+    message = panel.locator(".lora-explorer-message")
+    first_numbers, first_figure = numbers.inner_text(), figure.get_attribute("src")
+    assert first_numbers.startswith("rank 1,") and first_figure, first_numbers
+
+    panel.locator(".lora-explorer-rank select").select_option(label="4")
+    factor = panel.locator(".lora-explorer-factor")
+    page.wait_for_function("el => el.textContent.includes('= 0.25')", arg=factor.element_handle(),
+                           timeout=10_000)  # alpha / r with alpha 1: the kernel answered the change
+    assert button.is_enabled()
+    button.click()
+    try:
+        page.wait_for_function("([el, old]) => el.innerText.startsWith('rank 4,') && el.innerText !== old",
+                               arg=[numbers.element_handle(), first_numbers], timeout=30_000)
+        page.wait_for_function("([img, old]) => img.getAttribute('src') !== old",
+                               arg=[figure.element_handle(), first_figure], timeout=10_000)
+    except Exception:
+        page.screenshot(path=str(SCREENSHOTS / "11_explorer-unchanged.png"))
+        raise AssertionError(f"the panel did not redraw after the rank changed: {numbers.inner_text()!r}, "
+                             f"message {message.inner_text()!r}") from None
+    assert "factor 0.25" in numbers.inner_text() and "wrong answers on digit" in numbers.inner_text()
+    assert message.inner_text().startswith("Updated in "), message.inner_text()
+    assert button.is_enabled()
+    panel.scroll_into_view_if_needed()
+    panel.screenshot(path=str(EXPLORER_PICTURE))
+
+    panel.locator(".lora-explorer-rank select").select_option(label="16")  # linear3 is 10 x 2,000
+    page.wait_for_function("el => el.textContent.includes('too large for layer linear3')",
+                           arg=message.element_handle(), timeout=10_000)
+    assert button.is_disabled()
+    assert numbers.inner_text().startswith("rank 4,")  # the last good run stays shown
+    stderr = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output"
+                          '[data-mime-type="application/vnd.jupyter.stderr"]')
+    assert stderr.count() == 0, stderr.first.inner_text()[:500]

@@ -331,3 +331,24 @@ def test_peft_and_many_adapters_in_small_settings(quick_run, tmp_path):
     assert "weight is parametrized: {'linear1': True, 'linear2': True, 'linear3': True}" in text
     header = f"wrong on {digits[0]}      wrong on {digits[1]}      wrong on {digits[2]}"
     assert header in text and "other 7 digits %" in text
+
+
+@pytest.mark.slow
+def test_explorer_in_small_settings(quick_run, tmp_path):
+    """11 headless, as papermill and nbval run it: the panel is built and pressed once, and the
+    committed output keeps its text and figure beside the widget; the first press is 05's run."""
+    root, results = quick_run
+    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
+                  "seeds": [0, 1]}
+    executed = execute("11_explorer", tmp_path, parameters)
+    nb = nbformat.read(executed, as_version=4)
+    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(shown) == 1, "one panel"
+    digit = results["target_digit"]
+    assert shown[0]["data"]["text/plain"].startswith(f"rank 1, alpha 1 (alpha fixed), all layers; 30 steps "
+                                                     f"on digit {digit}, seed 0")
+    assert shown[0]["data"]["image/png"] and "Updated in " in shown[0]["data"]["text/plain"]
+    text = text_of(executed)
+    assert "Same knobs, 2 seeds: wrong on" in text and "Seed 0 is the press above" in text
+    assert "The first press gave 05's adapter: 6 tensors of A and B, equal bit for bit." in text

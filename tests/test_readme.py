@@ -1,5 +1,7 @@
 """The README's result tables are generated from the committed notebooks, never typed."""
 
+import re
+
 import pytest
 
 from lora_tutorial.readme import BLOCK, FIGURES, figures, main, notebook_figure, notebook_results, render
@@ -40,3 +42,11 @@ def test_the_readme_pictures_are_the_notebooks_own_and_a_stale_one_is_caught(tmp
     assert main(["--check"]) == 1
     assert "pictures (what-lora-learned.png) differ from the committed notebooks" in capsys.readouterr().err
     assert stale.read_bytes() == b"an older picture"  # --check only compares
+
+
+def test_every_file_the_readme_links_or_shows_is_in_the_project():
+    text = (project_root() / "README.md").read_text()
+    targets = {t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t}
+    assert {"docs/explorer.png", "docs/what-lora-learned.png", "notebooks/11_explorer.ipynb"} <= targets
+    missing = sorted(t for t in targets if t and not (project_root() / t).exists())
+    assert not missing, f"README.md links files that are not in the project: {missing}"
