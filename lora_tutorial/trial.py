@@ -48,7 +48,10 @@ class Trial:
     def describe(self) -> str:
         layers = "all layers" if self.target_modules is None else ", ".join(self.target_modules)
         replay = f", replay {self.replay_share:g}" if self.replay_share else ""
-        return (f"rank {self.rank}, alpha {self.alpha:g} ({self.scaling}), {layers}; "
+        alpha = f"alpha {self.alpha:g} ({self.scaling})"
+        if self.scaling == "alpha = r":  # say the alpha LoRA is built with
+            alpha = f"alpha {self.alpha * self.rank:g} (alpha = r x {self.alpha:g})"
+        return (f"rank {self.rank}, {alpha}, {layers}; "
                 f"{self.finetune_steps} steps on digit {self.target_digit}{replay}, seed {self.seed}")
 
 

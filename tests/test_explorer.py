@@ -53,6 +53,8 @@ def test_the_scaling_rule_decides_the_alpha_lora_is_built_with():
     hidden = ("linear1", "linear2")
     run = trial_settings(settings, Trial(rank=16, target_modules=hidden, seed=7, target_digit=3))
     assert (run.rank, run.target_modules, run.lora_seed, run.target_digit) == (16, hidden, 7, 3)
+    described = Trial(rank=4, alpha=2.0, scaling="alpha = r").describe()
+    assert described.startswith("rank 4, alpha 8 (alpha = r x 2)")  # the alpha LoRA is built with
     with pytest.raises(SettingsError, match="scaling=None is not valid"):
         check_scaling(None)
     with pytest.raises(ValueError, match="Decide the target digit first"):
