@@ -28,7 +28,6 @@ from .data import Mnist, split_images
 from .evaluate import Evaluation, evaluate
 from .model import LAYER_NAMES
 from .plots import plot_trial
-from .rank_study import scale_of
 from .settings import Settings
 from .trial import SCALING_RULES, Trial, TrialResult, run_trial, trial_of, trial_settings, warm_up
 
@@ -125,7 +124,7 @@ class Explorer(widgets.VBox):
             self.show_error(error)
             return False
         self.factor.value = (f"factor in front of B @ A: {SCALING_RULES[trial.scaling]} = "
-                             f"{scale_of(trial.scaling, trial.rank, trial.alpha):g}")
+                             f"{trial.factor:g}")
         self.message.value = ""
         self.button.disabled = self.busy
         return True

@@ -45,6 +45,11 @@ class Trial:
     replay_share: float = 0.0
     seed: int = 0  # the fine-tuning seed: LoRA's random A and the order of the batches
 
+    @property
+    def factor(self) -> float:
+        """The factor in front of B @ A that LoRA gets from the rank, alpha and scaling rule."""
+        return scale_of(self.scaling, self.rank, self.alpha)
+
     def describe(self) -> str:
         layers = "all layers" if self.target_modules is None else ", ".join(self.target_modules)
         replay = f", replay {self.replay_share:g}" if self.replay_share else ""
@@ -152,7 +157,7 @@ def run_trial(settings: Settings, data: Mnist, base: nn.Module, trial: Trial, be
     trained = time.perf_counter()
     after = evaluate(model, *images)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return TrialResult(trial=trial, scale=scale_of(trial.scaling, trial.rank, trial.alpha),
+    return TrialResult(trial=trial, scale=trial.factor,
                        trainable=trainable, losses=losses, before=before, after=after,
                        train_seconds=trained - started, judge_seconds=time.perf_counter() - trained,
                        model=model)
