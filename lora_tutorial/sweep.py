@@ -26,7 +26,7 @@ from .checkpoints import atomic_write, write_json
 from .engines import LocalEngine, Place, RayEngine, engine_summary, run_process
 from .evaluate import from_confusion
 from .run import absolute_paths, notebook_parameters, notebooks_dir, parse_value
-from .settings import WORST, Settings, ShortError, project_root, shown_path
+from .settings import WORST, Settings, SettingsError, ShortError, project_root, shown_path
 from .train import progress_bar
 
 NOTEBOOK = "06_compare"
@@ -137,6 +137,30 @@ def finished(config: Config, out: Path) -> dict | None:
     same = (s.get("rank"), s.get("alpha"), digit, seed, s.get("finetune_steps")) == (
         config.rank, config.alpha, config.target_digit, config.seed, config.finetune_steps)
     return results if same else None
+
+
+# Settings a configuration's folder name does not record (its rank, alpha, digit, seed and steps
+# are in the name) and that do not change its results, so a finished run is re-used across them.
+NOT_DECIDING = {"rank", "alpha", "target_digit", "target_rule", "finetune_seed", "finetune_steps",
+                "output_dir", "checkpoint_dir", "data_dir", "device", "download"}
+
+
+def check_same_parameters(configs: list[Config], out: Path, extra: dict[str, Any]) -> None:
+    """Refuse, before anything runs, a sweep into a folder that holds runs made with other `-p`
+    parameters (replay_share, target_modules, ...): their results would be re-used as this sweep's
+    under the same folder names, or overwritten."""
+    for config in configs:
+        try:
+            recorded = json.loads((out / config.name / "results.json").read_text()).get("settings", {})
+        except (OSError, ValueError):
+            continue
+        wanted = json.loads(json.dumps(Settings.from_mapping(config.parameters(out, extra)).as_dict()))
+        differ = [f"{k}={recorded.get(k)!r} there, {v!r} now" for k, v in wanted.items()
+                  if k not in NOT_DECIDING and recorded.get(k) != v]
+        if differ:
+            raise SettingsError(f"{shown_path(out / config.name)} holds a run made with other parameters "
+                                f"({'; '.join(differ)}): this sweep would mix or overwrite its results. "
+                                "Give this sweep its own --out, or delete that folder to run it again.")
 
 
 def notebook_error(path: Path) -> str:
@@ -269,8 +293,9 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
     """Run what is not finished yet (on `engine`: this machine, `jobs` at a time, by default),
     collect every configuration into the table; return its rows."""
     extra = dict(extra or {})
-    engine = engine or LocalEngine(jobs)
     out = out.resolve()
+    check_same_parameters(configs, out, extra)
+    engine = engine or LocalEngine(jobs)
     out.mkdir(parents=True, exist_ok=True)
     outcomes: dict[Config, dict] = {}
     todo = []
@@ -382,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--alphas and --alpha-equals-rank: give one or the other")
         configs = configurations(args.ranks, args.alphas, args.alpha_equals_rank, args.digits, args.seeds,
                                  args.iterations, extra)
+        check_same_parameters(configs, out, extra)  # before --dry-run's folders, and before any work
         from .pipeline import preflight
 
         # GPU (here, when it runs here), folders, data

@@ -18,6 +18,7 @@ from raycluster import LocalRayCluster, free_port
 from lora_tutorial import OversizedMLP, linear_layers
 from lora_tutorial import sweep as sweep_module
 from lora_tutorial.engines import GRACE_SECONDS, Place, run_process
+from lora_tutorial.settings import SettingsError
 from lora_tutorial.sweep import COLUMNS, Config, configurations, finished, main, sweep
 
 SMALL = {"train_samples": 2000}
@@ -160,6 +161,21 @@ def test_a_second_run_reruns_nothing(swept, monkeypatch):
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("finished work was run again"))
     monkeypatch.setattr(sweep_module, "pretrain_once", lambda *a: pytest.fail("pre-trained again"))
     assert sweep(configs, out, SMALL, progress=False) == rows
+
+
+def test_a_folder_of_runs_with_other_parameters_is_refused_before_anything_runs(swept, monkeypatch, capsys):
+    out, configs, _ = swept
+    before = {c.name: (out / c.name / "results.json").read_bytes() for c in configs}
+    monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("a configuration was run"))
+    monkeypatch.setattr(sweep_module, "pretrain_once", lambda *a: pytest.fail("pre-trained"))
+    other = r"holds a run made with other parameters \(replay_share=0.0 there, 0.3 now\)"
+    with pytest.raises(SettingsError, match=other):
+        sweep(configs, out, {**SMALL, "replay_share": 0.3}, progress=False)
+    assert main(["--ranks", "1", "--digits", "9", "--seeds", "0", "--iterations", "10", "--out", str(out),
+                 "-p", "train_samples", "2000", "-p", "target_modules", "['linear3']", "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "target_modules=None there, ['linear3'] now" in error and "its own --out" in error
+    assert {c.name: (out / c.name / "results.json").read_bytes() for c in configs} == before  # untouched
 
 
 @pytest.mark.slow
