@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,7 +106,8 @@ class TrialResult:
     after: Evaluation  # with the trial's adapter on
     train_seconds: float
     judge_seconds: float
-    model: nn.Module  # the fine-tuned LoRA copy, to inspect further
+    model: nn.Module  # the fine-tuned LoRA copy, to inspect further (or save_adapter it)
+    settings: dict[str, Any]  # the run's settings, as save_adapter records them
     images: str = "validation images"
 
     def numbers(self) -> list[tuple[str, str, str]]:
@@ -160,4 +162,4 @@ def run_trial(settings: Settings, data: Mnist, base: nn.Module, trial: Trial, be
     return TrialResult(trial=trial, scale=trial.factor,
                        trainable=trainable, losses=losses, before=before, after=after,
                        train_seconds=trained - started, judge_seconds=time.perf_counter() - trained,
-                       model=model)
+                       model=model, settings={**run.as_dict(), "scaling": trial.scaling})

@@ -1,6 +1,7 @@
 """11's explorer: the trial it runs (checked knobs, 05's run with 05's knobs) and the panel over
 it, driven here without a browser (tests/test_jupyterlab.py drives it in JupyterLab)."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -82,6 +83,23 @@ def test_the_first_press_is_05s_run_and_judged_on_the_validation_images(small):
     report = result.report()
     assert f"On the {before.total:,} validation images: pre-trained -> fine-tuned" in report
     assert result.trial.describe() in report and "6,794 trained numbers" in report
+    assert result.settings["finetune_seed"] == 0 and result.settings["scaling"] == "alpha fixed"
+
+
+def test_a_pressed_adapter_saves_with_its_settings_and_loads_back(small, tmp_path):
+    from lora_tutorial import load_adapter, read_adapter, save_adapter
+
+    settings, data, base = small
+    images = split_images(data, ("validation",))["validation"]
+    trial = Trial(rank=2, scaling="rsLoRA", replay_share=0.3, finetune_steps=5, target_digit=3, seed=4)
+    result = run_trial(settings, data, base, trial, evaluate(base, *images), images)
+    save_adapter(result.model, tmp_path / "mine.safetensors", result.settings)
+    _, info = read_adapter(tmp_path / "mine.safetensors")
+    assert info["use_rslora"] is True and info["rank"] == 2
+    assert {k: info["settings"][k] for k in ("replay_share", "target_digit", "finetune_seed", "scaling")} == {
+        "replay_share": 0.3, "target_digit": 3, "finetune_seed": 4, "scaling": "rsLoRA"}
+    loaded = lora_state_dict(load_adapter(copy.deepcopy(base), tmp_path / "mine.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in lora_state_dict(result.model).items())
 
 
 def test_the_panel_refuses_a_bad_rank_trains_with_the_button_disabled_and_redraws(small):
