@@ -88,3 +88,17 @@ def small_settings(tmp_path, shared_checkpoints):
 
     return Settings(train_samples=2000, finetune_steps=20, output_dir=str(tmp_path / "out"),
                     checkpoint_dir=shared_checkpoints, download=False, target_digit=9)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, shared_checkpoints):
+    """(settings, data, pre-trained network) in small settings, the target digit decided ("worst"):
+    for a test file whose tests fine-tune from one base. The network is the shared one."""
+    from lora_tutorial import Settings, choose_target, pretrained_model, setup
+
+    settings = Settings(train_samples=2000, finetune_steps=20, download=False,
+                        output_dir=str(tmp_path_factory.mktemp("small") / "out"),
+                        checkpoint_dir=shared_checkpoints)
+    device, data = setup(settings, verbose=False)
+    pre = pretrained_model(settings, data, device, verbose=False)
+    return choose_target(settings, pre, verbose=False), data, pre.model

@@ -7,24 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from lora_tutorial import choose_target, finetuned_model, lora_state_dict, pretrained_model, setup
+from lora_tutorial import finetuned_model, lora_state_dict
 from lora_tutorial.data import split_images
 from lora_tutorial.evaluate import evaluate
 from lora_tutorial.explore import Explorer
 from lora_tutorial.settings import SettingsError
 from lora_tutorial.trial import Trial, check_scaling, run_trial, trial_of, trial_settings
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory, shared_checkpoints):
-    from lora_tutorial import Settings
-
-    settings = Settings(train_samples=2000, finetune_steps=20, download=False,
-                        output_dir=str(tmp_path_factory.mktemp("explorer") / "out"),
-                        checkpoint_dir=shared_checkpoints)
-    device, data = setup(settings, verbose=False)
-    pre = pretrained_model(settings, data, device, verbose=False)
-    return choose_target(settings, pre, verbose=False), data, pre.model
 
 
 @pytest.mark.parametrize(("changes", "message"), [

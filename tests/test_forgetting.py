@@ -28,7 +28,7 @@ from lora_tutorial.forgetting import (
     uneven_loss_text,
     verdict,
 )
-from lora_tutorial.pipeline import choose_target, finetuned_model, pretrained_model, setup
+from lora_tutorial.pipeline import finetuned_model
 from lora_tutorial.serving import check_latency, forward_latency, profile_pass, profile_summary
 from lora_tutorial.stats import spread
 
@@ -142,17 +142,6 @@ def test_the_limit_ties_and_the_cheaper_setting():
     assert "the other digits lose less" in findings[0] and "within the limit of 1" in findings[0]
     with pytest.raises(ValueError, match="at least one"):
         choose_setting([], 1.0)
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory, shared_checkpoints):
-    from lora_tutorial import Settings
-    settings = Settings(train_samples=2000, finetune_steps=20, download=False,
-                        output_dir=str(tmp_path_factory.mktemp("forgetting") / "out"),
-                        checkpoint_dir=shared_checkpoints)
-    device, data = setup(settings, verbose=False)
-    pre = pretrained_model(settings, data, device, verbose=False)
-    return choose_target(settings, pre, verbose=False), data, pre.model  # "worst", decided
 
 
 def test_each_remedy_runs_once_per_seed_on_both_splits(small):
