@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import Mnist
 from .evaluate import Evaluation, evaluate
-from .lora import separate_path
+from .lora import lora_parameter_counts, separate_path
 from .model import LAYER_NAMES
 from .pipeline import lora_copy, train_on_target
 from .rank_study import SCALINGS, lora_arguments, scale_of
@@ -44,7 +44,7 @@ class Trial:
     finetune_steps: int = 100
     target_digit: int = 9
     replay_share: float = 0.0
-    seed: int = 0  # the fine-tuning seed: LoRA's random A and the order of the batches
+    seed: int = 0  # the fine-tuning seed: LoRA's random A, the order of the batches, the replayed images
 
     @property
     def factor(self) -> float:
@@ -99,7 +99,6 @@ class TrialResult:
     """What one trial did: its losses, the network before and after on the judged images, timings."""
 
     trial: Trial
-    scale: float  # the factor in front of B @ A
     trainable: int  # numbers fine-tuning trained (A and B of each adapted layer)
     losses: list[float]
     before: Evaluation  # the pre-trained network on the judged images
@@ -109,6 +108,11 @@ class TrialResult:
     model: nn.Module  # the fine-tuned LoRA copy, to inspect further (or save_adapter it)
     settings: dict[str, Any]  # the run's settings, as save_adapter records them
     images: str = "validation images"
+
+    @property
+    def scale(self) -> float:
+        """The factor in front of B @ A."""
+        return self.trial.factor
 
     def numbers(self) -> list[tuple[str, str, str]]:
         """(what, before, after) rows: the target's wrong answers, the other digits, all digits."""
@@ -158,8 +162,7 @@ def run_trial(settings: Settings, data: Mnist, base: nn.Module, trial: Trial, be
     losses = train_on_target(run, data, separate_path(model), verbose=False, on_step=on_step)
     trained = time.perf_counter()
     after = evaluate(model, *images)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return TrialResult(trial=trial, scale=trial.factor,
-                       trainable=trainable, losses=losses, before=before, after=after,
-                       train_seconds=trained - started, judge_seconds=time.perf_counter() - trained,
-                       model=model, settings={**run.as_dict(), "scaling": trial.scaling})
+    return TrialResult(trial=trial, trainable=lora_parameter_counts(model)[1], losses=losses, before=before,
+                       after=after, train_seconds=trained - started,
+                       judge_seconds=time.perf_counter() - trained, model=model,
+                       settings={**run.as_dict(), "scaling": trial.scaling})
