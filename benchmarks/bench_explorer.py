@@ -23,14 +23,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from lora_tutorial import Settings, choose_target, lora_model, pretrained_model, setup
-from lora_tutorial.checkpoints import write_json
-from lora_tutorial.explore import Explorer
-from lora_tutorial.lora import separate_path
-from lora_tutorial.pipeline import train_on_target
-
 BUDGET_S = 3.0
 
 
@@ -59,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: outputs/)")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    # imported once the options are checked: a bad one is refused at once, not after seconds of imports
+    import torch
+
+    from lora_tutorial import Settings, choose_target, lora_model, pretrained_model, setup
+    from lora_tutorial.checkpoints import write_json
+    from lora_tutorial.explore import Explorer
+    from lora_tutorial.lora import separate_path
+    from lora_tutorial.pipeline import train_on_target
 
     settings = Settings(train_samples=args.train_samples, finetune_steps=args.steps,
                         output_dir=args.output_dir)
