@@ -155,8 +155,8 @@ def check_same_parameters(configs: list[Config], out: Path, extra: dict[str, Any
         except (OSError, ValueError):
             continue
         wanted = json.loads(json.dumps(Settings.from_mapping(config.parameters(out, extra)).as_dict()))
-        differ = [f"{k}={recorded.get(k)!r} there, {v!r} now" for k, v in wanted.items()
-                  if k not in NOT_DECIDING and recorded.get(k) != v]
+        differ = [f"{k}={recorded[k]!r} there, {v!r} now" for k, v in wanted.items()
+                  if k not in NOT_DECIDING and k in recorded and recorded[k] != v]  # older files lack some
         if differ:
             raise SettingsError(f"{shown_path(out / config.name)} holds a run made with other parameters "
                                 f"({'; '.join(differ)}): this sweep would mix or overwrite its results. "
