@@ -96,7 +96,6 @@ def quick_copy(name: str, folder: Path, output_dir: Path) -> None:
     """The committed notebook without outputs, with small parameters, as a reader's copy (with
     the notebook's own parameters under FULL_ENV=1: see EXPLORER_PICTURE)."""
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    nb.metadata.pop("widgets", None)  # a reader's copy starts with no saved widget state
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
