@@ -27,6 +27,7 @@ from .model import LAYER_NAMES
 from .pipeline import lora_copy, train_on_target
 from .rank_study import SCALINGS, lora_arguments, scale_of
 from .settings import Settings, SettingsError
+from .stats import spread
 from .train import make_adam
 
 # The factor in front of B @ A under each scaling rule, as the explorer labels it (07 compares them).
@@ -132,14 +133,11 @@ class TrialResult:
         lines = [f"{self.trial.describe()}: factor {self.scale:g}, {self.trainable:,} trained numbers",
                  f"On the {self.before.total:,} {self.images}: pre-trained -> fine-tuned",
                  *(f"  {what:<{width}}  {before} -> {after}" for what, before, after in rows),
-                 f"Fine-tuned in {self.train_seconds:.2f} s (loss {mean_of(self.losses[:10]):.3f} over the "
-                 f"first 10 steps, {mean_of(self.losses[-10:]):.3f} over the last 10), "
+                 f"Fine-tuned in {self.train_seconds:.2f} s (loss "
+                 f"{spread(self.losses[:10]).mean:.3f} over the first 10 steps, "
+                 f"{spread(self.losses[-10:]).mean:.3f} over the last 10), "
                  f"judged in {self.judge_seconds:.2f} s."]
         return "\n".join(lines)
-
-
-def mean_of(values: list[float]) -> float:
-    return sum(values) / max(1, len(values))
 
 
 def warm_up() -> None:
