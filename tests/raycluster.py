@@ -99,6 +99,25 @@ class LocalRayCluster:
                     pass
         return left
 
+    def other_clusters(self) -> set[str]:
+        """Traces of Ray clusters on this machine other than this one: their GCS servers and raylets
+        (the processes a cluster is made of; outside this cluster's process groups and not its
+        descendants), and their session folders in Ray's default temporary folder. A Ray worker
+        process is not a trace: a node starts those by itself, some in process groups of their own."""
+        ours = {p.pid for p in self.nodes}
+        found = set()
+        for entry in Path("/proc").iterdir():
+            try:
+                argv0 = entry.joinpath("cmdline").read_bytes().split(b"\0", 1)[0]
+                pid = int(entry.name)
+                if Path(argv0.decode()).name in ("gcs_server", "raylet") and os.getpgid(pid) not in ours \
+                        and not ours & _ancestors(pid):
+                    found.add(f"{Path(argv0.decode()).name} {pid}")
+            except (OSError, ValueError):
+                pass
+        default = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+        return found | {str(p) for p in default.glob("session_2*")}
+
     def stop(self) -> None:
         self._booting.join()
         for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
@@ -121,6 +140,14 @@ def _kill_group(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait(10)
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return found
 
 
 def _zombie(entry: Path) -> bool:

@@ -74,21 +74,6 @@ def files(out) -> dict[str, int]:
             if p.is_file() and not p.name.startswith("sweep")}
 
 
-def ray_processes(cluster: LocalRayCluster) -> set[int]:
-    """Ray's own processes on this machine outside the test cluster."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        cmdline = _cmdline(entry)
-        if "gcs_server" in cmdline or "raylet" in cmdline or cmdline.startswith("ray::"):
-            try:
-                if os.getpgid(int(entry.name)) not in {p.pid for p in cluster.nodes}:
-                    found.add(int(entry.name))
-            except (OSError, ValueError):
-                pass
-    return found
-
-
-
 @pytest.mark.slow
 class TestOnARayCluster:
     """First in this file, so that the cluster boots while the machine is least busy, and is
@@ -123,13 +108,13 @@ class TestOnARayCluster:
         assert json.loads((out / "sweep.json").read_text()) == rows
 
     def test_a_closed_address_and_too_many_gpus_are_refused_before_anything_runs(self, ray_cluster, tmp_path):
-        before = ray_processes(ray_cluster)
+        before = ray_cluster.other_clusters()
         start = time.monotonic()
         closed, _ = ray_sweep(f"127.0.0.1:{free_port()}", tmp_path / "closed")
         assert closed.returncode == 2 and time.monotonic() - start < 30
         assert "no Ray cluster answers there" in closed.stderr and "never starts a cluster" in closed.stderr
         assert closed.stderr.count("\n") == 1, closed.stderr  # one sentence, no traceback
-        assert ray_processes(ray_cluster) <= before, "a Ray of its own was started"
+        assert ray_cluster.other_clusters() <= before, "the sweep started a Ray cluster of its own"
 
         greedy, _ = ray_sweep(ray_cluster.address, tmp_path / "greedy", "--gpus-per-config", "2")
         assert greedy.returncode == 2
