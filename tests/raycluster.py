@@ -20,11 +20,6 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disab
        "--object-store-memory", str(80 * 2**20),
        "--include-log-monitor", "false"]  # one Python process less per node; the sweep reads no task logs
 
-# Token authentication off on every node, whatever this machine has: a head started by `ray start`
-# turns it on by itself when ~/.ray/auth_token exists (a local ray.init() writes one), and worker
-# nodes started the same way do not, so they cannot join (seen with Ray 2.60).
-NODE_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -54,8 +49,11 @@ class LocalRayCluster:
     def _start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.temp / f"{name}.log"
         with log.open("w") as f:
+            # Token authentication off on every node, whatever this machine has: a head started by
+            # `ray start` turns it on by itself when ~/.ray/auth_token exists (a local ray.init()
+            # writes one), and worker nodes started the same way do not, so they cannot join (Ray 2.60).
             node = subprocess.Popen(RAY + args, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=NODE_ENV)
+                                    env={**os.environ, "RAY_AUTH_MODE": "disabled"})
         self.nodes.append(node)
         return node, log
 
