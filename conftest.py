@@ -111,7 +111,7 @@ def pytest_runtest_setup(item):
     if not is_notebook_cell(item):
         return
     elsewhere = [other.name for other in item.session.items
-                 if other.path == item.path and other is not item and is_notebook_cell(other)
+                 if other.path == item.path and is_notebook_cell(other)
                  and _index(other) < _index(item) and other.nodeid not in _started]
     if elsewhere:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "this process")
