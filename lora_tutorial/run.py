@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .pipeline import describe_target
-from .settings import Settings, SettingsError, ShortError, assigned_names, project_root, shown_path
+from .settings import (
+    ACCEPTED_EVERYWHERE,
+    Settings,
+    SettingsError,
+    ShortError,
+    assigned_names,
+    project_root,
+    shown_path,
+)
 from .train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
@@ -60,9 +68,11 @@ def notebook_parameters(path: Path) -> list[str]:
 
 
 def split_parameters(parameters: dict[str, Any], steps: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Each notebook's share of the parameters: only the names its parameters cell declares.
-    A name that none of them takes is refused (a misspelling, or a notebook left out of --only)."""
-    taken = {step: notebook_parameters(notebooks_dir() / f"{step}.ipynb") for step in steps}
+    """Each notebook's share of the parameters: the names its parameters cell declares, and the
+    settings every notebook takes (ACCEPTED_EVERYWHERE). A name that none of them takes is refused
+    (a misspelling, or a notebook left out of --only)."""
+    taken = {step: [*notebook_parameters(notebooks_dir() / f"{step}.ipynb"), *ACCEPTED_EVERYWHERE]
+             for step in steps}
     every = sorted({name for names in taken.values() for name in names})
     unknown = sorted(set(parameters) - set(every))
     if unknown:

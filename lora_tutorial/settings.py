@@ -69,6 +69,10 @@ HINTS = {
     "replay_share": "0, as in the post, replays nothing; 0.3 puts 3 other-digit images in each batch of 10",
     "finetune_seed": "or None to use seed",
 }
+# Settings any notebook takes from papermill without its parameters cell listing them: where to
+# run, where the files are, and the recipe that finds 02's pre-trained network.
+ACCEPTED_EVERYWHERE = ("device", "data_dir", "output_dir", "checkpoint_dir", "download", "train_samples",
+                       "seed", "pretrain_epochs", "batch_size", "learning_rate", "pretrain_loop")
 PRETRAIN_LOOPS = ("fast", "post")  # the tutorial's training loop, or the post's own (DataLoader, plain Adam)
 
 
@@ -209,16 +213,19 @@ class Settings:
     def from_globals(cls, namespace: dict[str, Any], extra: tuple[str, ...] = ()) -> Settings:
         """Collect a notebook's parameters by name (the variables of its `parameters` cell).
 
-        Each notebook's parameters cell holds only what that notebook uses. papermill only warns
-        about a name the cell does not declare, and then the value is silently ignored; here it
-        is an error (a misspelling, or a setting this notebook has no use for), read off the
-        cell papermill injected into this kernel and the parameters cell run just before it.
+        A parameters cell lists only the lesson's knobs. papermill may also pass the settings
+        every notebook shares (ACCEPTED_EVERYWHERE: the device, the folders, the pre-training
+        recipe that finds 02's network) without the cell listing them. Any other name papermill
+        injected is an error, where papermill would only warn and ignore it: a misspelling, or a
+        knob of another notebook. It is read off the cell papermill injected into this kernel.
         """
         injected, declared = papermill_parameters(namespace), notebook_declared(namespace)
-        stray = [name for name in injected if declared is not None and name not in declared]
+        taken = set(declared or ()) | set(ACCEPTED_EVERYWHERE) | set(extra)
+        stray = [name for name in injected if declared is not None and name not in taken]
         if stray:
-            raise SettingsError(f"This notebook does not take {stray}: its parameters are {declared}. "
-                                "Check the spelling, or leave the name out for this notebook.")
+            raise SettingsError(f"This notebook does not take {stray}: its parameters are {declared}, "
+                                f"besides {list(ACCEPTED_EVERYWHERE)}. Check the spelling, or leave "
+                                "the name out for this notebook.")
         values = {name: namespace[name] for name in injected if name in namespace}
         values.update({f.name: namespace[f.name] for f in fields(cls)
                        if f.name in namespace and f.name != "target_rule"})

@@ -28,7 +28,7 @@ CASES = {
                 "['linear1', 'linear2'])."),
     "misspelt name": (["-p", "rnak", "4"],
                       "SettingsError: This notebook does not take ['rnak']: its parameters are "
-                      "['data_dir', 'train_samples', 'device']. Check the spelling"),
+                      "['data_dir', 'train_samples', 'device'], besides ['device', "),
     "a setting 01 does not use": (["-p", "rank", "4"], "SettingsError: This notebook does not take ['rank']"),
     "device cuda": (["-p", "device", "cuda"],
                     "SettingsError: device='cuda' was asked for, but PyTorch "),

@@ -96,11 +96,16 @@ def test_a_parameter_papermill_injected_but_the_notebook_does_not_take_is_an_err
     assert papermill_parameters(namespace) == ["rnak", "alpha"]
     assert notebook_declared(namespace) == ["seed", "rank", "alpha"]
     with pytest.raises(SettingsError, match=r"This notebook does not take \['rnak'\]: its parameters are "
-                                            r"\['seed', 'rank', 'alpha'\]"):
+                                            r"\['seed', 'rank', 'alpha'\], besides \['device', "):
         Settings.from_globals(namespace)
     unused = {"In": ["", "seed = 0\n", "# Parameters\nreplay_share = 0.3\n"], "seed": 0, "replay_share": 0.3}
     with pytest.raises(SettingsError, match=r"does not take \['replay_share'\]"):
-        Settings.from_globals(unused)  # a setting, but not one this notebook uses
+        Settings.from_globals(unused)  # a setting, but a knob of another notebook
+    # where to run, the folders and 02's recipe are taken without the cell listing them
+    shared = {"In": ["", "rank = 1\n", "# Parameters\ndevice = 'cpu'\noutput_dir = 'o'\npretrain_epochs = 2\n"],
+              "rank": 1, "device": "cpu", "output_dir": "o", "pretrain_epochs": 2}
+    taken = Settings.from_globals(shared)
+    assert (taken.device, taken.output_dir, taken.pretrain_epochs) == ("cpu", "o", 2)
     # our own parameters cell starts "# Parameters: ..." and is not papermill's
     own = {"In": ["", "# Parameters: papermill replaces these\nrank = 2\n"], "rank": 2}
     assert papermill_parameters(own) == [] and notebook_declared(own) is None
