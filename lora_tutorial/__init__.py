@@ -1,7 +1,7 @@
 """lora_tutorial: the helpers behind the LoRA notebooks (model, data, LoRA, training, evaluation)."""
 
 from .checkpoints import CheckpointError, base_fingerprint, load_adapter, read_adapter, save_adapter
-from .data import Mnist, MnistError, digit_subset, load_mnist
+from .data import Mnist, MnistError, digit_subset, fit_subset, load_mnist
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate, predict
 from .lora import (
@@ -31,10 +31,11 @@ from .pipeline import (
     lora_model,
     preflight,
     pretrained_model,
+    save_finetuned,
     setup,
 )
 from .settings import Settings, SettingsError
-from .train import train
+from .train import cpu_speedups, make_adam, progress, train
 
 __all__ = [
     "CheckpointError", "Evaluation", "LoRALinear", "LoRAParametrization", "Mnist", "MnistError",
@@ -47,4 +48,5 @@ __all__ = [
     "lora_modules", "lora_parameter_counts", "lora_state_dict", "mark_only_lora_as_trainable",
     "merge_and_unload", "pick_device", "predict", "pretrained_model", "print_trainable_parameters",
     "separate_path", "set_adapter_enabled", "setup", "train", "unload",
+    "cpu_speedups", "fit_subset", "make_adam", "progress", "save_finetuned",
 ]

@@ -27,9 +27,12 @@ from .lora import (
     add_lora,
     base_state_dict,
     base_weight,
+    lora_alpha,
     lora_modules,
+    lora_rank,
     lora_state_dict,
     mark_only_lora_as_trainable,
+    uses_rslora,
 )
 from .model import linear_layers
 from .settings import ShortError, shown_path
@@ -145,8 +148,8 @@ def adapter_contents(model: nn.Module, settings: dict[str, Any] | None = None
     loras = lora_modules(model)
     if not loras:
         raise ValueError("This model has no LoRA layers: there is no adapter to save.")
-    rank, rank_pattern = _common_and_pattern({n: lora.rank for n, lora in loras.items()})
-    alpha, alpha_pattern = _common_and_pattern({n: float(lora.alpha) for n, lora in loras.items()})
+    rank, rank_pattern = _common_and_pattern({n: lora_rank(lora) for n, lora in loras.items()})
+    alpha, alpha_pattern = _common_and_pattern({n: lora_alpha(lora) for n, lora in loras.items()})
     info = {
         "format": ADAPTER_FORMAT,
         "rank": rank,
@@ -160,7 +163,7 @@ def adapter_contents(model: nn.Module, settings: dict[str, Any] | None = None
         info["rank_pattern"] = rank_pattern
     if alpha_pattern:
         info["alpha_pattern"] = alpha_pattern
-    rslora = {lora.use_rslora for lora in loras.values()}
+    rslora = {uses_rslora(lora) for lora in loras.values()}
     if len(rslora) > 1:
         raise ValueError("Some layers scale by alpha / sqrt(r) (use_rslora) and some by alpha / r: "
                          "an adapter file holds one rule; use the same for every layer.")
@@ -220,9 +223,9 @@ def _check_fits(model: nn.Module, info: dict[str, Any], path: Path) -> None:
                               "settings and data).")
     loras = lora_modules(model)
     if loras:
-        here = {"rank": {n: lora.rank for n, lora in loras.items()},
-                "alpha": {n: float(lora.alpha) for n, lora in loras.items()},
-                "rslora": {n: lora.use_rslora for n, lora in loras.items()}}
+        here = {"rank": {n: lora_rank(lora) for n, lora in loras.items()},
+                "alpha": {n: lora_alpha(lora) for n, lora in loras.items()},
+                "rslora": {n: uses_rslora(lora) for n, lora in loras.items()}}
         wanted = {"rank": layer_ranks(info), "alpha": layer_alphas(info),
                   "rslora": {n: bool(info.get("use_rslora")) for n in layer_ranks(info)}}
         if here != wanted:

@@ -60,6 +60,37 @@ class LoRAParametrization(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, enabled={self.enabled}"
 
 
+class LessonHelpers:
+    """What the package's helpers read from a LoRA module (`rank`, `alpha`, `use_rslora`,
+    `delta_weight()`), worked out for a class that keeps only lora_A, lora_B and scale, as 03's
+    does. Only a name the class itself lacks is answered here."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "rank":
+                return lora_rank(self)
+            if name == "alpha":
+                return round(float(self.scale) * lora_rank(self), 12)
+            if name == "use_rslora":
+                return False
+            if name == "delta_weight":
+                return lambda: (self.lora_B @ self.lora_A) * self.scale
+            raise
+
+
+_with_helpers: dict[type, type] = {}
+
+
+def with_helpers(cls: type) -> type:
+    """`cls` with `LessonHelpers` added (the same class object for the same `cls`); the original is
+    kept as `lesson_class`, whose code names the files the class trains."""
+    if cls not in _with_helpers:
+        _with_helpers[cls] = type(cls.__name__, (LessonHelpers, cls), {"lesson_class": cls})
+    return _with_helpers[cls]
+
+
 def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
              target_modules: Iterable[str] | None = None, init: str = "normal",
              rank_pattern: dict[str, int] | None = None,
@@ -101,13 +132,34 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
     return model
 
 
+def is_lora(module: nn.Module) -> bool:
+    """A LoRA parametrization: this package's class, or any with `lora_A`, `lora_B` and `scale`
+    (03's class, written in the notebook, is one)."""
+    return all(hasattr(module, name) for name in ("lora_A", "lora_B", "scale"))
+
+
+def lora_rank(lora: nn.Module) -> int:
+    return int(lora.lora_A.shape[0])
+
+
+def lora_alpha(lora: nn.Module) -> float:
+    """alpha as given, or worked back from the scale alpha / r for a class that keeps only that."""
+    if hasattr(lora, "alpha"):
+        return float(lora.alpha)
+    return round(float(lora.scale) * lora_rank(lora), 12)
+
+
+def uses_rslora(lora: nn.Module) -> bool:
+    return bool(getattr(lora, "use_rslora", False))
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRAParametrization]:
     """The LoRA parametrizations of the model, by the name of the layer they adapt."""
     found = {}
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations.weight:
-                if isinstance(p, LoRAParametrization):
+                if is_lora(p):
                     found[name] = p
     return found
 

@@ -30,7 +30,7 @@ from torch import nn
 from .checkpoints import save_adapter
 from .data import Mnist, fit_subset
 from .evaluate import evaluate, from_predictions, predict
-from .lora import LoRAParametrization, lora_modules, separate_path
+from .lora import LoRAParametrization, lora_modules, lora_rank, separate_path
 from .model import LAYER_SHAPES, linear_layers
 from .pipeline import finetune_key, lora_model, train_on_target
 from .settings import Settings, SettingsError, check_whole_numbers
@@ -444,7 +444,7 @@ def measure_costs(settings: Settings, data: Mnist, models: dict[str, nn.Module],
     rows = []
     for name, model in models.items():
         loras = lora_modules(model)
-        rank = max(lora.rank for lora in loras.values()) if loras else None
+        rank = max(lora_rank(lora) for lora in loras.values()) if loras else None
         record = finetune_key(replace(settings, rank=rank), data) if loras else None
         rows.append({"name": name, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                      "optimizer_bytes": adam_state_bytes(model), "file_bytes": saved_bytes(model, record),

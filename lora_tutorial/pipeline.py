@@ -1,15 +1,18 @@
 """The tutorial's steps as functions, so that every notebook can run alone or in order.
 
 A notebook asks for the model at the stage it teaches: `pretrained_model` loads the
-checkpoint written for these settings, or pre-trains and writes it; `choose_target` decides
-the digit to fine-tune on from its errors on the training images; `lora_model` adds LoRA
-and freezes the rest; `finetune` trains the adapter and saves it; `finetuned_model` loads
-that adapter, or fine-tunes when there is none.
+checkpoint written for these settings and 02's training loop, or pre-trains with that loop and
+writes it; `choose_target` decides the digit to fine-tune on from its errors on the training
+images; `lora_model` adds 03's LoRA class and freezes the rest; `save_finetuned` saves what 05's
+loop trained; `finetuned_model` loads that adapter, or fine-tunes with 05's loop when there is
+none. The lesson's code comes from the notebooks' cells (`lesson.py`), and its fingerprint is in
+every file's name, so a file made by other code is never found.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,15 +20,26 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .checkpoints import load_adapter, load_pretrained, save_adapter, save_pretrained
 from .data import Mnist, check_raw_files, fit_subset, load_mnist, named_folder
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate, from_confusion
-from .lora import add_lora, mark_only_lora_as_trainable, separate_path
-from .model import OversizedMLP
+from .lesson import available, code_fingerprint, lesson
+from .lora import (
+    LoRAParametrization,
+    add_lora,
+    lora_modules,
+    mark_only_lora_as_trainable,
+    separate_path,
+    with_helpers,
+)
+from .model import OversizedMLP, linear_layers
 from .settings import WORST, Settings, check_writable, fingerprint, shown_path
 from .train import train, train_with_dataloader
+
+Loop = Callable[[nn.Module, torch.Tensor, torch.Tensor, Settings], list[float]]
 
 
 def preflight(settings: Settings, check_device: bool = True) -> torch.device | None:
@@ -55,21 +69,72 @@ def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist
     return device, data.to(device)
 
 
-def pretrain_key(settings: Settings, data: Mnist) -> dict:
-    return {**settings.pretrain_key(), "data": data.identity}
+def package_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     settings: Settings) -> list[float]:
+    """02's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
+    return train(model, images, labels, epochs=settings.pretrain_epochs, batch_size=settings.batch_size,
+                 lr=settings.learning_rate, seed=None, desc="Pre-training")
 
 
-def finetune_key(settings: Settings, data: Mnist) -> dict:
-    return {**settings.finetune_key(), "data": data.identity}
+def post_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  settings: Settings) -> list[float]:
+    """The post's own loop: a DataLoader over the images, plain Adam, nothing flushed."""
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    return train_with_dataloader(model, dataset, epochs=settings.pretrain_epochs,
+                                 batch_size=settings.batch_size, lr=settings.learning_rate, seed=None,
+                                 desc="Pre-training (the post's loop)")
 
 
-def pretrained_path(settings: Settings, data: Mnist) -> Path:
-    name = f"pretrained-{fingerprint(settings.pretrain_key(), data.identity)}.pt"
+def pretrain_loop(settings: Settings) -> Loop:
+    """The loop that pre-trains for these settings: 02's cell, or the post's own with
+    `pretrain_loop="post"` (or the package's copy of 02's, outside a clone of the project)."""
+    if settings.pretrain_loop == "post":
+        return post_pretrain
+    return lesson("pretrain") if available("pretrain") else package_pretrain
+
+
+def lora_class() -> type:
+    """The LoRA class 05 and 06 use: 03's cell (the package's own outside a clone)."""
+    return lesson("LoRAParametrization") if available("LoRAParametrization") else LoRAParametrization
+
+
+def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     settings: Settings) -> list[float]:
+    """05's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
+    return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,
+                 lr=settings.finetune_lr, seed=settings.lora_seed, progress=False)
+
+
+def finetune_loop(settings: Settings) -> Loop | None:
+    """The loop that fine-tunes for these settings: 05's cell; None when the batches replay other
+    digits (`replay_share`, 09), which the package's `train_on_target` does."""
+    if settings.replay_share:
+        return None
+    return lesson("finetune_lora") if available("finetune_lora") else package_finetune
+
+
+def pretrain_key(settings: Settings, data: Mnist, loop: Loop | None = None) -> dict:
+    loop = loop or pretrain_loop(settings)
+    return {**settings.pretrain_key(), "data": data.identity, "loop_code": code_fingerprint(loop)}
+
+
+def finetune_key(settings: Settings, data: Mnist, lora: type | None = None, loop: Loop | None = None) -> dict:
+    """The settings, the data, and the code that decide an adapter: the LoRA class and the loop
+    (by default 03's and 05's cells; the package's `train_on_target` when batches replay)."""
+    lora = lora or lora_class()
+    loop = loop or finetune_loop(settings) or train_on_target
+    return {**settings.finetune_key(), "data": data.identity, "pretrain_loop_code": code_fingerprint(
+        pretrain_loop(settings)), "lora_code": code_fingerprint(lora), "loop_code": code_fingerprint(loop)}
+
+
+def pretrained_path(settings: Settings, data: Mnist, loop: Loop | None = None) -> Path:
+    key = pretrain_key(settings, data, loop)
+    name = f"pretrained-{fingerprint(key, data.identity)}.pt"
     return settings.checkpoint_path / name
 
 
-def adapter_path(settings: Settings, data: Mnist) -> Path:
-    name = f"lora-{fingerprint(settings.finetune_key(), data.identity)}.safetensors"
+def adapter_path(settings: Settings, data: Mnist, lora: type | None = None, loop: Loop | None = None) -> Path:
+    name = f"lora-{fingerprint(finetune_key(settings, data, lora, loop), data.identity)}.safetensors"
     return settings.output_path / "adapters" / name
 
 
@@ -83,11 +148,18 @@ class Pretrained:
     loaded: bool  # True when read from an earlier run's checkpoint
 
 
-def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retrain: bool = False,
-                     verbose: bool = True) -> Pretrained:
-    """The pre-trained network for these settings: from its checkpoint, or trained and saved."""
-    path = pretrained_path(settings, data)
-    key = pretrain_key(settings, data)
+def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop: Loop | None = None,
+                     retrain: bool = False, verbose: bool = True) -> Pretrained:
+    """The pre-trained network for these settings: from its checkpoint, or trained and saved.
+
+    `loop` trains it: 02 passes the loop its cell defines; elsewhere it is read from 02's cell
+    (`pretrain_loop`). The checkpoint's name includes the loop's code, so an edited loop trains
+    afresh.
+    """
+    if settings.pretrain_loop == "post" or loop is None:
+        loop = pretrain_loop(settings)
+    path = pretrained_path(settings, data, loop)
+    key = pretrain_key(settings, data, loop)
     loaded = path.exists() and not retrain
     if loaded:
         payload = load_pretrained(path, key)
@@ -103,15 +175,10 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, retr
         # drawn from the global generator in that order, so the run follows the post's on a CPU.
         torch.manual_seed(settings.seed)
         model = OversizedMLP().to(device)
-        if settings.pretrain_loop == "post":  # the post's own loop: a DataLoader, plain Adam, no flushing
-            dataset = torch.utils.data.TensorDataset(data.train_images, data.train_labels)
-            losses = train_with_dataloader(model, dataset, epochs=settings.pretrain_epochs,
-                                           batch_size=settings.batch_size, lr=settings.learning_rate,
-                                           seed=None, desc="Pre-training (the post's loop)", progress=verbose)
-        else:
-            losses = train(model, data.train_images, data.train_labels, epochs=settings.pretrain_epochs,
-                           batch_size=settings.batch_size, lr=settings.learning_rate,
-                           seed=None, desc="Pre-training", progress=verbose)
+        losses = [float(x) for x in loop(model, data.train_images, data.train_labels, settings)]
+        if not all(map(math.isfinite, losses)):
+            raise FloatingPointError(f"Pre-training diverged (the loss became {losses[-1]}): lower the "
+                                     f"learning rate (learning_rate={settings.learning_rate:g}).")
         training = evaluate(model, data.train_images, data.train_labels)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_pretrained(path, state, key, {"losses": losses, "training_confusion": training.confusion})
@@ -159,9 +226,18 @@ def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
 
 
 def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
-    """A copy of `base` with LoRA on the target layers (all by default) and everything else frozen."""
-    return lora_copy(base, settings.lora_seed, rank=settings.rank, alpha=settings.alpha,
-                     target_modules=settings.target_modules)
+    """A copy of `base` with 03's LoRA class on the target layers (all by default), A drawn right
+    after seeding with the fine-tuning seed, and everything else frozen (04)."""
+    lora = with_helpers(lora_class())  # answers what the package's helpers ask of a LoRA module
+    model = copy.deepcopy(base)
+    torch.manual_seed(settings.lora_seed)
+    layers = linear_layers(model)
+    for name in settings.target_modules or list(layers):
+        layer = layers[name]
+        module = lora(layer.in_features, layer.out_features, settings.rank, settings.alpha)
+        parametrize.register_parametrization(layer, "weight", module.to(layer.weight.device))
+    mark_only_lora_as_trainable(model)
+    return model
 
 
 def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
@@ -178,36 +254,62 @@ def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str
     if desc is None:
         desc = f"Fine-tuning on digit {digit}" + (f" ({settings.replay_share:g} replay)" if replay else "")
     return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,
-                 lr=settings.learning_rate, seed=settings.lora_seed, desc=desc, progress=verbose,
+                 lr=settings.finetune_lr, seed=settings.lora_seed, desc=desc, progress=verbose,
                  replay=replay, replay_share=settings.replay_share, on_step=on_step)
 
 
 def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True,
              fast_path: bool = True) -> list[float]:
-    """Train the LoRA adapter on the target digit alone; save it; return the losses.
+    """Train the LoRA adapter on the target digit with the package's loop; save it; return the losses.
 
     With `fast_path` the steps run through `separate_path(model)`, which trains the very same
     A and B without rebuilding W + scale * B @ A at every step; `fast_path=False` trains
-    through the parametrization itself (slower; results equal up to float rounding).
+    through the parametrization itself (slower; results equal up to float rounding). The file's
+    name records the package's loop, so 06 does not mistake it for what 05's loop made.
     """
     trained = separate_path(model) if fast_path else model
     losses = train_on_target(settings, data, trained, verbose=verbose)
-    path = adapter_path(settings, data)
-    save_adapter(model, path, finetune_key(settings, data))
-    if verbose:
-        print(f"Saved the LoRA adapter ({path.stat().st_size / 1024:.1f} KiB) to {shown_path(path)}.")
+    _save(settings, data, model, train_on_target, verbose)
     return losses
 
 
+def _save(settings: Settings, data: Mnist, model: nn.Module, loop: Callable, verbose: bool) -> Path:
+    lora = type(next(iter(lora_modules(model).values())))
+    lora = getattr(lora, "lesson_class", lora)
+    path = adapter_path(settings, data, lora, loop)
+    save_adapter(model, path, finetune_key(settings, data, lora, loop))
+    if verbose:
+        print(f"Saved the LoRA adapter ({path.stat().st_size / 1024:.1f} KiB) to {shown_path(path)}.")
+    return path
+
+
+def save_finetuned(settings: Settings, data: Mnist, model: nn.Module, loop: Loop, losses: list[float],
+                   verbose: bool = True) -> Path:
+    """Save what `loop` (05's cell) trained, named by the settings and by the code of the loop and
+    of the LoRA class, so that 06 finds it only while that code is unchanged. A run whose loss
+    stopped being finite is refused, not saved."""
+    if not all(math.isfinite(float(x)) for x in losses):
+        raise FloatingPointError(f"Fine-tuning diverged (the loss became {losses[-1]}): nothing was "
+                                 f"saved. Lower finetune_learning_rate={settings.finetune_lr:g} or "
+                                 f"alpha={settings.alpha:g}.")
+    return _save(settings, data, model, loop, verbose)
+
+
 def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: bool = True) -> nn.Module:
-    """The fine-tuned LoRA model: the saved adapter on `base`, or fine-tuned now if there is none.
+    """The fine-tuned LoRA model: the adapter 05's loop saved for these settings on `base`, or
+    fine-tuned now with 05's loop (read from its cell) if there is none.
     `model.finetune_seconds` says how long fine-tuning took, or None when the adapter was loaded."""
     model = lora_model(settings, base)
+    loop = finetune_loop(settings)
     path = adapter_path(settings, data)
     model.finetune_seconds = None  # fine-tuning time; None when the adapter was loaded from its file
     if not path.exists():
         started = time.perf_counter()
-        finetune(settings, data, model, verbose)
+        if loop is None:  # batches that replay other digits: the package's loop
+            losses = train_on_target(settings, data, model, verbose=verbose)
+        else:
+            losses = loop(model, *fit_subset(data, settings.target_digit), settings)
+        save_finetuned(settings, data, model, loop or train_on_target, losses, verbose)
         model.finetune_seconds = time.perf_counter() - started
         return model
     load_adapter(model, path, finetune_key(settings, data))

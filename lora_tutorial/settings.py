@@ -66,6 +66,7 @@ HINTS = {
     "train_samples": "or None for all 60,000 training images",
     "alpha": "the post uses 1.0",
     "learning_rate": "the post uses 0.001",
+    "finetune_learning_rate": "the post uses 0.001; or None for learning_rate",
     "replay_share": "0, as in the post, replays nothing; 0.3 puts 3 other-digit images in each batch of 10",
     "finetune_seed": "or None to use seed",
 }
@@ -113,6 +114,9 @@ class Settings:
     # another fine-tuning run from the same pre-trained network (07-09 run several).
     finetune_seed: int | None = None
     pretrain_loop: str = "fast"  # "post": the post's own loop, slower, for a bit-for-bit comparison
+    # Adam's learning rate for fine-tuning; None: `learning_rate`, pre-training's (the post uses one
+    # for both). 05's knob: changing it does not re-train the pre-trained network.
+    finetune_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         """Check every value on its own terms; nothing here looks at the machine (see `preflight`)."""
@@ -145,8 +149,10 @@ class Settings:
         integer("batch_size", 1)
         if self.train_samples is not None:
             integer("train_samples", 1)
-        for name in ("alpha", "learning_rate"):
+        for name in ("alpha", "learning_rate", "finetune_learning_rate"):
             value = getattr(self, name)
+            if name == "finetune_learning_rate" and value is None:
+                continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or not 0 < value < float("inf"):
                 raise SettingsError(f"{name}={value!r} is not valid: expected a number > 0 "
@@ -232,6 +238,11 @@ class Settings:
         return cls.from_mapping(values, extra)
 
     @property
+    def finetune_lr(self) -> float:
+        """Adam's learning rate for fine-tuning."""
+        return self.learning_rate if self.finetune_learning_rate is None else self.finetune_learning_rate
+
+    @property
     def lora_seed(self) -> int:
         """The seed of LoRA's random A and of the fine-tuning batch order."""
         return self.seed if self.finetune_seed is None else self.finetune_seed
@@ -275,7 +286,9 @@ class Settings:
             "target_modules": self.target_list(),
             # 2: fine-tuning draws from the fit images only, never the validation split (data.py)
             "finetune_code": 2,
-            **({"finetune_seed": self.finetune_seed} if self.finetune_seed is not None else {}),
+            # the values that decide, however given: finetune_seed None and seed 0 give one adapter
+            "finetune_seed": self.lora_seed,
+            "finetune_lr": self.finetune_lr,
             # only when used, so adapters made before replay existed keep their names
             **({"replay_share": float(self.replay_share)} if self.replay_share else {}),
         }

@@ -53,6 +53,37 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     return tqdm(total=total, desc=desc, disable=not enabled)
 
 
+def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
+    """`iterable` with a progress bar (`progress_bar`'s kind), for loops written in a notebook."""
+    bar = progress_bar(total if total is not None else len(iterable), desc, enabled)
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+@contextmanager
+def cpu_speedups(device: torch.device | str) -> Iterator[None]:
+    """On a CPU, train with denormal numbers flushed to zero and on one thread; elsewhere, nothing.
+
+    Adam's running averages decay into denormal floats, which x86 processors compute about 100x
+    slower. Flushing is a setting of the thread that asks for it, so training runs on that one
+    thread (a batch of 10 images is too small to share out anyway). Both come back afterwards.
+    """
+    flush = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    if flush:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+            torch.set_num_threads(threads)
+
+
 def _generator(seed: int | None) -> torch.Generator | None:
     """A generator seeded with `seed`; None means PyTorch's global one (the post's way)."""
     return None if seed is None else torch.Generator().manual_seed(seed)
@@ -114,13 +145,11 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
     losses = torch.zeros(steps, device=device)
     refresh = max(1, min(200, steps // 50))  # read the loss back this often, not every step
 
-    flush = device.type == "cpu" and torch.set_flush_denormal(True)
-    threads = torch.get_num_threads()
-    if flush:
-        torch.set_num_threads(1)  # only this thread flushes denormals (see the module's docstring)
     was_training = model.training
     model.train()
     bar = progress_bar(steps, desc, progress)
+    speedups = cpu_speedups(device)  # flush denormals on one thread (see the module's docstring)
+    speedups.__enter__()
     try:
         step = 0
         while step < steps:
@@ -154,9 +183,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
     finally:
         bar.close()
         model.train(was_training)
-        if flush:
-            torch.set_flush_denormal(False)
-            torch.set_num_threads(threads)
+        speedups.__exit__(None, None, None)
     return losses.tolist()
 
 

@@ -19,7 +19,7 @@ from lora_tutorial import (
 )
 from lora_tutorial.checkpoints import atomic_write, load_adapter, load_pretrained, save_pretrained
 from lora_tutorial.evaluate import from_confusion
-from lora_tutorial.pipeline import adapter_path, pretrained_path, setup
+from lora_tutorial.pipeline import adapter_path, finetune_key, pretrained_path, setup
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_adapter_round_trip_and_mismatch(small):
                                                                           data.test_labels)
     rank2 = Settings(**{**settings.as_dict(), "rank": 2})
     with pytest.raises(CheckpointError, match=r"other settings \(rank: file has 1, asked for 2\)"):
-        load_adapter(lora_model(rank2, pre.model), path, {**rank2.finetune_key(), "data": data.identity})
+        load_adapter(lora_model(rank2, pre.model), path, finetune_key(rank2, data))
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot be read"):
         finetuned_model(settings, data, pre.model, verbose=False)
@@ -148,14 +148,14 @@ def test_fast_and_parametrized_fine_tuning_agree(small):
 def test_a_diverged_run_writes_no_checkpoint(small):
     settings, device, data = small
     wild = Settings(**{**settings.as_dict(), "learning_rate": 1e20})
-    message = (r"The loss became (nan|inf) at step \d+: training diverged\. "
-               r"Lower the learning rate \(lr=1e\+20")
+    message = (r"Pre-training diverged \(the loss became (nan|inf)\): "
+               r"lower the learning rate \(learning_rate=1e\+20\)")
     with pytest.raises(FloatingPointError, match=message):
         pretrained_model(wild, data, device, verbose=False)
     assert not pretrained_path(wild, data).exists()
     pre = pretrained_model(settings, data, device, verbose=False)
     huge = Settings(**{**settings.as_dict(), "alpha": 1e20})
-    with pytest.raises(FloatingPointError, match=r"training diverged"):
+    with pytest.raises(FloatingPointError, match=r"Fine-tuning diverged .*nothing was saved"):
         finetuned_model(huge, data, pre.model, verbose=False)
     assert not adapter_path(huge, data).exists()
 

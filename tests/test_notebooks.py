@@ -43,6 +43,17 @@ def test_all_six_notebooks_run_without_errors(quick_run):
 
 
 @pytest.mark.slow
+def test_later_notebooks_load_what_02s_and_05s_loops_trained(quick_run):
+    """The loops run in 02's and 05's kernels; 03-06 read them from the notebook files. The code's
+    fingerprint must come out the same both ways, or every notebook would train again."""
+    root, _ = quick_run
+    for step in STEPS[2:]:
+        assert "Loaded the pre-trained weights" in text_of(root / "executed" / f"{step}.ipynb"), step
+    assert "Saved the LoRA adapter" in text_of(root / "executed" / "05_finetune.ipynb")
+    assert "Loaded the LoRA adapter" in text_of(root / "executed" / "06_compare.ipynb")
+
+
+@pytest.mark.slow
 def test_the_results_they_report(quick_run):
     root, results = quick_run
     assert results == json.loads((root / "out" / "results.json").read_text())
@@ -73,7 +84,7 @@ def test_the_notebooks_print_what_they_check(quick_run):
     assert "Frozen weights unchanged; W' = W + (alpha / r) B @ A; LoRA off gives W. All exact." in finetune
     assert f"{results['target_wrong_after']} after fine-tuning LoRA" in finetune
     compare = text_of(executed / "06_compare.ipynb")
-    assert "Identical to the pre-trained network" in compare
+    assert "LoRA off is identical to the pre-trained network" in compare
     assert "Loaded onto the pre-trained network: the same 10,000 predictions" in compare
     assert "Loaded onto another network: refused." in compare
     assert "was trained on other base weights" in compare

@@ -102,7 +102,8 @@ def test_a_parameter_papermill_injected_but_the_notebook_does_not_take_is_an_err
     with pytest.raises(SettingsError, match=r"does not take \['replay_share'\]"):
         Settings.from_globals(unused)  # a setting, but a knob of another notebook
     # where to run, the folders and 02's recipe are taken without the cell listing them
-    shared = {"In": ["", "rank = 1\n", "# Parameters\ndevice = 'cpu'\noutput_dir = 'o'\npretrain_epochs = 2\n"],
+    injected = "# Parameters\ndevice = 'cpu'\noutput_dir = 'o'\npretrain_epochs = 2\n"
+    shared = {"In": ["", "rank = 1\n", injected],
               "rank": 1, "device": "cpu", "output_dir": "o", "pretrain_epochs": 2}
     taken = Settings.from_globals(shared)
     assert (taken.device, taken.output_dir, taken.pretrain_epochs) == ("cpu", "o", 2)

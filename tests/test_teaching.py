@@ -29,6 +29,7 @@ from lora_tutorial import (
     mark_only_lora_as_trainable,
     set_adapter_enabled,
 )
+from lora_tutorial.settings import ACCEPTED_EVERYWHERE
 
 matplotlib.use("Agg")
 
@@ -135,7 +136,8 @@ def test_the_step_by_hand_moves_b_only(images):
     before = {n: p.detach().clone() for n, p in step_model.named_parameters()}
     labels = torch.arange(len(images)) % 10
     namespace, printed = run_cell(tagged_source("05_finetune", "one-step"), step_model=step_model,
-                                  batch_images=images, batch_labels=labels, settings=Settings())
+                                  torch=torch, nn=nn, batch_images=images, batch_labels=labels,
+                                  settings=Settings())
     after = dict(step_model.named_parameters())
     for name, value in before.items():
         if "lora_" not in name:
@@ -156,20 +158,20 @@ def parameter_names(notebook: str) -> set[str]:
             if isinstance(t, ast.Name)}
 
 
-@pytest.mark.parametrize("notebook", ["03_parametrize", "04_freeze", "05_finetune"])
-def test_each_parameters_cell_declares_only_what_its_notebook_uses(notebook):
+LESSON_KNOBS = {
+    "03_parametrize": {"rank", "alpha"},
+    "05_finetune": {"rank", "alpha", "target_digit", "finetune_steps", "finetune_learning_rate",
+                    "finetune_seed"},
+}
+
+
+@pytest.mark.parametrize("notebook", sorted(LESSON_KNOBS))
+def test_each_parameters_cell_holds_the_lessons_knobs_only(notebook):
+    """Where files go, the device and 02's recipe are taken from papermill without being listed."""
     declared = parameter_names(notebook)
-    settings = {f.name for f in fields(Settings)}
-    finetuning = {"target_digit", "finetune_steps", "finetune_seed", "replay_share", "target_modules"}
-    pretrained = {"seed", "pretrain_epochs", "batch_size", "learning_rate", "train_samples", "device",
-                  "data_dir", "output_dir", "checkpoint_dir"}
-    assert pretrained <= declared, "every notebook after 02 must find 02's checkpoint"
-    assert {"rank", "alpha"} <= declared
-    if notebook == "05_finetune":
-        assert {"target_digit", "finetune_steps"} <= declared and "replay_share" not in declared
-    else:
-        assert not declared & finetuning, f"{notebook} does not fine-tune"
-    assert declared <= settings, "every parameter is a setting"
+    assert declared == LESSON_KNOBS[notebook]
+    assert declared <= {f.name for f in fields(Settings)}, "every parameter is a setting"
+    assert not declared & set(ACCEPTED_EVERYWHERE), "plumbing is not a lesson knob"
 
 
 def test_the_lora_diagram_is_a_labelled_drawing():

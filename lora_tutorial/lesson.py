@@ -1,0 +1,127 @@
+"""The lesson's code, taken from the notebook cells that teach it.
+
+02's training loop, 03's LoRA class and 05's fine-tuning loop are written in notebook cells, and
+that code is what runs: a later notebook, or a study, that needs the pre-trained network or 05's
+adapter takes the code from those cells (`lesson`). The code's fingerprint is part of every
+checkpoint's and adapter's name (`code_fingerprint`), so a cell edited and saved trains afresh, and
+a file the old code made is never picked up again.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import linecache
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .settings import ShortError, project_root
+
+# name -> (notebook, tag of the cell that defines it)
+LESSONS = {
+    "pretrain": ("02_pretrain", "pretrain-loop"),
+    "LoRAParametrization": ("03_parametrize", "lora-class"),
+    "finetune_lora": ("05_finetune", "finetune-loop"),
+}
+_loaded: dict[tuple[str, str], dict[str, Any]] = {}  # (notebook, source) -> the namespace it made
+
+
+class LessonError(ShortError, RuntimeError):
+    """A lesson cell is missing, or its code does not run."""
+
+
+def notebooks_folder() -> Path:
+    return project_root() / "notebooks"
+
+
+def lesson_source(notebook: str, tag: str, folder: Path | None = None) -> str:
+    """The source of the cell tagged `tag` in `notebook` (as saved on disk)."""
+    path = (folder or notebooks_folder()) / f"{notebook}.ipynb"
+    if not path.is_file():
+        raise LessonError(f"{notebook}.ipynb is not in {path.parent}: the lesson's code is read from it. "
+                          "Run from a clone of the project (pip install -e .).")
+    cells = json.loads(path.read_text())["cells"]
+    tagged = [c for c in cells if tag in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        raise LessonError(f"{notebook}.ipynb has {len(tagged)} cells tagged {tag!r}, expected one: "
+                          "restore the tag on the cell that defines the lesson's code.")
+    source = tagged[0]["source"]
+    return source if isinstance(source, str) else "".join(source)
+
+
+def available(name: str, folder: Path | None = None) -> bool:
+    """Whether the notebook holding `name` is here (a clone, not an installed wheel)."""
+    notebook, _ = LESSONS[name]
+    return ((folder or notebooks_folder()) / f"{notebook}.ipynb").is_file()
+
+
+def lesson(name: str, folder: Path | None = None) -> Any:
+    """The function or class `name` as its notebook cell defines it now (see LESSONS)."""
+    notebook, tag = LESSONS[name]
+    source = lesson_source(notebook, tag, folder)
+    key = (notebook, source)
+    if key not in _loaded:
+        filename = f"<{notebook}.ipynb, cell {tag}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks
+        namespace: dict[str, Any] = {"__name__": f"lesson_{notebook}"}
+        try:
+            # One statement at a time, as IPython runs a cell: the compiler then makes the same
+            # code as in a notebook's kernel, and the fingerprints agree.
+            for statement in ast.parse(source, filename).body:
+                module = ast.Module(body=[statement], type_ignores=[])
+                exec(compile(module, filename, "exec", dont_inherit=True), namespace)
+        except Exception as err:
+            raise LessonError(f"The cell tagged {tag!r} in {notebook}.ipynb fails: {type(err).__name__}: "
+                              f"{err}. Fix the cell (or restore it with git) and save the notebook.") from err
+        _loaded[key] = namespace
+    if name not in _loaded[key]:
+        raise LessonError(f"The cell tagged {tag!r} in {notebook}.ipynb no longer defines {name}: "
+                          "keep that name, the later notebooks call it.")
+    return _loaded[key][name]
+
+
+def _code_parts(code: types.CodeType) -> list[str]:
+    """What a code object computes, without where it was written (file, line numbers)."""
+    parts = [code.co_code.hex(), repr(code.co_names), repr(code.co_varnames), repr(code.co_freevars)]
+    parts += [_constant(c) for c in code.co_consts]
+    return parts
+
+
+def _function_parts(function: Callable) -> list[str]:
+    """A function's code and its default arguments (which live outside the code)."""
+    defaults = [_constant(function.__defaults__ or ()), repr(sorted((function.__kwdefaults__ or {}).items()))]
+    return [*_code_parts(function.__code__), *defaults]
+
+
+def _constant(value: Any) -> str:
+    if isinstance(value, types.CodeType):
+        return "code(" + ",".join(_code_parts(value)) + ")"
+    if isinstance(value, frozenset):  # its order changes with the hash seed
+        return "frozenset(" + ",".join(sorted(_constant(v) for v in value)) + ")"
+    if isinstance(value, tuple):
+        return "(" + ",".join(_constant(v) for v in value) + ")"
+    return repr(value)
+
+
+def code_fingerprint(obj: Callable | type) -> str:
+    """A short hash of what a function or class computes: equal for the same code, whether it was
+    defined in a notebook's kernel or read from the notebook file by `lesson`; comments and
+    blank lines do not count."""
+    if isinstance(obj, type):
+        parts = [obj.__name__, *(base.__name__ for base in obj.__bases__)]
+        for attr, value in sorted(vars(obj).items()):
+            if attr in ("__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__",
+                        "__static_attributes__"):
+                continue
+            function = getattr(value, "__func__", value)
+            body = (_function_parts(function) if hasattr(function, "__code__") else [repr(value)])
+            parts.append(f"{attr}:{','.join(body)}")
+    else:
+        code = getattr(obj, "__code__", None)
+        if code is None:
+            raise TypeError(f"{obj!r} is not a Python function or class: no code to fingerprint.")
+        parts = [obj.__name__, *_function_parts(obj)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
