@@ -229,9 +229,9 @@ class Settings:
         taken = set(declared or ()) | set(ACCEPTED_EVERYWHERE) | set(extra)
         stray = [name for name in injected if declared is not None and name not in taken]
         if stray:
-            raise SettingsError(f"This notebook does not take {stray}: its parameters are {declared}, "
-                                f"besides {list(ACCEPTED_EVERYWHERE)}. Check the spelling, or leave "
-                                "the name out for this notebook.")
+            own = f"its parameters are {declared}, besides" if declared else "it takes only"
+            raise SettingsError(f"This notebook does not take {stray}: {own} {list(ACCEPTED_EVERYWHERE)}. "
+                                "Check the spelling, or leave the name out for this notebook.")
         values = {name: namespace[name] for name in injected if name in namespace}
         values.update({f.name: namespace[f.name] for f in fields(cls)
                        if f.name in namespace and f.name != "target_rule"})

@@ -27,8 +27,8 @@ CASES = {
                 "at most min(out, in) = 10. Use rank <= 10 or leave linear3 out (target_modules="
                 "['linear1', 'linear2'])."),
     "misspelt name": (["-p", "rnak", "4"],
-                      "SettingsError: This notebook does not take ['rnak']: its parameters are [], "
-                      "besides ['device', "),  # 01 declares none: it takes the shared ones
+                      "SettingsError: This notebook does not take ['rnak']: it takes only "
+                      "['device', "),  # 01 declares none: it takes the shared ones
     "a setting 01 does not use": (["-p", "rank", "4"], "SettingsError: This notebook does not take ['rank']"),
     "device cuda": (["-p", "device", "cuda"],
                     "SettingsError: device='cuda' was asked for, but PyTorch "),
