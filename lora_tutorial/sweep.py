@@ -26,7 +26,15 @@ from .checkpoints import atomic_write, write_json
 from .engines import LocalEngine, Place, RayEngine, engine_summary, run_process
 from .evaluate import from_confusion
 from .run import absolute_paths, notebook_parameters, notebooks_dir, parse_value
-from .settings import WORST, Settings, SettingsError, ShortError, project_root, shown_path
+from .settings import (
+    ACCEPTED_EVERYWHERE,
+    WORST,
+    Settings,
+    SettingsError,
+    ShortError,
+    project_root,
+    shown_path,
+)
 from .train import progress_bar
 
 NOTEBOOK = "06_compare"
@@ -76,7 +84,7 @@ def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:
 
 def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """02_pretrain's parameters for the sweep's one shared pre-training (only those it takes)."""
-    taken = notebook_parameters(notebooks_dir() / "02_pretrain.ipynb")
+    taken = [*notebook_parameters(notebooks_dir() / "02_pretrain.ipynb"), *ACCEPTED_EVERYWHERE]
     return {**{k: v for k, v in extra.items() if k in taken}, "output_dir": str(out),
             "checkpoint_dir": checkpoint_dir(out, extra)}
 
@@ -352,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="alphas to try, each at every rank (default: 1, fixed while the rank varies, as "
                              "in the LoRA paper and the post)")
     parser.add_argument("--alpha-equals-rank", action="store_true",
-                        help="alpha = rank instead: the scale alpha / r stays 1, but the update still grows "
-                             "with the rank (07_rank_sweep measures it)")
+                        help="alpha = rank instead: the scale alpha / r stays 1 (07_rank_sweep compares the "
+                             "scaling rules, each at its own tuned learning rate)")
     parser.add_argument("--digits", type=target_digit, nargs="+", default=[WORST],
                         help="digits to fine-tune on, or 'worst' (the default: the digit the pre-trained "
                              "network gets wrong most on its training images)")
@@ -395,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     reserved = {"rank", "alpha", "target_digit", "finetune_seed", "finetune_steps", "output_dir"}
     if reserved & set(extra):
         parser.error(f"-p {sorted(reserved & set(extra))}: set these with the sweep's own options")
-    taken = notebook_parameters(notebooks_dir() / f"{NOTEBOOK}.ipynb")
+    # its parameters cell, and what every notebook takes without listing it (train_samples, device, ...)
+    taken = [*notebook_parameters(notebooks_dir() / f"{NOTEBOOK}.ipynb"), *ACCEPTED_EVERYWHERE]
     if set(extra) - set(taken):
         parser.error(f"-p {sorted(set(extra) - set(taken))}: {NOTEBOOK} takes no such parameter; it takes "
                      f"{sorted(set(taken) - reserved)}")
