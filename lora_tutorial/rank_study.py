@@ -1,13 +1,13 @@
 """07's experiment: what LoRA's rank, its scaling rule and the initialisation of A change.
 
-Every configuration (a scaling rule, a rank, an initialisation of A) is fine-tuned from the one
-pre-trained network once per fine-tuning seed, in this process: a frozen LoRA copy whose A is
-drawn right after seeding with that seed, trained on the target digit's fit images through the
-separate low-rank path. Each run is judged on the validation images (training images held out of
-fine-tuning: the rank is chosen on them) and, in the main sweep, on the test images (which only
-report), and the size of the update it made, ||delta W||_F = ||scale * B @ A||_F, is measured per
-layer. `run_study` runs a list of them; `summary` gives each configuration's mean and range over the
-seeds; `choose_rank` decides on the validation columns alone; `findings` words the comparisons.
+Every configuration (a scaling rule, a rank, an initialisation of A, a learning rate) is fine-tuned
+from the one pre-trained network once per fine-tuning seed, in this process: a frozen LoRA copy
+whose A is drawn right after seeding with that seed, trained on the target digit's fit images
+through the separate low-rank path. Each run is judged on the validation images (choices are made
+on them) and on the test images (which only report), and the size of the update it made,
+||delta W||_F = ||scale * B @ A||_F, is measured per layer. `run_study` runs a list of them and
+re-uses the runs it is given; `choose_rank` and `tune_learning_rate` decide on the validation
+columns alone; `rule_table` and `plot_seeds` show the test columns, one point per seed.
 
 The scaling rule decides how the update's factor changes with the rank r:
 "alpha fixed" (the paper's and the post's alpha / r), "alpha = r" (alpha grows with r, so the
@@ -47,7 +47,9 @@ SCALINGS: dict[str, Callable[[int, float], tuple[float, bool]]] = {
 # about the learning rate per step and the r directions of B @ A add up like a random walk
 # (||B @ A|| about sqrt(r) times its rank-1 size): the rule's factor times sqrt(r).
 RANDOM_WALK_POWER = {"alpha fixed": -0.5, "alpha = r": 0.5, "rsLoRA": 0.0}
-METRICS = ("target_wrong", "target_error_rate", "others_accuracy", "accuracy")
+# "score": the mean of the target digit's accuracy and the other digits' mean accuracy. The task is
+# to fix one digit while keeping nine, so each side weighs half; one number lets a choice be a maximum.
+METRICS = ("target_wrong", "target_error_rate", "others_accuracy", "accuracy", "score")
 
 
 def lora_arguments(scaling: str, rank: int, alpha: float = 1.0) -> dict:
@@ -66,27 +68,55 @@ def scale_of(scaling: str, rank: int, alpha: float = 1.0) -> float:
 
 @dataclass(frozen=True)
 class Config:
-    """One way to fine-tune: a scaling rule, a rank, and how A is drawn ("normal": the post's N(0, 1);
-    "kaiming": PEFT's Kaiming-uniform)."""
+    """One way to fine-tune: a scaling rule, a rank, how A is drawn ("normal": the post's N(0, 1);
+    "kaiming": PEFT's Kaiming-uniform) and the learning rate (None: the settings' own)."""
 
     scaling: str
     rank: int
     init: str = "normal"
+    learning_rate: float | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.scaling}, rank {self.rank}" + (", Kaiming A" if self.init == "kaiming" else "")
+        return (f"{self.scaling}, rank {self.rank}" + (", Kaiming A" if self.init == "kaiming" else "")
+                + ("" if self.learning_rate is None else f", lr {self.learning_rate:g}"))
+
+    def at(self, settings: Settings) -> Config:
+        """This configuration with its learning rate written out (the settings' when it has none)."""
+        if self.learning_rate is not None:
+            return self
+        return replace(self, learning_rate=settings_rate(settings))
+
+    @property
+    def key(self) -> tuple:
+        """What identifies its runs among the rows (with the seed): rank 1 of any rule is one run."""
+        run = self.run_as()
+        return (run.scaling, run.rank, run.init, run.learning_rate)
 
     def run_as(self) -> Config:
         """The configuration actually trained: at rank 1 every scaling rule is the same run."""
         return replace(self, scaling="alpha fixed") if self.rank == 1 else self
 
 
+def settings_rate(settings: Settings) -> float:
+    """The fine-tuning learning rate the settings give (`finetune_lr` where the settings have one)."""
+    return getattr(settings, "finetune_lr", settings.learning_rate)
+
+
+def finetune_rate(settings: Settings, rate: float) -> dict:
+    """`replace`'s arguments that make `rate` the fine-tuning learning rate (the fine-tuning one only,
+    where the settings keep it apart from pre-training's)."""
+    if hasattr(settings, "finetune_learning_rate"):
+        return {"finetune_learning_rate": rate}
+    return {"learning_rate": rate}
+
+
 def check_ranks(settings: Settings, ranks: object) -> list[int]:
     """The notebook's ranks, sorted, each checked against the adapted layers before any work.
 
-    A rank above a layer's smaller side is refused with the settings' own sentence (linear3's
-    weight is 10 x 2,000, so with it adapted the rank is at most 10).
+    At least two (the lesson compares ranks, and the scaling rules differ only above rank 1). A rank
+    above a layer's smaller side is refused with the settings' own sentence (linear3's weight is
+    10 x 2,000, so with it adapted the rank is at most 10).
     """
     checked = sorted(set(check_whole_numbers("ranks", ranks, "[1, 2, 4, 8]")))
     for rank in checked:
@@ -94,21 +124,26 @@ def check_ranks(settings: Settings, ranks: object) -> list[int]:
             replace(settings, rank=rank)
         except SettingsError as err:
             raise SettingsError(f"ranks={list(ranks)}: {err}") from None
+    if len(checked) < 2:
+        raise SettingsError(f"ranks={ranks!r}: give at least two different ranks to compare, e.g. [1, 8].")
     return checked
 
 
-def check_max_forgetting(value: object) -> float:
-    """max_forgetting_points: a number of percentage points >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        raise SettingsError(f"max_forgetting_points={value!r} is not valid: expected a number of "
-                            "percentage points from 0 to 100, e.g. 5.")
-    return float(value)
+def check_learning_rates(values: object) -> list[float]:
+    """learning_rates: at least two distinct numbers between 0 and 1, sorted (a grid to tune on)."""
+    ok = isinstance(values, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values)
+    if not ok or len(set(values)) < 2:
+        raise SettingsError(f"learning_rates={values!r} is not valid: expected a list of at least two "
+                            "different numbers between 0 and 1, e.g. [3e-4, 1e-3, 3e-3].")
+    return sorted({float(v) for v in values})
 
 
 def configurations(ranks: Sequence[int], scalings: Iterable[str] = ("alpha fixed",),
-                   init: str = "normal") -> list[Config]:
-    """Every (scaling, rank) pair; rank 1 appears under each rule but runs once (`Config.run_as`)."""
-    return [Config(s, r, init) for s in scalings for r in ranks]
+                   init: str = "normal", learning_rates: Sequence[float | None] = (None,)) -> list[Config]:
+    """Every (scaling, rank, learning rate); rank 1 appears under each rule but runs once
+    (`Config.run_as`)."""
+    return [Config(s, r, init, lr) for s in scalings for r in ranks for lr in learning_rates]
 
 
 def measure(model: nn.Module, digit: int, images: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -125,10 +160,13 @@ def measure(model: nn.Module, digit: int, images: dict[str, tuple[torch.Tensor, 
 def split_columns(split: str, result: Evaluation, digit: int) -> dict:
     """One evaluation's columns, named after its split: `validation_target_wrong`, ..."""
     total = result.per_digit_totals()[digit]
+    error_rate = result.wrong_counts[digit] / max(1, total)
+    others = result.mean_accuracy_except(digit)
     return {f"{split}_target_wrong": result.wrong_counts[digit],
-            f"{split}_target_error_rate": result.wrong_counts[digit] / max(1, total),
-            f"{split}_others_accuracy": result.mean_accuracy_except(digit),
-            f"{split}_accuracy": result.accuracy}
+            f"{split}_target_error_rate": error_rate,
+            f"{split}_others_accuracy": others,
+            f"{split}_accuracy": result.accuracy,
+            f"{split}_score": (1 - error_rate + others) / 2}
 
 
 class Judge:
@@ -178,11 +216,14 @@ def train_one(settings: Settings, data: Mnist, base: nn.Module, config: Config, 
     """Fine-tune one configuration with one fine-tuning seed: the trained LoRA copy, and its row so
     far (what was run, the scale, the trainable numbers, ||delta W|| per layer, seconds).
 
-    `settings` carries the target digit (decided), the steps, batch size and learning rate; the
-    rank, alpha and seed come from `config` and `seed`. Only the fit images are trained on.
+    `settings` carries the target digit (decided), the steps and batch size (and the learning rate
+    when `config` has none); the rank, alpha and seed come from `config` and `seed`. Only the fit
+    images are trained on.
     """
     args = lora_arguments(config.scaling, config.rank, settings.alpha)
-    run = replace(settings, finetune_seed=seed, rank=config.rank, alpha=args["alpha"])
+    config = config.at(settings)
+    run = replace(settings, finetune_seed=seed, rank=config.rank, alpha=args["alpha"],
+                  **finetune_rate(settings, config.learning_rate))
     model = lora_copy(base, run.lora_seed, target_modules=settings.target_modules, init=config.init, **args)
     started = time.perf_counter()
     train_on_target(run, data, separate_path(model), verbose=False)
@@ -191,7 +232,8 @@ def train_one(settings: Settings, data: Mnist, base: nn.Module, config: Config, 
     with torch.no_grad():
         norms = {name: float(lora.delta_weight().norm()) for name, lora in loras.items()}
     return model, {"scaling": config.scaling, "rank": config.rank, "init": config.init, "seed": seed,
-                   "alpha": args["alpha"], "use_rslora": args["use_rslora"],
+                   "learning_rate": config.learning_rate, "alpha": args["alpha"],
+                   "use_rslora": args["use_rslora"],
                    "scale": next(iter(loras.values())).scale,
                    "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                    **{f"delta_norm_{name}": norms.get(name) for name in LAYER_NAMES},
@@ -210,16 +252,16 @@ def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterabl
               seeds: Sequence[int], splits: Sequence[str] = SPLITS, done: Sequence[dict] = (),
               progress: bool = True) -> list[dict]:
     """Every configuration with every seed, judged on `splits`; returns the rows of `done` plus
-    the new ones. A run already in `done` is not made again, and rank 1 of any scaling rule is
-    run (and stored) once, as "alpha fixed".
+    the new ones. A run already in `done` (same configuration, learning rate and seed) is not made
+    again, and rank 1 of any scaling rule is run (and stored) once, as "alpha fixed".
 
     Each model is judged (`Judge`) in a second thread while the next one trains: training runs on
     one thread (see `train`), so on a CPU the evaluation's large matrix products use the other core.
     """
     rows = list(done)
-    have = {(r["scaling"], r["rank"], r["init"], r["seed"]) for r in rows}
-    todo = [(config, seed) for config in dict.fromkeys(c.run_as() for c in configs) for seed in seeds
-            if (config.scaling, config.rank, config.init, seed) not in have]
+    have = {(*row_key(r), r["seed"]) for r in rows}
+    todo = [(config, seed) for config in dict.fromkeys(c.at(settings).run_as() for c in configs)
+            for seed in seeds if (*config.key, seed) not in have]
     judge = Judge(base, split_images(data, splits))
     bar = progress_bar(len(todo), "Fine-tuning runs", progress)
 
@@ -243,11 +285,32 @@ def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterabl
     return rows
 
 
+def row_key(row: dict) -> tuple:
+    """A row's configuration, as `Config.key` gives it (rows written before learning rates: None)."""
+    return (row["scaling"], row["rank"], row["init"], row.get("learning_rate"))
+
+
 def rows_of(rows: Sequence[dict], config: Config) -> list[dict]:
-    """The per-seed rows of one configuration (rank 1 of any rule: the shared "alpha fixed" runs)."""
-    wanted = config.run_as()
-    key = (wanted.scaling, wanted.rank, wanted.init)
-    return [r for r in rows if (r["scaling"], r["rank"], r["init"]) == key]
+    """The per-seed rows of one configuration, by seed (rank 1 of any rule: the shared "alpha fixed"
+    runs). A configuration without a learning rate takes its runs at whichever one rate they used."""
+    run = config.run_as()
+    mine = [r for r in rows if row_key(r)[:3] == run.key[:3]
+            and (run.learning_rate is None or r.get("learning_rate") == run.learning_rate)]
+    rates = {r.get("learning_rate") for r in mine}
+    if run.learning_rate is None and len(rates) > 1:
+        raise ValueError(f"{config.name} was run at several learning rates {sorted(rates)}: name one.")
+    return sorted(mine, key=lambda r: r["seed"])
+
+
+def values(rows: Sequence[dict], column: str, scale: float = 1.0) -> list[float]:
+    """One column of per-seed rows, each value times `scale` (100 for percentages)."""
+    return [scale * r[column] for r in rows]
+
+
+def mean_norms(rows: Sequence[dict]) -> dict[str, float]:
+    """The mean ||delta W|| over the seeds, per adapted layer."""
+    return {name: spread(values(rows, f"delta_norm_{name}")).mean for name in LAYER_NAMES
+            if all(r.get(f"delta_norm_{name}") is not None for r in rows)}
 
 
 def summary(rows: Sequence[dict], configs: Iterable[Config]) -> list[dict]:
@@ -259,12 +322,12 @@ def summary(rows: Sequence[dict], configs: Iterable[Config]) -> list[dict]:
         if not mine:
             raise ValueError(f"No runs of {config.name} among the rows.")
         entry = {"name": config.name, "scaling": config.scaling, "rank": config.rank, "init": config.init,
-                 "scale": mine[0]["scale"], "trainable": mine[0]["trainable"],
-                 "seeds": sorted(r["seed"] for r in mine)}
+                 "learning_rate": mine[0].get("learning_rate"), "scale": mine[0]["scale"],
+                 "trainable": mine[0]["trainable"], "seeds": [r["seed"] for r in mine]}
         for column in columns:
-            values = [r.get(column) for r in mine]
-            if all(v is not None for v in values):  # a split not evaluated, a layer not adapted: left out
-                s = spread(values)
+            found = [r.get(column) for r in mine]
+            if all(v is not None for v in found):  # a split not evaluated, a layer not adapted: left out
+                s = spread(found)
                 entry[column] = {"mean": s.mean, "low": s.low, "high": s.high}
         out.append(entry)
     return out
@@ -283,196 +346,156 @@ def reference(pretrained: nn.Module, data: Mnist, digit: int) -> dict:
 
 @dataclass(frozen=True)
 class Choice:
-    """The rank `choose_rank` keeps, the ranks it allowed, the best of them, and why, in words."""
+    """The rank `choose_rank` keeps, the rank with the best mean score, and why, in words."""
 
     rank: int
-    allowed: list[int]  # the ranks whose other digits lost at most the allowed points
-    best: int  # the allowed rank with the fewest target errors (means)
+    best: int
     reason: str
 
 
-def forgetting_points(entry: dict, before: dict, split: str = "validation") -> float:
-    """How many points the other digits' mean accuracy fell, mean over the seeds."""
-    return 100 * (before[f"{split}_others_accuracy"] - entry[f"{split}_others_accuracy"]["mean"])
+def choose_rank(rows: Sequence[dict], configs: Sequence[Config]) -> Choice:
+    """The rank to keep, decided on the validation score alone (the test columns are never read).
 
-
-def choose_rank(entries: Sequence[dict], before: dict, max_forgetting_points: float) -> Choice:
-    """The rank to keep, decided on the validation images alone (the test columns are never read).
-
-    Allowed: the ranks whose other digits' mean validation accuracy fell by at most
-    `max_forgetting_points` (means over the seeds). The best of them: the fewest target errors
-    (mean). Chosen: the smallest allowed rank tied with the best on both counts, target errors and
-    other-digit accuracy (ranges over the seeds overlap): the seeds cannot tell them apart, and a
-    smaller adapter trains fewer numbers. When no rank is allowed, the one that forgot least is kept.
+    Best: the highest mean score over the seeds. Chosen: the smallest rank whose range of scores
+    overlaps the best's: the seeds cannot tell the two apart, and a smaller adapter trains fewer
+    numbers.
     """
-    if not entries:
-        raise ValueError("choose_rank needs at least one rank's summary.")
-    by_rank = sorted(entries, key=lambda e: e["rank"])
-    allowed = [e for e in by_rank if forgetting_points(e, before) <= max_forgetting_points]
-    if not allowed:
-        least = min(by_rank, key=lambda e: (forgetting_points(e, before), e["rank"]))
-        return Choice(least["rank"], [], least["rank"],
-                      f"no rank kept the other digits within {max_forgetting_points:g} points on the "
-                      f"validation images; rank {least['rank']} lost the least "
-                      f"({forgetting_points(least, before):.1f})")
-    best = min(allowed, key=lambda e: (e["validation_target_wrong"]["mean"], e["rank"]))
-
-    def tied(entry: dict) -> bool:
-        return all(as_spread(entry, column).overlaps(as_spread(best, column))
-                   for column in ("validation_target_wrong", "validation_others_accuracy"))
-
-    chosen = next(e for e in allowed if tied(e))
-    names = [e["rank"] for e in allowed]
-    if chosen is best:
-        why = f"the fewest target errors on the validation images among the allowed ranks {names}"
+    if not configs:
+        raise ValueError("choose_rank needs at least one configuration.")
+    scores = {c.rank: spread(values(rows_of(rows, c), "validation_score", 100)) for c in configs}
+    best = max(scores, key=lambda r: (scores[r].mean, -r))
+    chosen = min(r for r in scores if scores[r].overlaps(scores[best]))
+    if chosen == best:
+        reason = f"the highest mean validation score, {scores[best].mean:.1f} %"
     else:
-        why = (f"tied on the validation images, on target errors and on the other digits, with rank "
-               f"{best['rank']}, which had the fewest target errors among the allowed ranks {names}; "
-               "a tie goes to the smaller rank")
-    return Choice(chosen["rank"], names, best["rank"], why)
+        reason = (f"its validation scores overlap those of rank {best} (the highest mean, "
+                  f"{scores[best].mean:.1f} %), and the smaller adapter trains fewer numbers")
+    return Choice(chosen, best, reason)
 
 
-def compare(a: Spread, b: Spread, higher_is_better: bool) -> str:
-    """'tie' when the ranges overlap, else which is better: 'first better' / 'second better'."""
-    return {"better": "first better", "worse": "second better"}.get(a.versus(b, higher_is_better), "tie")
+@dataclass(frozen=True)
+class Tuned:
+    """A scaling rule's learning rate, tuned at one rank: the rate with the highest mean validation
+    score over the seeds, every rate's mean score, and whether the best lies at an end of the grid
+    (then a wider grid might find a better one)."""
+
+    scaling: str
+    rank: int
+    learning_rate: float
+    means: dict[float, float]
+    at_edge: bool
+
+    @property
+    def config(self) -> Config:
+        return Config(self.scaling, self.rank, "normal", self.learning_rate)
 
 
-def markdown_table(entries: Sequence[dict], columns: Sequence[str], digit: int,
-                   before: dict | None = None) -> str:
-    """A Markdown table, one row per configuration: its scale, trainable numbers and seeds, then each
-    of `columns` as the mean (min-max) over the seeds; the pre-trained network first when given."""
-    columns = [c for c in columns if any(c in e for e in entries)]  # a layer left out: no column
-
-    def title(column: str) -> str:
-        if column.startswith("delta_norm_"):
-            return f"‖ΔW‖ {column.removeprefix('delta_norm_')}"
-        split, _, metric = column.partition("_")
-        what = {"target_wrong": f"digit {digit} wrong", "target_error_rate": f"digit {digit} error %",
-                "others_accuracy": "other digits %", "accuracy": "all digits %"}[metric]
-        return f"{split}: {what}"
-
-    def cell(value: Spread, column: str) -> str:
-        if column.startswith("delta_norm_"):
-            return value.text(2)
-        return value.text(1, 1 if column.endswith("target_wrong") else 100)
-
-    lines = ["| configuration | scale | trainable | seeds | " + " | ".join(map(title, columns)) + " |",
-             "|:--|--:|--:|--:|" + "--:|" * len(columns)]
-    if before is not None:
-        # the pre-trained network: one value per split column; its update is zero
-        values = [("0" if c not in before else f"{before[c]}" if c.endswith("target_wrong")
-                   else f"{100 * before[c]:.1f}") for c in columns]
-        lines.append("| pre-trained | | | | " + " | ".join(values) + " |")
-    for e in entries:
-        values = [cell(as_spread(e, c), c) if c in e else "" for c in columns]
-        lines.append(f"| {e['name']} | {e['scale']:.3g} | {e['trainable']:,} | {len(e['seeds'])} | "
-                     + " | ".join(values) + " |")
-    return "\n".join(lines)
+def tune_learning_rate(rows: Sequence[dict], scaling: str, rank: int, learning_rates: Sequence[float]
+                       ) -> Tuned:
+    """The learning rate of the grid with the highest mean validation score (test columns unread)."""
+    means = {}
+    for lr in sorted(learning_rates):
+        mine = rows_of(rows, Config(scaling, rank, "normal", lr))
+        if not mine:
+            raise ValueError(f"No runs of {scaling}, rank {rank} at learning rate {lr:g} among the rows.")
+        means[lr] = spread(values(mine, "validation_score", 100)).mean
+    best = max(means, key=means.get)
+    return Tuned(scaling, rank, best, means, best in (min(means), max(means)))
 
 
-def distinct(entries: Iterable[dict]) -> list[dict]:
-    """The summaries of distinct runs: rank 1 of "alpha = r" and "rsLoRA" is the "alpha fixed" run,
-    and a configuration listed twice counts once."""
-    seen, out = set(), []
-    for e in entries:
-        key = Config(e["scaling"], e["rank"], e["init"]).run_as()
-        if key not in seen:
-            seen.add(key)
-            out.append(e)
-    return out
+def verdict(first: Sequence[dict], second: Sequence[dict], names: tuple[str, str],
+            column: str = "test_score", figures: bool = True) -> str:
+    """Two configurations' per-seed `column` (a fraction is shown in %): 'no difference detected at
+    N seeds' when the ranges overlap, else which is higher (every seed of one above every seed of the
+    other); with their mean (min-max) unless `figures` is False."""
+    scale, unit = (1, "") if column.endswith("_wrong") else (100, " %")
+    a, b = (spread(values(rows, column, scale)) for rows in (first, second))
+    seeds = min(a.count, b.count)
+    shown = f" ({names[0]} {a.text(1)}{unit}, {names[1]} {b.text(1)}{unit})" if figures else ""
+    if a.overlaps(b):
+        return f"no difference detected at {seeds} seeds{shown}"
+    high, low = names if a.mean > b.mean else names[::-1]
+    return f"{high} higher than {low}, the ranges over {seeds} seeds apart{shown}"
 
 
-def entry_at(entries: Sequence[dict], scaling: str, rank: int, init: str = "normal") -> dict:
-    """The summary of one configuration (rank 1 of any rule: the shared run, under that rule's name)."""
-    for e in entries:
-        if (e["scaling"], e["rank"], e["init"]) == (scaling, rank, init):
-            return e
-    raise KeyError(f"No summary of {scaling}, rank {rank}, {init} A.")
+def verdicts(first: Sequence[dict], second: Sequence[dict], names: tuple[str, str], digit: int,
+             split: str = "test") -> str:
+    """`verdict` on the score and on its two halves, without figures: the score can tie while one
+    configuration fixes more of the digit and forgets more of the others."""
+    parts = {"score": "score", f"digit {digit} wrong": "target_wrong", "other digits": "others_accuracy"}
+    return "; ".join(f"{label}: {verdict(first, second, names, f'{split}_{column}', figures=False)}"
+                     for label, column in parts.items())
 
 
-def _verdicts(a: dict, b: dict, split: str = "validation") -> tuple[str, str]:
-    """`a` against `b` on target errors (fewer is better) and on the other digits (higher is better):
-    each 'better', 'worse' or 'tie' (ranges over the seeds overlap)."""
-    words = {"first better": "better", "second better": "worse", "tie": "tie"}
-    wrong, others = f"{split}_target_wrong", f"{split}_others_accuracy"
-    return (words[compare(as_spread(a, wrong), as_spread(b, wrong), higher_is_better=False)],
-            words[compare(as_spread(a, others), as_spread(b, others), higher_is_better=True)])
+def seed_table(groups: dict[str, Sequence[dict]], digit: int, split: str = "test"):
+    """A short table: per configuration (its per-seed rows), the scale, the learning rate and, on
+    `split`, the mean (min-max) over the seeds of each measure."""
+    import pandas as pd
 
-
-def _pair(e: dict, split: str = "validation") -> str:
-    return (f"{as_spread(e, f'{split}_target_wrong').text(1)} wrong, other digits "
-            f"{as_spread(e, f'{split}_others_accuracy').text(1, 100)} %")
-
-
-def _ranks(ranks: Sequence[int]) -> str:
-    """'rank 4', 'ranks 4 and 8', 'ranks 2, 4 and 8'."""
-    words = [str(r) for r in ranks]
-    return f"rank {words[0]}" if len(words) == 1 else f"ranks {', '.join(words[:-1])} and {words[-1]}"
-
-
-def _size(e: dict, layer: str) -> float:
-    return e[f"delta_norm_{layer}"]["mean"]
-
-
-def findings(main: Sequence[dict], scaling: Sequence[dict], init: Sequence[dict], before: dict,
-             choice: Choice) -> str:
-    """What the runs show, as Markdown bullets computed from the summaries (validation images):
-    every comparison says 'better', 'worse' or 'tie' from the seeds' ranges, none is typed by hand."""
     lines = []
-    ranks = sorted(e["rank"] for e in main)
-    low, top = ranks[0], ranks[-1]
-    first = entry_at(main, "alpha fixed", low)
-    if top != low:
-        parts, beats = [], []
-        for e in sorted(main, key=lambda e: e["rank"])[1:]:
-            target, others = _verdicts(e, first)
-            parts.append(f"rank {e['rank']}: target errors {target}, other digits {others}")
-            if "worse" not in (target, others) and "better" in (target, others):
-                beats.append(e["rank"])
-        are = "is" if len(beats) == 1 else "are"
-        verdict = (f"rank {low} is **not** the best trade: {_ranks(beats)} {are} better on at least one "
-                   "count and worse on neither" if beats else
-                   f"no larger rank beats rank {low} on one count without losing on the other")
-        lines.append(f"- **Rank, alpha fixed.** Against rank {low} ({_pair(first)}): {'; '.join(parts)}. "
-                     f"So at fixed alpha {verdict}. The rule above chose rank {choice.rank}.")
-    layer = next((n for n in ("linear2", "linear1", "linear3") if f"delta_norm_{n}" in first), None)
-    if layer and top != low and scaling:
-        sizes = []
-        for rule in SCALINGS:
-            ratio = _size(entry_at(scaling, rule, top), layer) / _size(entry_at(scaling, rule, low), layer)
-            guess = (top / low) ** RANDOM_WALK_POWER[rule]
-            near = "close to" if abs(math.log(ratio / guess)) < math.log(1.25) else (
-                "below" if ratio < guess else "above")
-            sizes.append(f"{rule} x{ratio:.2f}, {near} the estimate x{guess:.2f}")
-        same_scale = [entry_at(scaling, "alpha = r", r) for r in (low, top)]
-        grows = _size(same_scale[1], layer) > _size(same_scale[0], layer)
-        lines.append(f"- **Update size.** From rank {low} to rank {top}, the mean ||ΔW|| of {layer} changes "
-                     f"by: {'; '.join(sizes)}. With alpha = r the factor in front of B @ A stays the same, "
-                     f"and the update {'still grows' if grows else 'does not grow'} with the rank.")
-        base = entry_at(scaling, "alpha fixed", top)
-        rules = []
-        for rule in [r for r in SCALINGS if r != "alpha fixed"]:
-            e = entry_at(scaling, rule, top)
-            target, others = _verdicts(e, base)
-            rules.append(f"{rule}: {_pair(e)}, so target errors {target}, other digits {others}")
-        lines.append(f"- **Scaling rule at rank {top}.** Against alpha fixed ({_pair(base)}): "
-                     f"{'; '.join(rules)}.")
-    if init:
-        k = init[0]
-        n = entry_at(main, "alpha fixed", k["rank"])
-        target, others = _verdicts(k, n)
-        shrink = ", ".join(f"{name} {_size(n, name) / _size(k, name):.0f}x" for name in LAYER_NAMES
-                           if f"delta_norm_{name}" in k)
-        lines.append(f"- **Initialisation at rank {k['rank']}.** Kaiming-uniform A: {_pair(k)}; the post's "
-                     f"N(0, 1): {_pair(n)}. With Kaiming's A, target errors {target}, other digits {others}; "
-                     f"the N(0, 1) update is larger by {shrink} (mean ||ΔW||).")
-    everything = distinct([*main, *scaling, *init])
-    floor = 100 * before["validation_others_accuracy"]
-    below = [e for e in everything if 100 * e["validation_others_accuracy"]["high"] < floor]
-    kept = max(everything, key=lambda e: e["validation_others_accuracy"]["mean"])
-    lost = min(everything, key=lambda e: e["validation_others_accuracy"]["mean"])
-    lines.append(f"- **Forgetting.** {len(below)} of {len(everything)} configurations left the other digits "
-                 f"below the pre-trained network's {floor:.1f} % in every seed; the smallest loss was "
-                 f"{kept['name']}'s ({100 * kept['validation_others_accuracy']['mean']:.1f} %), the largest "
-                 f"{lost['name']}'s ({100 * lost['validation_others_accuracy']['mean']:.1f} %).")
-    return "\n".join(lines)
+    for name, rows in groups.items():
+        lines.append({"": name, "scale": f"{rows[0]['scale']:.3g}",
+                      "learning rate": f"{rows[0].get('learning_rate'):g}", "seeds": len(rows),
+                      f"digit {digit} wrong": spread(values(rows, f"{split}_target_wrong")).text(1),
+                      "other digits %": spread(values(rows, f"{split}_others_accuracy", 100)).text(1),
+                      "score %": spread(values(rows, f"{split}_score", 100)).text(1)})
+    return pd.DataFrame(lines).set_index("")
+
+
+SPLIT_COLORS = {"validation": "tab:orange", "test": "tab:blue"}
+PANELS = (("score", "score (%)", 100.0), ("target_wrong", "digit {digit} wrong", 1.0),
+          ("others_accuracy", "other digits (%)", 100.0))
+
+
+def plot_seeds(groups: dict[str, Sequence[dict]], digit: int, splits: Sequence[str] = SPLITS,
+               before: dict | None = None, title: str = "", xlabel: str = "configuration"):
+    """One panel per measure (`PANELS`), one column of points per group (a configuration's per-seed
+    rows), one point per seed and a bar at their mean; the pre-trained network's value dashed."""
+    from .plots import new_figure
+
+    fig, axes = new_figure(1, len(PANELS), figsize=(4.3 * len(PANELS), 3.9), squeeze=False)
+    for ax, (metric, label, scale) in zip(axes[0], PANELS, strict=True):
+        label = label.format(digit=digit)
+        for k, split in enumerate(splits):
+            color, offset = SPLIT_COLORS[split], (k - (len(splits) - 1) / 2) * 0.24
+            for i, rows in enumerate(groups.values()):
+                ys = values(rows, f"{split}_{metric}", scale)
+                xs = [i + offset + (j - (len(ys) - 1) / 2) * 0.03 for j in range(len(ys))]
+                ax.scatter(xs, ys, s=20, color=color, alpha=0.8, zorder=3,
+                           label=f"{split}, one point per seed" if i == 0 else None)
+                ax.hlines(sum(ys) / len(ys), i + offset - 0.1, i + offset + 0.1, color=color, lw=2)
+            if before is not None:
+                ax.axhline(scale * before[f"{split}_{metric}"], color=color, ls="--", lw=1,
+                           label=f"pre-trained, {split}")
+        ax.set_xticks(range(len(groups)), list(groups))
+        ax.set(title=label, xlabel=xlabel, ylabel=label)
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def plot_learning_rates(rows: Sequence[dict], tuned: Sequence[Tuned], title: str = ""):
+    """Each rule's validation score against the learning rate, one point per seed, a line through
+    the means, the tuned rate ringed."""
+    from .plots import SCALING_STYLE, new_figure
+
+    fig, ax = new_figure(figsize=(7.5, 4.2))
+    for t in tuned:
+        color = SCALING_STYLE.get(t.scaling, ("tab:gray",))[0]
+        rates = sorted(t.means)
+        for lr in rates:
+            ys = values(rows_of(rows, Config(t.scaling, t.rank, "normal", lr)), "validation_score", 100)
+            xs = [lr * 1.04 ** (j - (len(ys) - 1) / 2) for j in range(len(ys))]
+            ax.scatter(xs, ys, s=16, color=color, alpha=0.7)
+        ax.plot(rates, [t.means[lr] for lr in rates], color=color, marker="_", label=f"{t.scaling} (mean)")
+        ax.scatter([t.learning_rate], [t.means[t.learning_rate]], s=220, facecolors="none",
+                   edgecolors=color, linewidths=2)
+    ax.set_xscale("log")
+    ax.set(title=title or "Validation score against the learning rate (ringed: the tuned rate)",
+           xlabel="learning rate (log scale)", ylabel="validation score (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
