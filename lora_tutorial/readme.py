@@ -1,11 +1,11 @@
-"""Write the README's result tables and pictures from what the committed notebooks hold.
+"""Write the README's results table and pictures from what the committed notebooks hold.
 
 `python -m lora_tutorial.readme` rewrites every block between `<!-- begin generated: NAME -->` and
-`<!-- end generated: NAME -->` in README.md from the notebooks' published results (see
-`report.py`), and copies the figures the README shows (FIGURES) out of the notebooks' outputs
-into docs/; `--check` only compares, and exits 1 when a table or a picture differs from what the
-notebooks hold (a test runs it). Numbers and pictures in the README are therefore never made by
-hand.
+`<!-- end generated: NAME -->` in README.md and in the pages under docs/ from the notebooks'
+published results (see `report.py`). It copies the figures the README shows (FIGURES) out of the
+notebooks' outputs into docs/. `--check` only compares, and exits 1 when a block or a picture
+differs from what the notebooks hold (a test runs it). So numbers and pictures in the README and
+the docs are never made by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write
-from .many_adapters import LOAD_NETWORK, SWITCH
 from .report import published
 from .settings import project_root
 
@@ -57,148 +56,28 @@ def results_table(found: dict[str, dict[str, Any]]) -> str:
     ])
 
 
-def _spread(cell: dict | None, scale: float = 1.0, digits: int = 1) -> str:
-    """'11.0 (8-13)': a mean over seeds and its range (in whole numbers when the values are counts)."""
-    if not cell:
-        return "-"
-    low, high = (cell[k] * scale for k in ("low", "high"))
-    whole = low == int(low) and high == int(high)  # counts: their range in whole numbers
-    low, high = (f"{v:.0f}" if whole else f"{v:.{digits}f}" for v in (low, high))
-    return f"{cell['mean'] * scale:.{digits}f} ({low}-{high})"
-
-
-def rank_table(found: dict[str, dict[str, Any]]) -> str:
-    """07's main sweep (alpha fixed): validation and test figures per rank, and the chosen rank."""
-    study = found["07_rank_sweep"]["rank_study"]
-    before, digit = study["pretrained"], study["settings"]["target_digit"]
-    seeds = len(study["seeds"])
-    lines = [f"| rank (alpha = 1) | digit {digit} wrong, validation | other digits %, validation | "
-             f"digit {digit} wrong, test | other digits %, test |",
-             "|---|---|---|---|---|",
-             f"| pre-trained | {before['validation_target_wrong']} | "
-             f"{100 * before['validation_others_accuracy']:.1f} | {before['test_target_wrong']} | "
-             f"{100 * before['test_others_accuracy']:.1f} |"]
-    for e in study["summary"]["main"]:
-        mark = " (chosen)" if e["rank"] == study["choice"]["rank"] else ""
-        lines.append(f"| {e['rank']}{mark} | {_spread(e.get('validation_target_wrong'))} | "
-                     f"{_spread(e.get('validation_others_accuracy'), 100)} | "
-                     f"{_spread(e.get('test_target_wrong'))} | "
-                     f"{_spread(e.get('test_others_accuracy'), 100)} |")
-    lines.append("")
-    lines.append(f"Mean (min-max) over {seeds} fine-tuning seeds. Chosen on the validation images: rank "
-                 f"{study['choice']['rank']}, {study['choice']['reason']}.")
-    return "\n".join(lines)
-
-
-def _runs(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    """Per-seed values as '11.0 (8-13)'."""
-    cell = {"mean": sum(values) / len(values), "low": min(values), "high": max(values)}
-    return _spread(cell, scale, digits)
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def _rank_enough_rows(why: dict[str, Any], digit: int) -> list[str]:
-    rank, lines, before = why["enough"]["rank"], [], why["before"]
-    for name, runs in why["full"].items():
-        cut = [next(c for c in run["cuts"] if c["rank"] == rank) for run in runs]
-        verdict = "yes" if why["enough"].get(name) else "no"
-        wrong = (f"{_runs([r['target_wrong'] for r in runs])} whole, "
-                 f"{_runs([c['target_wrong'] for c in cut])} cut")
-        others = (f"{_runs([r['others_accuracy'] for r in runs], 100)} % whole, "
-                  f"{_runs([c['others_accuracy'] for c in cut], 100)} % cut")
-        lines.append(f"| 08: full fine-tune ({name}): does its update cut to rank {rank} do the job? | "
-                     f"{verdict}. Digit {digit} wrong: {wrong} (pre-trained {before['target_wrong']}); other "
-                     f"digits: {others} (pre-trained {100 * before['others_accuracy']:.1f} %) |")
-    return lines
-
-
-def _cost_row(why: dict[str, Any]) -> list[str]:
-    rank = why["enough"]["rank"]
-    costs = {c["name"]: c for c in why["costs"]}
-    full, lora = costs.get("every weight"), costs.get(f"LoRA, rank {rank}")
-    if not (full and lora):
-        return []
-    trained = f"{full['trainable']:,} vs {lora['trainable']:,} trained numbers"
-    state = f"Adam state {_size(full['optimizer_bytes'])} vs {_size(lora['optimizer_bytes'])}"
-    files = f"saved tensors {_size(full['file_bytes'])} vs {_size(lora['file_bytes'])}"
-    step = f"one step {sum(full['step_ms'].values()):.1f} vs {sum(lora['step_ms'].values()):.1f} ms"
-    return [f"| 08: full fine-tune vs LoRA rank {rank}, what each costs | {trained}; {state}; {files}; "
-            f"{step} (this CPU) |"]
-
-
-def _forgetting_rows(forget: dict[str, Any], digit: int) -> list[str]:
-    lost = _spread(forget["others_lose_points"], 1, 2)
-    lines = [f"| 09: what fine-tuning on {digit} alone costs the other digits | {lost} points of mean "
-             "accuracy |"]
-    plain = forget["summaries"][0]["test"]
-    chosen = next(e for e in forget["summaries"] if e["name"] == forget["chosen"])["test"]
-    limit = forget["max_forgetting_points"]
-    points = f"{limit:g} point" + ("" if limit == 1 else "s")
-    lines.append(f"| 09: the remedy chosen on the validation images (the others may lose at most {points}) "
-                 f"| {forget['chosen']}: digit {digit} wrong {_spread(chosen['target_wrong'])}, the "
-                 f"others lose {_spread(chosen['points_lost'], 1, 2)} points (the plain run: "
-                 f"{_spread(plain['target_wrong'])} and {_spread(plain['points_lost'], 1, 2)}) |")
-    for batch, times in sorted(forget["latency_seconds"].items(), key=lambda kv: -int(kv[0])):
-        ratios = ", ".join(f"{name} {seconds / times['merged']:.2f}x" for name, seconds in times.items()
-                           if name != "merged")
-        lines.append(f"| 09: serving in calls of {int(batch):,} images, time against merged | {ratios} "
-                     "(one adapter, the median of a few passes, this CPU) |")
-    return lines
-
-
-def _many_adapters_rows(many: dict[str, Any]) -> list[str]:
-    """10's rows: PEFT against the tutorial's LoRA; the adapters per digit, combined; the costs."""
-    peft, digits, before = many["peft"], many["digits"], many["before"]
-    chosen = ", ".join(map(str, digits))
-
-    def gap(value: float) -> str:
-        return "0 (bit for bit)" if value == 0 else f"at most {value:.1e}"
-
-    lines = [f"| 10: PEFT's LoRA beside the tutorial's, same A and same batches | trained A and B differ by "
-             f"{gap(peft['adapter_gap'])}; merged weights by {gap(peft['merge_gap'])}; `disable_adapter()` "
-             "gives the pre-trained network exactly; to_peft / from_peft round trip exact |"]
-    pre_wrong = ", ".join(str(before["wrong"][str(d)]) for d in digits)
-    for e in many["summaries"]:
-        wrong = ", ".join(f"{d}: {_spread(e['wrong'][str(d)])}" for d in digits)
-        lines.append(f"| 10: {e['name']} (wrong on {chosen}; pre-trained {pre_wrong}) | {wrong}; other "
-                     f"{10 - len(digits)} digits {_spread(e['others_accuracy'])} % (pre-trained "
-                     f"{100 * before['others_accuracy']:.1f} %) |")
-    n, size = len(digits), many["bytes"]["adapter (the tutorial's file)"]
-    network = many["bytes"]["fine-tuned network"]
-    ms = {name: value["mean"] * 1e3 for name, value in many["seconds"].items()}
-    lines.append(f"| 10: what {n} tasks cost | {n} adapters {n * size / 1024:.1f} KiB vs {n} fine-tuned "
-                 f"copies {n * network / 2**20:.1f} MiB; PEFT's set_adapter {ms[SWITCH]:.2f} ms "
-                 f"({len(many['rows'])} adapters held) vs loading a network file {ms[LOAD_NETWORK]:.2f} ms "
-                 "(medians, this CPU) |")
-    return lines
-
-
-def beyond_table(found: dict[str, dict[str, Any]]) -> str:
-    """08's, 09's and 10's answers in one table: mean (min-max) over the seeds, on the test images."""
-    why, forget = found["08_why_low_rank"]["why_low_rank"], found["09_forgetting"]["forgetting"]
-    many = found["10_peft_and_many_adapters"]["many_adapters"]
-    digit = why["settings"]["target_digit"]
-    lines = [f"| question | answer measured (mean (min-max) over {len(why['seeds'])} seeds, test images) |",
-             "|---|---|"]
-    lines += _rank_enough_rows(why, digit) + _cost_row(why) + _forgetting_rows(forget, digit)
-    lines += _many_adapters_rows(many)
-    return "\n".join(lines)
+def shown_location(location: str, root: Path) -> str:
+    """A data folder as the docs may show it: relative to the project, or, when it lies outside,
+    only its last two parts after a placeholder (a machine's own paths never reach the docs)."""
+    path = Path(location)
+    if not path.is_absolute():
+        return location
+    if path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    return "<your data folder>/" + "/".join(path.parts[-2:])
 
 
 def run_summary(found: dict[str, dict[str, Any]]) -> str:
     """The summary `python -m lora_tutorial.run` prints, for the committed run's results."""
     from .run import summary
 
-    return f"```\n{summary(found['06_compare']['results'])}\n```"
+    results = found["06_compare"]["results"]
+    data = {**results["data"], "location": shown_location(results["data"]["location"], project_root())}
+    return f"```\n{summary({**results, 'data': data})}\n```"
 
 
 TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {"results": results_table,
-                                                                  "run-summary": run_summary,
-                                                                  "rank-study": rank_table,
-                                                                  "beyond": beyond_table}
+                                                                  "run-summary": run_summary}
 
 
 # The pictures the README shows: file -> (notebook, tag of the cell whose first picture it is)
@@ -237,30 +116,38 @@ def render(readme: str, found: dict[str, dict[str, Any]]) -> str:
     return BLOCK.sub(replace, readme)
 
 
+def documents(root: Path) -> list[Path]:
+    """The files that may hold generated blocks: README.md, then every page under docs/."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_tutorial.readme", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="compare only; exit 1 when a table differs")
+    parser.add_argument("--check", action="store_true", help="compare only; exit 1 when a block differs")
     args = parser.parse_args(argv)
     root = project_root()
-    path = root / "README.md"
-    text = path.read_text()
-    new = render(text, notebook_results(root / "notebooks"))
+    found = notebook_results(root / "notebooks")
+    texts = {path: path.read_text() for path in documents(root)}
+    new = {path: render(text, found) for path, text in texts.items()}
     pictures = figures(root)
     if args.check:
-        stale = [p.name for p, png in pictures.items() if not p.is_file() or p.read_bytes() != png]
-        if new != text or stale:
-            print("README.md's generated tables or pictures " + (f"({', '.join(stale)}) " if stale else "")
-                  + "differ from the committed notebooks: run `python -m lora_tutorial.readme` and commit "
-                  "README.md and docs/.", file=sys.stderr)
+        stale = [p.relative_to(root).as_posix() for p in texts if new[p] != texts[p]]
+        stale += [p.name for p, png in pictures.items() if not p.is_file() or p.read_bytes() != png]
+        if stale:
+            print(f"Generated tables or pictures ({', '.join(stale)}) differ from the committed notebooks: "
+                  "run `python -m lora_tutorial.readme` and commit README.md and docs/.", file=sys.stderr)
             return 1
-        print("README.md's generated tables and pictures match the committed notebooks.")
+        print("The generated tables and pictures in README.md and docs/ match the committed notebooks.")
         return 0
-    path.write_text(new)
+    for path, text in new.items():
+        if text != texts[path]:
+            path.write_text(text)
     for picture, png in pictures.items():
         atomic_write(picture, lambda tmp, png=png: tmp.write_bytes(png))
-    print(f"Wrote {len(BLOCK.findall(new))} generated table(s) into README.md and {len(pictures)} "
-          "picture(s) into docs/.")
+    blocks = sum(len(BLOCK.findall(text)) for text in new.values())
+    print(f"Wrote {blocks} generated block(s) into README.md and docs/, and {len(pictures)} picture(s) "
+          "into docs/.")
     return 0
 
 
