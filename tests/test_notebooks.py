@@ -208,7 +208,7 @@ def test_an_old_results_file_is_never_reported_as_this_runs(tmp_path, monkeypatc
 
 
 def execute(name, out, parameters):
-    """One notebook through papermill, as the README's command line does; returns the output copy."""
+    """One notebook through papermill, as docs/papermill.md's command line does; returns the output copy."""
     import papermill
 
     from lora_tutorial.run import notebooks_dir
