@@ -236,13 +236,24 @@ def top_direction_cosines(a: Decomposition, b: Decomposition) -> tuple[float, fl
     return abs(float(a.u[:, 0] @ b.u[:, 0])), abs(float(a.v[:, 0] @ b.v[:, 0]))
 
 
-def with_deltas(base: nn.Module, deltas: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of the plain `base` whose layers have W + delta W."""
+def bias_deltas(before: nn.Module, after: nn.Module) -> dict[str, torch.Tensor]:
+    """b_after - b_before of every Linear layer: the part of a full fine-tune's update that no
+    singular direction of delta W describes (zero for LoRA, which leaves the biases frozen)."""
+    old, new = linear_layers(before), linear_layers(after)
+    return {name: (new[name].bias - old[name].bias).detach().cpu() for name in old}
+
+
+def with_deltas(base: nn.Module, deltas: dict[str, torch.Tensor],
+                biases: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of the plain `base` whose layers have W + delta W and, where `biases` are given,
+    b + delta b."""
     model = copy.deepcopy(base)
     layers = linear_layers(model)
     with torch.no_grad():
         for name, delta in deltas.items():
             layers[name].weight += delta.to(layers[name].weight)
+        for name, delta in (biases or {}).items():
+            layers[name].bias += delta.to(layers[name].bias)
     return model
 
 
@@ -254,11 +265,13 @@ def _summary(settings: Settings, model: nn.Module, data: Mnist) -> dict:
 
 
 def cut_rows(settings: Settings, base: nn.Module, pieces: dict[str, Decomposition], data: Mnist,
-             ranks: Sequence[int]) -> list[dict]:
-    """The pre-trained network plus each layer's delta W cut to rank r, on the test images, per r."""
+             ranks: Sequence[int], biases: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """The pre-trained network plus each layer's delta W cut to rank r and its whole delta b (the
+    fine-tuned biases), on the test images, per r. Only the weights' update is cut: the biases
+    carry no singular directions, so the cut and the whole update differ in delta W alone."""
     rows = []
     for r in ranks:
-        model = with_deltas(base, {name: piece.truncated(r) for name, piece in pieces.items()})
+        model = with_deltas(base, {name: piece.truncated(r) for name, piece in pieces.items()}, biases)
         rows.append({"rank": r, **_summary(settings, model, data)})
     return rows
 
@@ -270,11 +283,13 @@ def cuts_at(rows: Sequence[dict], rank: int) -> list[dict]:
 
 def full_runs(settings: Settings, data: Mnist, base: nn.Module, seeds: Sequence[int], ranks: Sequence[int],
               verbose: bool = False) -> list[dict]:
-    """Fine-tune every weight once per seed (`finetune_seed`), as the settings say (replay included).
+    """Fine-tune every weight once per seed (`finetune_seed`), as the settings say (replay and
+    learning rate included).
 
-    Each row: the seed, the seconds fine-tuning took, the test results, each layer's decomposition
-    of delta W (its singular values and top directions, under "pieces") and the test results of
-    delta W cut to each of `ranks` (under "cuts").
+    Each row: the seed, the learning rate, the seconds fine-tuning took, the test results, each
+    layer's decomposition of delta W (its singular values and top directions, under "pieces"), its
+    delta b ("biases") and the test results of delta W cut to each of `ranks` plus the whole delta b
+    (under "cuts").
     """
     rows = []
     for seed in seeds:
@@ -284,8 +299,10 @@ def full_runs(settings: Settings, data: Mnist, base: nn.Module, seeds: Sequence[
         train_on_target(run, data, model, desc=f"Every weight, seed {seed}", verbose=verbose)
         seconds = time.perf_counter() - started
         pieces = {name: decompose(delta, max(ranks)) for name, delta in weight_deltas(base, model).items()}
-        rows.append({"seed": seed, "seconds": seconds, **_summary(run, model, data), "pieces": pieces,
-                     "cuts": cut_rows(run, base, pieces, data, ranks)})
+        biases = bias_deltas(base, model)
+        rows.append({"seed": seed, "learning_rate": run.finetune_lr, "seconds": seconds,
+                     **_summary(run, model, data), "pieces": pieces, "biases": biases,
+                     "cuts": cut_rows(run, base, pieces, data, ranks, biases)})
     return rows
 
 
@@ -470,7 +487,7 @@ def cost_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-TENSORS = ("pieces", "a_start", "a_end", "predictions")  # what a row holds that JSON cannot
+TENSORS = ("pieces", "biases", "a_start", "a_end", "predictions")  # what a row holds that JSON cannot
 
 
 def plain_rows(rows: Sequence[dict]) -> list[dict]:
@@ -478,62 +495,279 @@ def plain_rows(rows: Sequence[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TENSORS} for row in rows]
 
 
-# Tables and sentences written from the results ----------------------------------------------
+# Tuning the full fine-tune's learning rate on the validation images -------------------------
 
-def rank_table(ranks: Sequence[int], runs: dict[str, list[dict]], lora: dict[int, list[dict]], key: str,
-               digits: int) -> str:
-    """One measure against the rank r, as mean (min-max) over the seeds: each full run's delta W cut to
-    rank r, and LoRA trained at rank r; the whole updates in the last row ('-': not run)."""
-    width = 24
-    head = f"{'rank r':<8}" + "".join(f"{name + ': cut':>{width}}" for name in runs) + f"{'LoRA':>{width}}"
-    lines = [head, "-" * len(head)]
-    for r in sorted(set(ranks) | set(lora)):
-        cells = [over_seeds(cuts_at(rows, r), key).text(digits) if r in ranks else "-"
-                 for rows in runs.values()]
-        cells.append(over_seeds(lora[r], key).text(digits) if r in lora else "-")
-        lines.append(f"{r:<8}" + "".join(f"{c:>{width}}" for c in cells))
-    whole = [over_seeds(rows, key).text(digits) for rows in runs.values()]
-    lines.append(f"{'whole':<8}" + "".join(f"{c:>{width}}" for c in [*whole, "-"]))
-    return "\n".join(lines)
+def check_rates(name: str, values: object) -> list[float]:
+    """A list of learning rates, checked before any work: numbers above 0, returned sorted."""
+    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values)
+    if not ok:
+        raise SettingsError(f"{name}={values!r} is not valid: expected a list of learning rates above 0, "
+                            "e.g. [3e-5, 1e-4, 3e-4, 1e-3].")
+    return sorted({float(v) for v in values})
 
 
-def _pair(candidate: Sequence[dict], reference: Sequence[dict], key: str, digits: int) -> str:
-    return f"{over_seeds(candidate, key).text(digits)} against {over_seeds(reference, key).text(digits)}"
+def validation_summary(model: nn.Module, data: Mnist, digit: int) -> dict:
+    """What a choice is made on: the validation images' wrong answers on `digit`, the other digits'
+    mean accuracy, and the score, the mean of the digit's accuracy and the others' (07's score: the
+    task is to fix one digit while keeping nine, so each side weighs half)."""
+    result = evaluate(model, data.val_images, data.val_labels)
+    wrong, total = result.wrong_counts[digit], result.per_digit_totals()[digit]
+    others = result.mean_accuracy_except(digit)
+    return {"validation_target_wrong": wrong, "validation_others_accuracy": others,
+            "validation_score": (1 - wrong / max(1, total) + others) / 2}
 
 
-def describe_cut(name: str, rows: Sequence[dict], rank: int, digit: int) -> str:
-    """One sentence: delta W of a full run cut to `rank`, against the whole update, with the verdicts."""
-    cuts, said = cuts_at(rows, rank), compare(cuts_at(rows, rank), rows)
-    return (f"**{name}**, delta W cut to rank {rank}: wrong answers on digit {digit} "
-            f"{_pair(cuts, rows, 'target_wrong', 1)} for the whole update ({said['target_wrong']}); "
-            f"the other digits {_pair(cuts, rows, 'others_accuracy', 3)} ({said['others_accuracy']}). "
-            + ("As good as the whole update on both counts." if as_good(said) else
-               "Not as good as the whole update on both counts."))
+def rate_grid(settings: Settings, data: Mnist, base: nn.Module, rates: Sequence[float], seeds: Sequence[int],
+              verbose: bool = False) -> list[dict]:
+    """Fine-tune every weight at each learning rate and seed, as the settings say otherwise (replay
+    included); one row each, judged on the validation images only."""
+    rows = []
+    for lr in rates:
+        for seed in seeds:
+            run = replace(settings, finetune_seed=seed, finetune_learning_rate=lr)
+            model = fully_trainable(base)
+            train_on_target(run, data, model, desc=f"Every weight, rate {lr:g}, seed {seed}", verbose=verbose)
+            rows.append({"learning_rate": lr, "seed": seed,
+                         **validation_summary(model, data, run.target_digit)})
+    return rows
 
 
+@dataclass
+class Tuned:
+    """The grid's learning rate with the highest mean validation score, and every rate's mean.
+    `at_edge`: the best is the grid's smallest or largest rate, so a wider grid might do better."""
 
-def describe_lora(lora: dict[int, list[dict]], full: Sequence[dict], name: str, digit: int) -> list[str]:
-    """Sentences: LoRA at each rank against the whole update of the full run `name` (same batches),
-    against that update cut to the same rank where it was, and each rank against the one before."""
-    lines, earlier = [], None
+    learning_rate: float
+    means: dict[float, float]
+    at_edge: bool
 
-    def against(what: str, said: dict[str, str]) -> str:
-        return (f"against {what}: digit {digit} {said['target_wrong']}, "
-                f"the other digits {said['others_accuracy']}")
 
-    for rank, rows in sorted(lora.items()):
-        line = (f"**LoRA at rank {rank}**: wrong answers on digit {digit} "
-                f"{over_seeds(rows, 'target_wrong').text(1)}, the other digits "
-                f"{over_seeds(rows, 'others_accuracy').text(3)}; ")
-        line += against(f"the {name} update", compare(rows, full))
-        if all(any(c["rank"] == rank for c in row["cuts"]) for row in full):
-            cut = compare(rows, cuts_at(full, rank))
-            line += "; " + against(f"the {name} update cut to rank {rank}", cut)
-        if earlier is not None:
-            line += "; " + against(f"LoRA at rank {earlier}", compare(rows, lora[earlier]))
-        lines.append(line + ".")
-        earlier = rank
-    return lines
+def tune_rate(rows: Sequence[dict]) -> Tuned:
+    """The learning rate with the highest mean validation score over the seeds (no test image read)."""
+    if not rows:
+        raise ValueError("tune_rate needs the rows of at least one run.")
+    rates = sorted({row["learning_rate"] for row in rows})
+    means = {lr: statistics.fmean(row["validation_score"] for row in rows if row["learning_rate"] == lr)
+             for lr in rates}
+    best = max(means, key=means.get)
+    return Tuned(best, means, len(rates) > 1 and best in (rates[0], rates[-1]))
+
+
+# Fewer images: LoRA against every weight on a small fixed subset ----------------------------
+
+def image_subset(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` of the images, the first of one random order drawn from `seed`: fixed per seed, and
+    nested (the 10 of a seed are among its 50), so a larger set only adds images."""
+    if not 1 <= count <= len(labels):
+        raise ValueError(f"count={count}: expected from 1 to the {len(labels):,} images there are.")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count]
+    order = order.to(labels.device)
+    return images[order], labels[order]
+
+
+def check_image_counts(name: str, values: object) -> list[int]:
+    """The numbers of target-digit images to fine-tune on: whole numbers >= 1, sorted."""
+    return sorted(set(check_whole_numbers(name, values, "[10, 50, 500]")))
+
+
+def usable_counts(counts: Sequence[int], data: Mnist, digit: int) -> tuple[list[int], list[int]]:
+    """The counts this run has enough fit images of `digit` for, and those it has not (a run on a
+    few training images, `train_samples`, may hold fewer than the largest count)."""
+    available = len(fit_subset(data, digit)[1])
+    return [c for c in counts if c <= available], [c for c in counts if c > available]
+
+
+def data_size_runs(settings: Settings, data: Mnist, base: nn.Module, counts: Sequence[int],
+                   seeds: Sequence[int], full_rate: float, rank: int = 1, verbose: bool = False
+                   ) -> list[dict]:
+    """Every weight (at `full_rate`) and LoRA at `rank` (at the settings' rate) fine-tuned on `count`
+    images of the target digit, per count and seed: the same subset and batch order for both ways,
+    the settings' steps and batch size. Each row: the way, the count, the seed, the learning rate
+    and the test results."""
+    from .train import train
+
+    images, labels = fit_subset(data, settings.target_digit)
+    rows = []
+    for seed in seeds:
+        run = replace(settings, finetune_seed=seed)
+        for count in counts:
+            x, y = image_subset(images, labels, count, seed)
+            full, lora = fully_trainable(base), lora_at_rank(run, base, rank)
+            ways = (("every weight", full, full, full_rate),
+                    (f"LoRA, rank {rank}", lora, separate_path(lora), run.finetune_lr))
+            for way, model, trained, lr in ways:
+                train(trained, x, y, max_steps=run.finetune_steps, batch_size=run.batch_size, lr=lr,
+                      seed=run.lora_seed, desc=f"{way}, {count} images, seed {seed}", progress=verbose)
+                rows.append({"way": way, "images": count, "seed": seed, "learning_rate": lr,
+                             **_summary(run, model, data)})
+    return rows
+
+
+# Verdicts in words ---------------------------------------------------------------------------
+
+def versus(candidate: Sequence[dict], reference: Sequence[dict], key: str, names: tuple[str, str]) -> str:
+    """Two sets of per-seed runs on one measure: 'no difference detected at N seeds' when their ranges
+    overlap, else which is lower or higher, every seed of one beyond every seed of the other."""
+    a, b = over_seeds(candidate, key), over_seeds(reference, key)
+    if a.overlaps(b):
+        return f"no difference detected at {min(a.count, b.count)} seeds"
+    high, low = names if a.mean > b.mean else names[::-1]
+    what = "more wrong answers" if key == "target_wrong" else "higher accuracy"
+    return f"{high} {what} than {low} on every seed"
+
+
+def both(candidate: Sequence[dict], reference: Sequence[dict], names: tuple[str, str], digit: int) -> str:
+    """`versus` on the target digit's wrong answers and on the other digits' accuracy."""
+    return (f"digit {digit}: {versus(candidate, reference, 'target_wrong', names)}; other digits: "
+            f"{versus(candidate, reference, 'others_accuracy', names)}")
+
+
+# Tables and figures, one point per seed ------------------------------------------------------
+
+def seed_table(groups: dict[str, Sequence[dict]], digit: int):
+    """Per group of per-seed rows: the seeds, and the mean (min-max) of each test measure."""
+    import pandas as pd
+
+    return pd.DataFrame([{"": name, "seeds": len(rows),
+                          f"digit {digit} wrong": over_seeds(rows, "target_wrong").text(1),
+                          "other digits %": spread([100 * r["others_accuracy"] for r in rows]).text(1)}
+                         for name, rows in groups.items()]).set_index("")
+
+
+PANELS = (("target_wrong", "wrong answers on digit {digit}", 1.0),
+          ("others_accuracy", "other digits' mean accuracy (%)", 100.0))
+
+
+def plot_seeds(groups: dict[str, Sequence[dict]], before: dict, digit: int, title: str,
+               colors: Sequence[str] | None = None):
+    """Wrong answers on the digit and the other digits' accuracy on the test images: one column of
+    points per group (one point per seed), a bar at their mean, the pre-trained network dashed."""
+    from .plots import new_figure
+
+    colors = list(colors or [f"C{i}" for i in range(len(groups))])
+    fig, axes = new_figure(1, len(PANELS), figsize=(5.4 * len(PANELS), 4.4), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], PANELS, strict=True):
+        label = label.format(digit=digit)
+        for i, (rows, color) in enumerate(zip(groups.values(), colors, strict=True)):
+            ys = [scale * row[key] for row in rows]
+            xs = [i + (j - (len(ys) - 1) / 2) * 0.06 for j in range(len(ys))]
+            ax.scatter(xs, ys, s=22, color=color, alpha=0.8, zorder=3,
+                       label="one point per seed" if i == 0 else None)
+            ax.hlines(sum(ys) / len(ys), i - 0.25, i + 0.25, color=color, lw=2,
+                      label="mean" if i == 0 else None)
+        ax.axhline(scale * before[key], color="gray", ls="--", lw=1, label="pre-trained")
+        ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right", fontsize=8)
+        ax.set(title=label, xlabel="", ylabel=label)
+        ax.set_xlabel("fine-tuned network")
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def plot_rates(grids: dict[str, Sequence[dict]], tuned: dict[str, Tuned]):
+    """Each full fine-tune's validation score against the learning rate: one point per seed, a line
+    through the means, the tuned rate ringed."""
+    from .plots import new_figure
+
+    fig, ax = new_figure(figsize=(7.5, 4.2))
+    for i, (name, rows) in enumerate(grids.items()):
+        color, rates = f"C{i}", sorted(tuned[name].means)
+        for lr in rates:
+            ys = [100 * row["validation_score"] for row in rows if row["learning_rate"] == lr]
+            xs = [lr * 1.05 ** (j - (len(ys) - 1) / 2) for j in range(len(ys))]
+            ax.scatter(xs, ys, s=16, color=color, alpha=0.7,
+                       label=f"{name}, one point per seed" if lr == rates[0] else None)
+        ax.plot(rates, [100 * tuned[name].means[lr] for lr in rates], color=color, label=f"{name}, mean")
+        best = tuned[name].learning_rate
+        ax.scatter([best], [100 * tuned[name].means[best]], s=220, facecolors="none", edgecolors=color,
+                   linewidths=2)
+    ax.set_xscale("log")
+    ax.set(title="Every weight fine-tuned: validation score against the learning rate (ringed: chosen)",
+           xlabel="learning rate (log scale)", ylabel="validation score (%)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_energy(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], most: int = 64):
+    """One panel per layer: the share of delta W's energy in its top r directions against r, one thin
+    curve per seed for each run, and a random matrix of the layer's shape dashed."""
+    from .plots import new_figure
+
+    layers = list(random)
+    fig, axes = new_figure(1, len(layers), figsize=(4.3 * len(layers), 3.9), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for i, (name, rows) in enumerate(runs.items()):
+            for j, row in enumerate(rows):
+                values = row["pieces"][layer].values[:most].double() ** 2
+                shares = (torch.cumsum(values, 0) / (row["pieces"][layer].values.double() ** 2).sum()).numpy()
+                ax.plot(range(1, len(shares) + 1), shares, color=f"C{i}", lw=1, alpha=0.7,
+                        label=f"{name}, one curve per seed" if j == 0 else None)
+        noise = random[layer][:most].double() ** 2
+        total = (random[layer].double() ** 2).sum()
+        ax.plot(range(1, len(noise) + 1), (torch.cumsum(noise, 0) / total).numpy(), "--", color="gray",
+                label="a random matrix")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="r, the directions kept (log scale)", ylabel="share of the energy in the top r",
+               ylim=(0, 1.02), title=f"{layer}: {len(random[layer]):,} directions in all")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle("How much of delta W its top r directions hold")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def by_count(rows: Sequence[dict]) -> dict[tuple[int, str], list[dict]]:
+    """`data_size_runs` rows grouped by (count, way), in the order they came."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["images"], row["way"]), []).append(row)
+    return groups
+
+
+def plot_data_sizes(rows: Sequence[dict], before: dict, digit: int):
+    """Test results against the number of images fine-tuned on (log scale): one point per seed for
+    each way, a line through the means, the pre-trained network dashed."""
+    from .plots import new_figure
+
+    groups = by_count(rows)
+    ways = list(dict.fromkeys(way for _, way in groups))
+    fig, axes = new_figure(1, len(PANELS), figsize=(5.4 * len(PANELS), 4.2), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], PANELS, strict=True):
+        label = label.format(digit=digit)
+        for i, way in enumerate(ways):
+            counts = sorted(c for c, w in groups if w == way)
+            shift = 1.08 ** (i - (len(ways) - 1) / 2)
+            for c in counts:
+                ys = [scale * row[key] for row in groups[c, way]]
+                xs = [c * shift * 1.02 ** (j - (len(ys) - 1) / 2) for j in range(len(ys))]
+                ax.scatter(xs, ys, s=18, color=f"C{i}", alpha=0.8, label=f"{way}, one point per seed"
+                           if c == counts[0] else None)
+            ax.plot([c * shift for c in counts], [statistics.fmean(scale * r[key] for r in groups[c, way])
+                                                  for c in counts], color=f"C{i}", label=f"{way}, mean")
+        ax.axhline(scale * before[key], color="gray", ls="--", lw=1, label="pre-trained")
+        ax.set_xscale("log")
+        ax.set(title=label, xlabel=f"images of digit {digit} fine-tuned on (log scale)", ylabel=label)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Fewer images: every weight against LoRA, on the test images")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
+def data_size_table(rows: Sequence[dict], digit: int):
+    """Per count and way: the mean (min-max) of each test measure over the seeds."""
+    groups = by_count(rows)
+    return seed_table({f"{count} images, {way}": mine for (count, way), mine in groups.items()}, digit)
 
 
 CHANCE = 0.01  # a match that random directions reach less often than this is "above chance"
@@ -575,22 +809,6 @@ def agreement_table(agreement: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def describe_agreement(agreement: dict[str, dict]) -> list[str]:
-    """One sentence per side and layer: above chance (on every seed) or not."""
-    lines = []
-    for layer, row in agreement.items():
-        for side in ("output", "input"):
-            s = row[side]
-            above = s["chance"] < CHANCE
-            lines.append(f"{layer}, {side} side ({s['dimensions']:,} dimensions): |cos| "
-                         f"{spread(s['cosines']).text(2)} against {s['random']:.3f} for random directions: "
-                         + (f"above chance on every seed (a random direction matches as well less than "
-                            f"{CHANCE:.0%} of the time)." if above else
-                            f"no better than chance (a random direction matches as well {s['chance']:.0%} of "
-                            "the time or more, for at least one seed)."))
-    return lines
-
-
 def energy_spreads(rows: Sequence[dict], layer: str, ranks: Sequence[int]) -> list[Spread]:
     """The share of a layer's delta W energy in its top r directions, per r, over the seeds' runs."""
     per_seed = [energy_shares(row["pieces"][layer].values, ranks) for row in rows]
@@ -613,92 +831,57 @@ def energy_table(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], r
     return "\n".join(lines)
 
 
-def describe_energy(runs: dict[str, list[dict]], random: dict[str, torch.Tensor],
-                    ranks: Sequence[int]) -> str:
-    """Markdown, one line per layer: the top direction's share for each run against a random
-    matrix's; the top max(ranks) directions' share; and how the later runs compare with the first."""
-    first, *others = runs
-    most = max(ranks)
-    lines = []
-    for layer, values in random.items():
-        top = {name: energy_spreads(rows, layer, [1, most]) for name, rows in runs.items()}
-        noise = energy_shares(values, [1, most])
-        held = [f"{top[name][0].text(1, 100)} % of the {name} update's energy" for name in runs]
-        text = (f"- **{layer}**: the top direction holds " + " and ".join(held)
-                + f", where a random matrix's top direction holds {100 * noise[0]:.1f} %")
-        if 1 < most < len(values):  # the top `most` of fewer directions would be all of them
-            held = [f"{top[name][1].text(1, 100)} %" for name in runs]
-            text += f"; the top {most} hold " + " and ".join(held) + f" (random: {100 * noise[1]:.1f} %)"
-        for name in others:
-            said = verdict(top[name][0], top[first][0], True)
-            text += (f". The {name} update's top direction holds "
-                     + {"tie": "about the same share as", "better": "a larger share than",
-                        "worse": "a smaller share than"}[said] + f" the {first} one's")
-        lines.append(text + ".")
-    return "\n".join(lines)
-
-
-
 def describe_costs(costs: Sequence[dict], full: str, small: str) -> str:
-    """Markdown: what the way `full` costs against the way `small`, as ratios of the measured costs."""
+    """One sentence: what the way `full` costs against the way `small`, as ratios of measured costs."""
     rows = {row["name"]: row for row in costs}
     a, b = rows[full], rows[small]
     ms_a, ms_b = sum(a["step_ms"].values()), sum(b["step_ms"].values())
 
-    def times(key: str) -> str:
+    def ratio(key: str) -> str:
         return f"{a[key] / b[key]:,.0f} times"
 
-    def sizes(key: str) -> str:
-        return f"{size_text(a[key])} against {size_text(b[key])}"
-
-    return (f"Against {small}, fine-tuning {full} trains {times('trainable')} as many numbers, keeps "
-            f"{times('optimizer_bytes')} the optimizer state ({sizes('optimizer_bytes')}) and stores a file "
-            f"{times('file_bytes')} as large ({sizes('file_bytes')}); but one of its steps takes only "
-            f"{ms_a / ms_b:.1f} times as long ({ms_a:.1f} ms against {ms_b:.1f} ms). The forward and "
-            f"backward passes take {a['step_ms']['forward_backward']:.1f} ms against "
-            f"{b['step_ms']['forward_backward']:.1f} ms, Adam's update {a['step_ms']['adam']:.2f} ms against "
-            f"{b['step_ms']['adam']:.2f} ms.")
+    return (f"Against {small}, {full} trains {ratio('trainable')} as many numbers, keeps "
+            f"{ratio('optimizer_bytes')} the Adam state ({size_text(a['optimizer_bytes'])}) and saves a file "
+            f"{ratio('file_bytes')} as large "
+            f"({size_text(a['file_bytes'])}); one step takes {ms_a / ms_b:.1f} times as long.")
 
 
 def summarize(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], lora: dict[int, list[dict]],
-              agreement: dict[str, dict], costs: Sequence[dict], digit: int) -> str:
-    """The notebook's summary as Markdown bullets, every number and verdict taken from the results."""
+              agreement: dict[str, dict], costs: Sequence[dict], sizes: Sequence[dict], digit: int) -> str:
+    """The notebook's findings as Markdown bullets, every number and verdict taken from the results."""
     first = next(iter(runs))
-    rank = min(c["rank"] for c in next(iter(runs.values()))[0]["cuts"])
+    rank = min(c["rank"] for c in runs[first][0]["cuts"])
     noise = [100 * energy_shares(values, [1])[0] for values in random.values()]
     held = []
     for name, rows in runs.items():
         tops = [100 * energy_spreads(rows, layer, [1])[0].mean for layer in random]
-        held.append(f"{min(tops):.0f} to {max(tops):.0f} %" + (" of the layer's energy" if not held else "")
-                    + f" in the {name} run")
-    bullets = [f"Fully fine-tuned, the top direction of each layer's update holds {' and '.join(held)}, "
-               f"where a random matrix's top direction holds {min(noise):.1f} to {max(noise):.1f} % (the "
-               "most for linear3, which has only 10 directions)."]
+        held.append(f"{min(tops):.0f}-{max(tops):.0f} % ({name})")
+    bullets = [f"The top direction of each layer's delta W holds {' and '.join(held)} of its energy; "
+               "a random "
+               f"matrix's top direction holds {min(noise):.1f}-{max(noise):.1f} %."]
     for name, rows in runs.items():
-        said = cut_verdicts(rows, rank)
-        good = as_good(said)
-        rest = ": within the spread of the seeds, the rest of it added nothing on these two measures."
-        bullets.append(f"Cut to rank {rank}, the {name} update is {'as' if good else 'not as'} good as "
-                       f"the whole of it (digit {digit}: {said['target_wrong']}, the other digits: "
-                       f"{said['others_accuracy']})" + (rest if good else "."))
+        bullets.append(f"Cut to rank {rank}, against the whole {name} update: "
+                       f"{both(cuts_at(rows, rank), rows, ('the cut', 'the whole'), digit)}.")
     if lora:
         low = min(lora)
-        said = compare(lora[low], runs[first])
-        text = (f"LoRA trained at rank {low} leaves {over_seeds(lora[low], 'target_wrong').text(1)} wrong "
-                f"answers on digit {digit}, the other digits at "
-                f"{over_seeds(lora[low], 'others_accuracy').text(3)}; against the {first} full update: "
-                f"digit {digit} {said['target_wrong']}, the other digits {said['others_accuracy']}")
+        text = (f"LoRA at rank {low} against the whole {first} update: "
+                f"{both(lora[low], runs[first], ('LoRA', 'it'), digit)}")
         for higher in sorted(lora)[1:]:
-            step = compare(lora[higher], lora[low])
-            text += (f". At rank {higher}, against rank {low}: digit {digit} {step['target_wrong']}, "
-                     f"the other digits {step['others_accuracy']}")
+            text += (f". Rank {higher} against rank {low}: "
+                     f"{both(lora[higher], lora[low], (f'rank {higher}', f'rank {low}'), digit)}")
         bullets.append(text + ".")
     if agreement:
         above = {side: sum(row[side]["chance"] < CHANCE for row in agreement.values())
                  for side in ("output", "input")}
-        bullets.append(f"LoRA's top output directions match the full update's above chance in "
-                       f"{above['output']} of {len(agreement)} layers, its input directions in "
+        bullets.append(f"LoRA's top output direction matches the {first} update's above chance in "
+                       f"{above['output']} of {len(agreement)} layers, its input direction in "
                        f"{above['input']}.")
     names = [row["name"] for row in costs]
     bullets.append(describe_costs(costs, names[0], next(n for n in names if n.startswith("LoRA"))))
+    groups = by_count(sizes)
+    ways = list(dict.fromkeys(way for _, way in groups))
+    for count in sorted({c for c, _ in groups}):
+        if len(ways) == 2 and all((count, w) in groups for w in ways):
+            said = both(groups[count, ways[1]], groups[count, ways[0]], ("LoRA", "every weight"), digit)
+            bullets.append(f"On {count} images, {ways[1]} against {ways[0]}: {said}.")
     return "\n".join(f"- {b}" for b in bullets)

@@ -12,36 +12,53 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lora_tutorial import OversizedMLP, Settings, SettingsError, add_lora, lora_modules  # noqa: E402
+from lora_tutorial.data import Mnist  # noqa: E402
 from lora_tutorial.lowrank import (  # noqa: E402
     TENSORS,
     adam_state_bytes,
     as_good,
+    bias_deltas,
+    both,
     chance_of_abs_cosine,
+    check_image_counts,
     check_lora_ranks,
     check_ranks,
+    check_rates,
     check_replay_share,
     compare,
+    cut_rows,
     cut_verdicts,
+    data_size_runs,
+    data_size_table,
     decompose,
     decompose_lora,
-    describe_cut,
     direction_agreement,
     energy_shares,
     full_runs,
     fully_trainable,
+    image_subset,
     last_layer_trainable,
     lora_at_rank,
     lora_runs,
     measure_costs,
     plain_rows,
+    plot_data_sizes,
+    plot_energy,
+    plot_rates,
+    plot_seeds,
     random_abs_cosine,
     random_matrix_values,
+    rate_grid,
     saved_bytes,
+    seed_table,
     singular_values,
     step_times,
     summarize,
     top_direction_cosines,
+    tune_rate,
+    usable_counts,
     verdict,
+    versus,
     weight_deltas,
     with_deltas,
 )
@@ -181,9 +198,15 @@ def test_verdicts_call_overlapping_ranges_a_tie_and_know_which_way_is_better():
     assert compare(rows, rows) == {"target_wrong": "tie", "others_accuracy": "tie"}
     assert cut_verdicts(rows, 1) == {"target_wrong": "worse", "others_accuracy": "better"}
     assert not as_good(cut_verdicts(rows, 1)) and as_good({"a": "tie", "b": "better"})
-    text = describe_cut("plain", rows, 1, 9)
-    assert "digit 9 16.0 (15.0-17.0) against 11.0 (10.0-12.0)" in text and "(worse)" in text
-    assert text.endswith("Not as good as the whole update on both counts.")
+    cuts = [row["cuts"][0] for row in rows]
+    assert versus(rows, rows, "target_wrong", ("a", "b")) == "no difference detected at 2 seeds"
+    assert versus(cuts, rows, "target_wrong", ("the cut", "the whole")) == (
+        "the cut more wrong answers than the whole on every seed")
+    assert versus(rows, cuts, "others_accuracy", ("the whole", "the cut")) == (
+        "the cut higher accuracy than the whole on every seed")
+    assert both(cuts, rows, ("the cut", "the whole"), 9) == (
+        "digit 9: the cut more wrong answers than the whole on every seed; "
+        "other digits: the cut higher accuracy than the whole on every seed")
 
 
 # Checking the notebook's parameters ---------------------------------------------------------
@@ -285,6 +308,9 @@ def test_full_and_lora_runs_on_small_settings(small_settings):
     assert full[0]["pieces"]["linear1"].u.shape == (1000, 4)  # the top max(ranks) directions kept
     assert not torch.equal(full[0]["pieces"]["linear2"].values, full[1]["pieces"]["linear2"].values)
     for row in full:
+        assert row["learning_rate"] == settings.finetune_lr
+        assert set(row["biases"]) == {"linear1", "linear2", "linear3"}
+        assert float(row["biases"]["linear3"].abs().sum()) > 0  # every weight trains, the biases too
         for cut in row["cuts"]:
             assert set(cut) == {"rank", "target_wrong", "others_accuracy", "accuracy"}
             assert 0 <= cut["others_accuracy"] <= 1
@@ -309,8 +335,14 @@ def test_full_and_lora_runs_on_small_settings(small_settings):
                                                  finetune_key(replace(settings, rank=1), data))
     random = {name: random_matrix_values((piece.u.shape[0], piece.v.shape[0]))
               for name, piece in full[0]["pieces"].items()}
-    summary = summarize({"plain": full}, random, {1: lora}, agreement, costs, 9)
-    assert summary.count("\n- ") == 4 and "Cut to rank 1, the plain update is" in summary
+    sizes = [{"way": way, "images": 10, "seed": seed, "target_wrong": w, "others_accuracy": a}
+             for way, w, a in (("every weight", 3, 0.9), ("LoRA, rank 1", 9, 0.95)) for seed in (0, 1)]
+    summary = summarize({"plain": full}, random, {1: lora}, agreement, costs, sizes, 9)
+    assert summary.count("\n- ") == 5
+    assert "Cut to rank 1, against the whole plain update: digit 9:" in summary
+    assert summary.endswith("On 10 images, LoRA, rank 1 against every weight: digit 9: LoRA more wrong "
+                            "answers than every weight on every seed; other digits: LoRA higher accuracy "
+                            "than every weight on every seed.")
 
 
 # Figures ------------------------------------------------------------------------------------
@@ -346,4 +378,149 @@ def test_the_rank_figure_draws_cuts_lora_and_references_from_zero():
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert {"plain: delta W cut to rank r", "replay 0.3: whole delta W", "LoRA trained at rank r",
             "pre-trained"} <= set(labels)
+    assert figure_problems(fig) == []
+
+
+# The cut holds the fine-tuned biases --------------------------------------------------------
+
+def tiny_pair(seed=0):
+    """A tiny 784 -> 8 -> 10 network and a copy whose weights and biases all moved."""
+    torch.manual_seed(seed)
+    before = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.ReLU(),
+                                 torch.nn.Linear(8, 10))
+    after = fully_trainable(before)
+    with torch.no_grad():
+        for p in after.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return before, after
+
+
+def tiny_data(count=200):
+    images, labels = torch.randn(count, 28, 28), torch.arange(count) % 10
+    return Mnist(images, labels, images.clone(), labels.clone(), "sample", "tiny")
+
+
+def test_the_cut_is_rank_r_delta_w_plus_the_whole_delta_b():
+    before, after = tiny_pair()
+    deltas, biases = weight_deltas(before, after), bias_deltas(before, after)
+    assert list(biases) == ["1", "3"] and biases["3"].shape == (10,)
+    pieces = {name: decompose(delta, keep=8) for name, delta in deltas.items()}
+    images = torch.randn(16, 28, 28)
+    whole = with_deltas(before, {n: p.truncated(8) for n, p in pieces.items()}, biases)
+    assert torch.allclose(whole(images), after(images), atol=1e-4)  # full rank + delta b: the whole update
+    cut = with_deltas(before, {n: p.truncated(1) for n, p in pieces.items()}, biases)
+    for name, layer in cut.named_children():
+        if isinstance(layer, torch.nn.Linear):
+            assert torch.equal(layer.bias, dict(after.named_children())[name].bias)  # the fine-tuned biases
+            moved = layer.weight - dict(before.named_children())[name].weight
+            assert torch.linalg.matrix_rank(moved) == 1
+    unbiased = with_deltas(before, {n: p.truncated(8) for n, p in pieces.items()})
+    assert torch.equal(unbiased[3].bias, before[3].bias)  # without `biases` the pre-trained ones stay
+    assert not torch.allclose(unbiased(images), after(images), atol=1e-3)
+    # cut_rows tests the cut with delta b: at full rank it answers as the fine-tuned network does
+    with torch.no_grad():
+        after[3].bias[3] += 100.0  # a bias change alone that makes every answer a 3
+    biases = bias_deltas(before, after)
+    data, settings = tiny_data(), Settings(target_digit=3)
+    rows = cut_rows(settings, before, pieces, data, [1, 8], biases)
+    assert [row["rank"] for row in rows] == [1, 8]
+    assert all(row["target_wrong"] == 0 and row["others_accuracy"] == 0 for row in rows)
+    without = cut_rows(settings, before, pieces, data, [8])
+    assert without[0]["others_accuracy"] > 0
+
+
+# Tuning the full fine-tune and fewer images -------------------------------------------------
+
+def test_rates_and_image_counts_are_checked_with_the_fix():
+    assert check_rates("full_learning_rates", [1e-3, 1e-4, 1e-4]) == [1e-4, 1e-3]
+    for bad in ([], [0], [-1e-3], [float("nan")], "1e-3", [True]):
+        with pytest.raises(SettingsError, match=r"full_learning_rates=.* is not valid: .*e.g. \[3e-5"):
+            check_rates("full_learning_rates", bad)
+    assert check_image_counts("image_counts", [500, 10, 50]) == [10, 50, 500]
+    with pytest.raises(SettingsError, match=r"image_counts=\[0\] is not valid"):
+        check_image_counts("image_counts", [0])
+
+
+def test_tune_rate_takes_the_best_mean_validation_score_and_flags_an_edge():
+    rows = [{"learning_rate": lr, "seed": s, "validation_score": score + 0.01 * s}
+            for lr, score in ((1e-4, 0.90), (3e-4, 0.95), (1e-3, 0.80)) for s in range(3)]
+    tuned = tune_rate(rows)
+    assert tuned.learning_rate == 3e-4 and not tuned.at_edge
+    assert tuned.means[1e-3] == pytest.approx(0.81)
+    assert tune_rate([r for r in rows if r["learning_rate"] != 3e-4]).at_edge
+    assert "test_score" not in str(rows)  # nothing but validation columns is read
+    with pytest.raises(ValueError, match="at least one run"):
+        tune_rate([])
+
+
+def test_image_subsets_are_fixed_per_seed_and_nested():
+    images, labels = torch.arange(100).float().reshape(100, 1), torch.arange(100)
+    ten, _ = image_subset(images, labels, 10, seed=3)
+    fifty, fifty_labels = image_subset(images, labels, 50, seed=3)
+    assert torch.equal(ten, fifty[:10]) and len(set(fifty_labels.tolist())) == 50  # nested, no repeats
+    assert torch.equal(ten, image_subset(images, labels, 10, seed=3)[0])  # fixed for a seed
+    assert not torch.equal(ten, image_subset(images, labels, 10, seed=4)[0])
+    with pytest.raises(ValueError, match="count=101: expected from 1 to the 100 images"):
+        image_subset(images, labels, 101, seed=0)
+
+
+def test_rate_grid_and_data_sizes_on_small_settings(small_settings):
+    device, data = setup(small_settings, verbose=False)
+    base = pretrained_model(small_settings, data, device, verbose=False).model
+    data = replace(data, test_images=data.test_images[:1000], test_labels=data.test_labels[:1000])
+    settings = replace(small_settings, finetune_steps=5)
+    grid = rate_grid(settings, data, base, [1e-5, 1e-3], [0, 1])
+    assert [(r["learning_rate"], r["seed"]) for r in grid] == [(1e-5, 0), (1e-5, 1), (1e-3, 0), (1e-3, 1)]
+    assert all(0 < r["validation_score"] <= 1 and "target_wrong" not in r for r in grid)  # no test column
+    assert grid[0]["validation_score"] != grid[2]["validation_score"]  # the rate matters
+    kept, dropped = usable_counts([10, 50, 100_000], data, 9)
+    assert kept == [10, 50] and dropped == [100_000]
+    rows = data_size_runs(settings, data, base, [10, 20], [0, 1], full_rate=1e-4)
+    assert [(r["seed"], r["images"], r["way"]) for r in rows][:4] == [
+        (0, 10, "every weight"), (0, 10, "LoRA, rank 1"), (0, 20, "every weight"), (0, 20, "LoRA, rank 1")]
+    assert [r["learning_rate"] for r in rows[:2]] == [1e-4, settings.finetune_lr]
+    assert all(0 <= r["others_accuracy"] <= 1 and r["target_wrong"] >= 0 for r in rows)
+    table = data_size_table(rows, 9)
+    assert list(table.index) == ["10 images, every weight", "10 images, LoRA, rank 1",
+                                 "20 images, every weight", "20 images, LoRA, rank 1"]
+    assert set(table["seeds"]) == {2}
+
+
+# Figures ------------------------------------------------------------------------------------
+
+def test_the_seed_figures_show_one_point_per_seed_and_follow_the_rules():
+    from test_figure_rules import figure_problems  # the rules every figure follows
+
+    before = {"target_wrong": 97, "others_accuracy": 0.96}
+    groups = {"whole": [{"target_wrong": w, "others_accuracy": 0.9} for w in (1, 2, 3, 4, 5)],
+              "cut": [{"target_wrong": w, "others_accuracy": 0.95} for w in (2, 3, 4, 5, 6)]}
+    fig = plot_seeds(groups, before, 9, "A title")
+    left = fig.axes[0]
+    assert sum(len(c.get_offsets()) for c in left.collections if c.get_offsets().ndim == 2
+               and len(c.get_offsets()) == 5) == 10  # five points for each of the two groups
+    assert figure_problems(fig) == []
+    table = seed_table(groups, 9)
+    assert table.loc["cut", "digit 9 wrong"] == "4.0 (2.0-6.0)"
+    assert table.loc["whole", "other digits %"] == "90.0 (90.0-90.0)"
+    grid = [{"learning_rate": lr, "seed": s, "validation_score": 0.9 + 0.01 * s} for lr in (1e-4, 1e-3)
+            for s in range(5)]
+    assert figure_problems(plot_rates({"plain": grid}, {"plain": tune_rate(grid)})) == []
+    sizes = [{"way": way, "images": n, "seed": s, "target_wrong": s, "others_accuracy": 0.9}
+             for n in (10, 50) for way in ("every weight", "LoRA, rank 1") for s in range(5)]
+    assert figure_problems(plot_data_sizes(sizes, before, 9)) == []
+
+
+def test_the_energy_figure_draws_a_curve_per_seed():
+    from test_figure_rules import figure_problems  # the rules every figure follows
+
+    class Piece:
+        def __init__(self, values):
+            self.values = values
+
+    torch.manual_seed(0)
+    runs = {"plain": [{"pieces": {"a": Piece(torch.rand(20).sort(descending=True).values)}}
+                      for _ in range(5)]}
+    fig = plot_energy(runs, {"a": random_matrix_values((30, 20))})
+    assert len(fig.axes[0].get_lines()) == 6  # five seeds and the random matrix
+    assert fig.axes[0].get_lines()[0].get_ydata()[-1] == pytest.approx(1.0)
     assert figure_problems(fig) == []
