@@ -42,7 +42,7 @@ HOW_TO_GET = (
     "Download the four MNIST files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz), decompress them with gunzip and "
     "place them in <folder>/MNIST/raw/; then pass data_dir=<folder> or set "
-    f"{DATA_ENV}=<folder> (README: 'MNIST on an offline machine')."
+    f"{DATA_ENV}=<folder> (docs/offline-mnist.md)."
 )
 
 
@@ -183,7 +183,7 @@ def check_raw_files(root: Path, origin: str = "data_dir") -> None:
     `origin` is the setting that named the folder, so the message can say what to change.
     """
     raw = root / "MNIST" / "raw"
-    fix = (f"place MNIST's four files in {raw} (README, 'MNIST on an offline machine'), or name "
+    fix = (f"place MNIST's four files in {raw} (docs/offline-mnist.md), or name "
            "another folder, or none to use ./data and the download")
     if not root.is_dir():
         raise MnistError(f"The MNIST folder {root} ({origin}) does not exist: check the path, or {fix}.")

@@ -35,8 +35,7 @@ def pick_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise SettingsError(
                 f"device={name!r} was asked for, but PyTorch {torch.__version__} sees no GPU here: "
-                "use device='auto' or 'cpu', or install PyTorch's ROCm or CUDA build (README, "
-                "'AMD Instinct GPUs (ROCm)' and 'NVIDIA GPUs')."
+                "use device='auto' or 'cpu', or install PyTorch's ROCm or CUDA build (docs/gpus.md)."
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:

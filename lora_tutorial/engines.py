@@ -177,8 +177,8 @@ class RayEngine:
                      configure_logging=False)
         except (ConnectionError, RuntimeError) as err:
             raise ShortError(f"--address {self.address}: could not join a Ray cluster there ({err}). "
-                             "The sweep never starts a cluster of its own: start one (README, 'Sweeping "
-                             "on a Ray cluster').") from None
+                             "The sweep never starts a cluster of its own: start one "
+                             "(docs/sweeps.md).") from None
         self._ray = ray
         nodes = [n for n in ray.nodes() if n["Alive"]]
         most_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
@@ -308,7 +308,7 @@ def check_listening(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as err:
         raise ShortError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}). "
-                         "Start one first (README, 'Sweeping on a Ray cluster'); the sweep never starts "
+                         "Start one first (docs/sweeps.md); the sweep never starts "
                          "a cluster of its own.") from None
 
 

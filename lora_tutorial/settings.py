@@ -260,7 +260,7 @@ class Settings:
     # Fingerprints ------------------------------------------------------------------------
 
     def pretrain_key(self) -> dict[str, Any]:
-        """The settings that decide the pre-trained weights (not the device: see README)."""
+        """The settings that decide the pre-trained weights (not the device: see docs/reproducibility.md)."""
         return {
             "code": TRAINING_CODE_VERSION,
             "seed": self.seed,

@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, help="configurations run at once on this machine (default 1)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print one papermill command per configuration")
-    cluster = parser.add_argument_group("on a Ray cluster (README: 'Sweeping on a Ray cluster')")
+    cluster = parser.add_argument_group("on a Ray cluster (docs/sweeps.md)")
     cluster.add_argument("--engine", choices=["local", "ray"], default="local",
                          help="local: this machine (the default); ray: one Ray task per configuration on "
                               "an existing cluster")
