@@ -4,8 +4,8 @@ Each digit's adapter is the tutorial's own fine-tuning run (05's settings, that 
 target), saved and reused like every adapter here, with a fine-tuning seed of its own
 (`adapter_seed`). The "together" adapter is trained once on the images of all the chosen digits,
 with as many parameters, images and updates per parameter as the per-digit adapters have between
-them, so that it is compared with their combination at equal cost. Every run is repeated for a few
-seeds; the figures are the mean and the range over them.
+them, so that it is compared with their combination at equal cost. Every run is repeated for each
+seed (five at least); every seed is plotted, and a verdict needs the ranges over them apart.
 """
 
 from __future__ import annotations
@@ -139,52 +139,29 @@ def adapter_table(summaries: Sequence[dict], before: dict, digits: Sequence[int]
     """A text table: wrong answers on each chosen digit, the other digits' and all digits' accuracy,
     as mean (min-max) over the seeds; the pre-trained network first."""
     others = f"other {10 - len(digits)} digits %"
-    head = (f"{'adapter':<34}" + "".join(f"{f'wrong on {d}':>16}" for d in digits)
-            + f"{others:>26}{'all %':>26}")
+    width = max(len(e["name"]) for e in summaries) + 1
+    head = (f"{'adapter':<{width}}" + "".join(f"{f'wrong on {d}':>16}" for d in digits)
+            + f"{others:>24}{'all %':>24}")
     lines = [head, "-" * len(head),
-             f"{'none (pre-trained)':<34}" + "".join(f"{before['wrong'][str(d)]:>16}" for d in digits)
-             + f"{100 * before['others_accuracy']:>26.2f}{100 * before['accuracy']:>26.2f}"]
+             f"{'none (pre-trained)':<{width}}" + "".join(f"{before['wrong'][str(d)]:>16}" for d in digits)
+             + f"{100 * before['others_accuracy']:>24.2f}{100 * before['accuracy']:>24.2f}"]
     for e in summaries:
         wrong = "".join(f"{count_text(measure(e, 'wrong', d)):>16}" for d in digits)
-        lines.append(f"{e['name']:<34}{wrong}{measure(e, 'others_accuracy').text(2):>26}"
-                     f"{measure(e, 'accuracy').text(2):>26}")
+        lines.append(f"{e['name']:<{width}}{wrong}{measure(e, 'others_accuracy').text(2):>24}"
+                     f"{measure(e, 'accuracy').text(2):>24}")
     return "\n".join(lines)
 
 
 def leaning_lines(rows: Sequence[dict], before: dict, digits: Sequence[int]) -> str:
-    """Per single-digit adapter: the share of the other digits' wrong answers that are its own digit,
-    mean (min-max) over the seeds, against the pre-trained network's share."""
+    """Per single-digit adapter: the share of the other digits' wrong answers that are its own digit
+    (how strongly it leans towards answering it), mean (min-max) over the seeds, and the pre-trained
+    network's share."""
     lines = []
     for d in digits:
         shares = [100 * r["answered"][str(d)] for r in rows if r["name"] == f"digit {d} alone"]
-        lines.append(f"  digit {d} alone: {spread(shares).text(0)} % of the other digits' wrong answers "
-                     f"are a {d} (pre-trained: {100 * before['answered'][str(d)]:.0f} %)")
+        pre = 100 * before["answered"][str(d)]
+        lines.append(f"  {d} alone: {spread(shares).text(0)} % (pre-trained {pre:.0f} %)")
     return "\n".join(lines)
-
-
-def overall_findings(summaries: Sequence[dict], before: dict, digits: Sequence[int]) -> str:
-    """Two bullets for the summary: the configuration with the best accuracy over all images, and
-    the one with the fewest wrong answers on the chosen digits (by the mean over the seeds), each
-    with what the other measure says of it."""
-    def total_wrong(e: dict) -> float:
-        return sum(measure(e, "wrong", d).mean for d in digits)
-
-    best = max(summaries, key=lambda e: measure(e, "accuracy").mean)
-    fewest = min(summaries, key=total_wrong)
-    pre_all, pre_wrong = 100 * before["accuracy"], sum(before["wrong"][str(d)] for d in digits)
-    accuracy = measure(best, "accuracy")
-    if accuracy.low > pre_all or accuracy.high < pre_all:
-        against = f"every round {'above' if accuracy.low > pre_all else 'below'}"
-    else:
-        against = "a range that includes"
-    chosen = ", ".join(map(str, digits))
-    return (f"- Best accuracy over all images: **{best['name']}**, {accuracy.text(2)} % ({against} the "
-            f"pre-trained network's {pre_all:.2f} %), with {total_wrong(best):.1f} wrong answers on {chosen} "
-            f"in total (the sum of their means; pre-trained {pre_wrong}).\n"
-            f"- Fewest wrong answers on {chosen}: **{fewest['name']}**, {total_wrong(fewest):.1f} in total, "
-            f"but the other {10 - len(digits)} digits fall to {measure(fewest, 'others_accuracy').text(2)} % "
-            f"(pre-trained {100 * before['others_accuracy']:.2f} %) and all images to "
-            f"{measure(fewest, 'accuracy').text(2)} %.")
 
 
 def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, Spread]:
@@ -209,55 +186,114 @@ def check_repeats(value: object) -> int:
     return value
 
 
-def _against(mine: Spread, theirs: Spread, higher_is_better: bool) -> str:
-    """'fewer (2.0 (1-3) against 19.0 (17-21))' for wrong answers, 'higher (...)' for accuracies: a
-    verdict from the ranges over the seeds ('a tie' when they overlap), with both figures."""
+def _verdict(mine: Spread, theirs: Spread, higher_is_better: bool) -> str:
+    """'fewer'/'more' for wrong answers, 'higher'/'lower' for accuracies, when the two ranges over the
+    seeds do not overlap (every seed of one beyond every seed of the other); else 'no difference
+    detected'."""
     verdict = mine.versus(theirs, higher_is_better)
+    if verdict == "tie":
+        return "no difference detected"
     if higher_is_better:
-        words, shown = {"better": "higher", "worse": "lower"}, (mine.text(2), theirs.text(2))
-    else:
-        words, shown = {"better": "fewer", "worse": "more"}, (count_text(mine), count_text(theirs))
-    return f"{words.get(verdict, 'a tie')} ({shown[0]} against {shown[1]})"
+        return "higher" if verdict == "better" else "lower"
+    return "fewer" if verdict == "better" else "more"
 
 
-def combination_findings(summaries: Sequence[dict], before: dict, digits: Sequence[int], sum_name: str,
-                         mean_name: str, together_name: str) -> str:
-    """What each adapter and each combination does, in Markdown bullets written from the table:
-    'fewer', 'more' (or 'higher', 'lower') only where the ranges over the seeds do not overlap."""
+def _grouped(verdicts: dict[str, str], joiner: str) -> str:
+    """{'9': 'more', '3': 'no difference detected', '7': 'no difference detected'} as
+    'more on 9, no difference detected on 3 and 7' (`joiner` 'on')."""
+    by_word: dict[str, list[str]] = {}
+    for who, word in verdicts.items():
+        by_word.setdefault(word, []).append(who)
+    return ", ".join(f"{word} {joiner} {', '.join(who[:-1]) + ' and ' + who[-1] if len(who) > 1 else who[0]}"
+                     for word, who in by_word.items())
+
+
+def verdict_lines(summaries: Sequence[dict], digits: Sequence[int],
+                  comparisons: Sequence[tuple[str, str | None]]) -> str:
+    """Markdown bullets, one per (name, reference) pair: a verdict from the ranges over the seeds
+    (`_verdict`) on the wrong answers of each chosen digit and on the other digits' mean accuracy.
+    A reference of None compares each digit with that digit's own adapter, and the other digits'
+    accuracy with each single-digit adapter's. The means are in the table; these are the verdicts."""
     by_name = {e["name"]: e for e in summaries}
-    others = f"the other {10 - len(digits)} digits"
+    missing = sorted({n for pair in comparisons for n in pair if n is not None} - set(by_name))
+    if missing:
+        raise ValueError(f"verdict_lines: no summary named {missing}; the summaries are {list(by_name)}.")
     lines = []
-    for digit in digits:
-        e = by_name[f"digit {digit} alone"]
-        cross = ", ".join(f"{d}: {before['wrong'][str(d)]} -> {count_text(measure(e, 'wrong', d))}"
-                          for d in digits if d != digit)
-        own = count_text(measure(e, "wrong", digit))
-        lines.append(f"- **digit {digit} alone**: wrong on {digit} {before['wrong'][str(digit)]} -> {own}; "
-                     f"on the other chosen digits {cross}; {others} {100 * before['others_accuracy']:.2f} % "
-                     f"-> {measure(e, 'others_accuracy').text(2)} %.")
-    for name, reference in ((sum_name, None), (mean_name, sum_name), (together_name, sum_name)):
+    for name, reference in comparisons:
         e = by_name[name]
-        wrong = []
-        for d in digits:
-            theirs = by_name[reference or f"digit {d} alone"]
-            wrong.append(f"on {d}, {_against(measure(e, 'wrong', d), measure(theirs, 'wrong', d), False)}")
+        wrong = {str(d): _verdict(measure(e, "wrong", d),
+                                  measure(by_name[reference or f"digit {d} alone"], "wrong", d), False)
+                 for d in digits}
+        others = measure(e, "others_accuracy")
         if reference:
-            kept = _against(measure(e, "others_accuracy"),
-                            measure(by_name[reference], "others_accuracy"), True)
-            text = (f"- **{name}** against the {reference}: wrong answers {'; '.join(wrong)}; "
-                    f"accuracy on {others} (%) {kept}.")
+            kept = _verdict(others, measure(by_name[reference], "others_accuracy"), True)
+            against = f"the {reference}" if reference.startswith(("sum", "mean")) else reference
         else:
-            text = (f"- **{name}** against each digit's own adapter alone: wrong answers {'; '.join(wrong)}; "
-                    f"accuracy on {others} {measure(e, 'others_accuracy').text(2)} %.")
-        lines.append(text)
+            kept = _grouped({f"{d} alone": _verdict(others, measure(by_name[f"digit {d} alone"],
+                                                                    "others_accuracy"), True)
+                             for d in digits}, "than")
+            kept = kept.replace("no difference detected than", "no difference detected from")
+            against = "each digit's own adapter"
+        lines.append(f"- **{name}** against {against}: wrong answers {_grouped(wrong, 'on')}; "
+                     f"the other {10 - len(digits)} digits' accuracy {kept}.")
     return "\n".join(lines)
 
 
+def plot_combinations(rows: Sequence[dict], before: dict, digits: Sequence[int], labels: dict[str, str],
+                      title: str = ""):
+    """One column per adapter or combination (`labels`: row name -> tick label, in order), one point
+    per seed: wrong answers on each chosen digit (left, a colour per digit, symlog axis) and the
+    other digits' mean accuracy (right); a bar at each mean, the pre-trained network dashed."""
+    from .plots import new_figure
+
+    names = list(labels)
+    missing = [n for n in names if not any(r["name"] == n for r in rows)]
+    if missing:
+        raise ValueError(f"plot_combinations: no rows named {missing}.")
+    fig, (left, right) = new_figure(1, 2, figsize=(12, 5.2))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+              "tab:olive", "tab:cyan"]
+
+    def column(ax, i: int, ys: list[float], offset: float, color: str, label: str | None) -> None:
+        xs = [i + offset + (j - (len(ys) - 1) / 2) * 0.035 for j in range(len(ys))]
+        ax.scatter(xs, ys, s=18, color=color, alpha=0.8, zorder=3, label=label)
+        ax.hlines(sum(ys) / len(ys), i + offset - 0.1, i + offset + 0.1, color=color, lw=2)
+
+    width = 0.26 if len(digits) > 1 else 0
+    for k, d in enumerate(digits):
+        color, offset = colors[k % len(colors)], (k - (len(digits) - 1) / 2) * width
+        for i, name in enumerate(names):
+            ys = [float(r["wrong"][str(d)]) for r in rows if r["name"] == name]
+            column(left, i, ys, offset, color, f"digit {d}, one point per seed" if i == 0 else None)
+        left.axhline(before["wrong"][str(d)], color=color, ls="--", lw=1, label=f"pre-trained, digit {d}")
+    left.set_yscale("symlog", linthresh=10)
+    top = max([float(v) for r in rows for v in r["wrong"].values()] + list(before["wrong"].values()))
+    ticks = [t for t in (0, 3, 10, 30, 100, 300, 1000, 3000, 10000) if t <= 1.5 * top]
+    left.set_yticks(ticks, [str(t) for t in ticks])
+    left.set_ylim(0, 1.6 * top)
+    left.set(title="Wrong answers on the chosen digits", ylabel="wrong answers (log scale above 10)")
+    for i, name in enumerate(names):
+        ys = [100 * r["others_accuracy"] for r in rows if r["name"] == name]
+        column(right, i, ys, 0, "tab:gray", "one point per seed" if i == 0 else None)
+    right.axhline(100 * before["others_accuracy"], color="black", ls="--", lw=1, label="pre-trained")
+    others = 10 - len(digits)
+    right.set(title=f"The other {others} digits' mean accuracy", ylabel="accuracy (%)")
+    for ax in (left, right):
+        ax.set_xticks(range(len(names)), [labels[n] for n in names])
+        ax.set_xlabel("adapter")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3 if ax is left else 2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def _how_fast(seconds: float, baseline: float) -> str:
-    """'12 times as fast as' or '5.5 times as slow as': `seconds` measured against `baseline`."""
+    """'12 times as fast' or '5.5 times as slow': `seconds` measured against `baseline`."""
     if seconds <= baseline:
-        return f"{baseline / seconds:,.1f} times as fast as"
-    return f"{seconds / baseline:,.1f} times as slow as"
+        return f"{baseline / seconds:,.1f} times as fast"
+    return f"{seconds / baseline:,.1f} times as slow"
 
 
 # What the notebook times, by name (the keys of `interleaved_seconds`' result that cost_findings reads)
@@ -274,11 +310,10 @@ def cost_findings(sizes: dict[str, int], seconds: dict[str, Spread], count: int,
     adapter, network = sizes["adapter (the tutorial's file)"], sizes["fine-tuned network"]
     median = {name: s.mean for name, s in seconds.items()}
     base = median[LOAD_NETWORK]
-    return (f"- Disk: {count} adapters take {count * adapter / 1024:,.1f} KiB, {count} fine-tuned copies of "
-            f"the network {count * network / 2**20:,.1f} MiB: {network / adapter:,.0f} times as much.\n"
-            f"- Time, against loading a network file ({base * 1e3:,.2f} ms, the median): PEFT's set_adapter "
-            f"took {median[SWITCH] * 1e3:,.2f} ms with {held} adapters held, "
-            f"{_how_fast(median[SWITCH], base)} it, and {median[SWITCH_TWO] * 1e3:,.2f} ms with 2 held; "
-            f"copying another adapter's A and B into the tutorial's LoRA {median[SWAP] * 1e3:,.3f} ms, "
-            f"{_how_fast(median[SWAP], base)} it; loading an adapter folder with PEFT (and deleting it "
-            f"again) {median[LOAD_ADAPTER] * 1e3:,.2f} ms, {_how_fast(median[LOAD_ADAPTER], base)} it.")
+    return (f"- Disk: {count} adapters take {count * adapter / 1024:,.1f} KiB; {count} fine-tuned copies "
+            f"{count * network / 2**20:,.1f} MiB, {network / adapter:,.0f} times as much.\n"
+            f"- Time per call, against loading a network file ({base * 1e3:,.2f} ms): set_adapter "
+            f"{median[SWITCH] * 1e3:,.2f} ms with {held} adapters held ({_how_fast(median[SWITCH], base)}), "
+            f"{median[SWITCH_TWO] * 1e3:,.2f} ms with 2 held; copying A and B into our LoRA "
+            f"{median[SWAP] * 1e3:,.3f} ms ({_how_fast(median[SWAP], base)}); loading a PEFT adapter folder "
+            f"{median[LOAD_ADAPTER] * 1e3:,.2f} ms ({_how_fast(median[LOAD_ADAPTER], base)}).")

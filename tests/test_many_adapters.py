@@ -19,16 +19,16 @@ from lora_tutorial.many_adapters import (
     adapter_table,
     check_adapter_digits,
     check_repeats,
-    combination_findings,
     cost_findings,
     count_text,
     figures,
     interleaved_seconds,
     leaning_lines,
-    overall_findings,
+    plot_combinations,
     summarize,
     union_adapter,
     union_settings,
+    verdict_lines,
     weakest_digits,
 )
 from lora_tutorial.settings import SettingsError
@@ -109,7 +109,7 @@ def test_table_and_findings_are_written_from_the_rows():
     rows = []
     for seed, shift in ((0, 0), (1, 2)):
         for name, wrong in (("digit 9 alone", [0, 0, 0, 30, 0, 0, 0, 0, 0, 2]),
-                            ("digit 3 alone", [0, 0, 0, 1, 0, 0, 0, 0, 0, 40]),
+                            ("digit 3 alone", [6, 0, 0, 1, 0, 0, 0, 0, 0, 40]),
                             ("sum of the 2", [5, 0, 0, 4, 0, 0, 0, 0, 0, 6]),
                             ("mean of the 2", [0, 0, 0, 6, 0, 0, 0, 0, 0, 12]),
                             ("together", [20, 0, 0, 3, 0, 0, 0, 0, 0, 3])):
@@ -123,27 +123,44 @@ def test_table_and_findings_are_written_from_the_rows():
     assert table[0].split() == "adapter wrong on 9 wrong on 3 other 8 digits % all %".split()
     assert table[2].split()[2:4] == ["20", "10"]  # the pre-trained network's wrong answers
     assert table[3].split()[3:7] == ["3.0", "(2-4)", "31.0", "(30-32)"]
-    text = combination_findings(summaries, before, digits, "sum of the 2", "mean of the 2", "together")
-    expected = [
-        "- **digit 9 alone**: wrong on 9 20 -> 3.0 (2-4); on the other chosen digits 3: 10 -> 31.0 (30-32)",
-        "**sum of the 2** against each digit's own adapter alone: wrong answers on 9, more (7.0 (6-8) "
-        "against 3.0 (2-4)); on 3, more (5.0 (4-6) against 2.0 (1-3))",
-        "**mean of the 2** against the sum of the 2: wrong answers on 9, more (13.0 (12-14) against 7.0 "
-        "(6-8)); on 3, a tie (7.0 (6-8) against 5.0 (4-6))",  # the ranges overlap
-        "on the other 8 digits (%) higher (100.00 (100.00-100.00) against 99.25 (99.12-99.38))",
-        "**together** against the sum of the 2: wrong answers on 9, fewer (4.0 (3-5) against 7.0 (6-8))",
-    ]
-    for sentence in expected:
-        assert sentence in text
+    comparisons = [("sum of the 2", None), ("mean of the 2", "sum of the 2"), ("together", "sum of the 2")]
+    text = verdict_lines(summaries, digits, comparisons).splitlines()
+    assert len(text) == 3
+    # the sum: 7.0 (6-8) on 9 against 9 alone's 3.0 (2-4), apart; wrong 0s 5 and 7: the other digits'
+    # accuracy 99.25 (99.12-99.38), against 9 alone's 100 (apart) and 3 alone's (6 and 8 wrong 0s: overlap)
+    assert text[0] == ("- **sum of the 2** against each digit's own adapter: wrong answers more on 9 and "
+                       "3; the other 8 digits' accuracy lower than 9 alone, no difference detected from 3 "
+                       "alone.")
+    # 12-14 against 6-8 on 9, apart; 6-8 against 4-6 on 3, touching
+    assert text[1] == ("- **mean of the 2** against the sum of the 2: wrong answers more on 9, no difference "
+                       "detected on 3; the other 8 digits' accuracy higher.")
+    assert text[2].startswith("- **together** against the sum of the 2: wrong answers fewer on 9")
+    with pytest.raises(ValueError, match=r"no summary named \['nothing'\]"):
+        verdict_lines(summaries, digits, [("nothing", None)])
+    labels = {name: name.split(" of")[0] for name in names}
+    fig = plot_combinations(rows, before, digits, labels)
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_xticklabels()] == ["digit 9 alone", "digit 3 alone", "sum", "mean",
+                                                             "together"]
+    points = [c for c in left.collections if c.get_label().startswith("digit")]
+    assert len(points) == 2 and len(points[0].get_offsets()) == 2  # a colour per digit; a point per seed
+    firsts = [c for c in left.collections if isinstance(c, type(points[0]))]
+    assert len(firsts) == 2 * len(names)  # one group of seeds per digit and adapter
+    assert sorted(firsts[0].get_offsets()[:, 1]) == [2.0, 4.0]  # digit 9 alone, wrong on 9, seeds 0 and 1
+    assert [line.get_ydata()[0] for line in left.get_lines()] == [20, 10]  # the pre-trained network, dashed
+    assert right.get_ylabel() == "accuracy (%)" and left.get_yscale() == "symlog" and left.get_ylim()[0] == 0
+    from test_figure_rules import figure_problems  # the rules every figure of the notebooks follows
+
+    assert figure_problems(fig) == []
+    with pytest.raises(ValueError, match=r"no rows named \['missing'\]"):
+        plot_combinations(rows, before, digits, {"missing": "m"})
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
     leaning = [{"name": f"digit {d} alone", "seed": seed, "answered": {"9": share, "3": share / 2}}
                for d in digits for seed, share in ((0, 0.5), (1, 0.7))]
     assert leaning_lines(leaning, {"answered": {"9": 0.04, "3": 0.19}}, digits).splitlines() == [
-        "  digit 9 alone: 60 (50-70) % of the other digits' wrong answers are a 9 (pre-trained: 4 %)",
-        "  digit 3 alone: 30 (25-35) % of the other digits' wrong answers are a 3 (pre-trained: 19 %)"]
-    overall = overall_findings(summaries, before, digits)
-    assert "- Best accuracy over all images: **digit 9 alone**" not in overall
-    assert ("- Fewest wrong answers on 9, 3: **together**, 8.0 in total, but the other 8 digits fall to "
-            "97.38 (97.25-97.50) %") in overall
+        "  9 alone: 60 (50-70) % (pre-trained 4 %)", "  3 alone: 30 (25-35) % (pre-trained 19 %)"]
     assert count_text(Spread(19.0, 19.0, 19.0, 3)) == "19.0 (19-19)"
 
 
@@ -156,9 +173,6 @@ def test_the_timing_helper_takes_turns_and_the_cost_sentences_use_ratios():
     measured = {name: Spread(value, value, value, 1) for name, value in medians.items()}
     sizes = {"adapter (the tutorial's file)": 1024, "fine-tuned network": 1024 * 400}
     text = cost_findings(sizes, measured, 3, 18)
-    assert "- Disk: 3 adapters take 3.0 KiB, 3 fine-tuned copies of the network 1.2 MiB: 400 times as much." \
-        in text
-    assert "set_adapter took 1.00 ms with 18 adapters held, 2.0 times as fast as it, and 0.20 ms with 2 " \
-        "held" in text
-    assert "loading an adapter folder with PEFT (and deleting it again) 20.00 ms, 10.0 times as slow as it." \
-        in text
+    assert "- Disk: 3 adapters take 3.0 KiB; 3 fine-tuned copies 1.2 MiB, 400 times as much." in text
+    assert "set_adapter 1.00 ms with 18 adapters held (2.0 times as fast), 0.20 ms with 2 held" in text
+    assert "loading a PEFT adapter folder 20.00 ms (10.0 times as slow)." in text

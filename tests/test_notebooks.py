@@ -275,7 +275,7 @@ def test_forgetting_in_small_settings(quick_run, tmp_path):
     executed = execute("09_forgetting", tmp_path, parameters)
     report = json.loads((root / "out" / "forgetting.json").read_text())
     names = ["plain (05)", "replay 0", "replay 0.3"]
-    assert [(r["name"], r["seed"]) for r in report["rows"]] == [(n, s) for n in names for s in (0, 1, 2)]
+    assert [(r["name"], r["seed"]) for r in report["rows"]] == [(n, s) for n in names for s in range(5)]
     digit = results["target_digit"]
     for row in report["rows"]:
         for split in SPLITS:
@@ -316,7 +316,7 @@ def test_peft_and_many_adapters_in_small_settings(quick_run, tmp_path):
     report = json.loads((root / "out" / "many_adapters.json").read_text())
     peft = report["peft"]
     assert peft["adapter_gap"] <= 1e-6 and peft["merge_gap"] <= 1e-6 and peft["sum_gap"] <= 1e-6
-    assert peft["same_as_05"] is True and peft["disagree"] <= 5  # rounding flips at most a few predictions
+    assert peft["gap_to_05"] <= 1e-4 and peft["disagree"] <= 5  # rounding flips at most a few predictions
     wrong = report["training_wrong"]  # the pre-trained network's errors on its training images
     digits = report["digits"]
     assert digits == sorted(range(10), key=lambda d: (-wrong[d], d))[:3]
@@ -324,7 +324,7 @@ def test_peft_and_many_adapters_in_small_settings(quick_run, tmp_path):
     assert report["before"]["wrong"] == {str(d): results["pretrained"]["wrong_counts"][d] for d in digits}
     names = [f"digit {d} alone" for d in digits] + ["sum of the 3", "mean of the 3",
                                                     f"one adapter, {', '.join(map(str, digits))} together"]
-    assert [(r["name"], r["seed"]) for r in report["rows"]] == [(n, s) for n in names for s in (0, 1, 2)]
+    assert [(r["name"], r["seed"]) for r in report["rows"]] == [(n, s) for n in names for s in range(5)]
     assert [e["name"] for e in report["summaries"]] == names
     assert all(sorted(e["wrong"]) == sorted(map(str, digits)) for e in report["summaries"])
     # digit 9 alone with seed 0 is 05's run (its seed is the pre-training seed, 0): 06's wrong answers
@@ -337,11 +337,18 @@ def test_peft_and_many_adapters_in_small_settings(quick_run, tmp_path):
     assert report["bytes"]["fine-tuned network"] > 11_000_000  # 2,807,010 float32 numbers
     text = text_of(executed)
     images = results["data"]["test_images"]  # 10,000, or the offline sample's 1,000
-    assert f"give the same logits, bit for bit, for all {images:,} test images" in text
+    assert f"Before training (B = 0): the same logits, bit for bit, for all {images:,} test images." in text
     assert "Onto another network: refused (other base weights)." in text
     assert "weight is parametrized: {'linear1': True, 'linear2': True, 'linear3': True}" in text
     header = f"wrong on {digits[0]}      wrong on {digits[1]}      wrong on {digits[2]}"
     assert header in text and "other 7 digits %" in text
+    nb = nbformat.read(executed, as_version=4)
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "image/png" in o.get("data", {})]
+    assert len(figures) == 1  # the comparison, one point per seed
+    verdicts = "".join(o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code"
+                       for o in c.get("outputs", []) if "text/markdown" in o.get("data", {}))
+    assert "- **sum of the 3** against each digit's own adapter: wrong answers " in verdicts
 
 
 @pytest.mark.slow
@@ -350,7 +357,7 @@ def test_explorer_in_small_settings(quick_run, tmp_path):
     committed output keeps its text and figure beside the widget; the first press is 05's run."""
     root, results = quick_run
     parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
-                  "seeds": [0, 1]}
+                  "seeds": [0, 1, 2, 3, 4]}
     executed = execute("11_explorer", tmp_path, parameters)
     nb = nbformat.read(executed, as_version=4)
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
@@ -361,5 +368,5 @@ def test_explorer_in_small_settings(quick_run, tmp_path):
                                                      f"on digit {digit}, seed 0")
     assert shown[0]["data"]["image/png"] and "Updated in " in shown[0]["data"]["text/plain"]
     text = text_of(executed)
-    assert "Same knobs, 2 seeds: wrong on" in text and "Seed 0 is the press above" in text
-    assert "The first press gave 05's adapter: 6 tensors of A and B, equal bit for bit." in text
+    assert "Same knobs, 5 seeds: wrong on" in text and "Seed 0 is the press above" in text
+    assert re.search(r"The first press gave 05's adapter: 6 tensors of A and B, within \S+ of it\.", text)
