@@ -1,11 +1,10 @@
-"""What fine-tuning on one digit costs the other nine, which remedy to use, and how to serve it.
+"""What fine-tuning on one digit costs the other nine, and the trade-off each remedy makes.
 
 Every remedy is a change to the fine-tuning settings (`replay_share`, `finetune_steps`, `alpha`,
-`rank`, `target_modules`), run from the one frozen pre-trained network for several fine-tuning
-seeds through the same pipeline as the tutorial's own fine-tuning (its adapters are saved and
-reused when the notebook runs again). Each run is measured on the validation images, where the
-remedy is chosen, and on the test images, which only report. How to serve the chosen adapter is
-`serving.py`'s job.
+`rank`, `target_modules`), run from the one frozen pre-trained network once per fine-tuning seed
+through the tutorial's own fine-tuning (saved adapters are reused on the next run). Each run is
+measured on the validation images, where a winner may be named, and on the test images, which
+only report. How to serve the adapter is `serving.py`'s job.
 """
 
 from __future__ import annotations
@@ -14,12 +13,15 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .data import SPLITS, Mnist, split_images
 from .evaluate import Evaluation, evaluate
 from .pipeline import adapter_path, finetuned_model
+from .plots import new_figure
 from .settings import Settings, SettingsError
 from .stats import Spread, check_seeds, spread
 
@@ -28,8 +30,7 @@ from .stats import Spread, check_seeds, spread
 REMEDY_SETTINGS = ("rank", "alpha", "target_modules", "finetune_steps", "replay_share")
 MEASURES = ("target_wrong", "points_lost", "accuracy")
 # Images per forward call when evaluating a run: large enough for fast matrix products, small enough
-# that the memory of one call is reused by the next (10,000 at once costs a fifth more on a CPU,
-# mostly in fresh memory pages). The predictions came out the same both ways in every run checked.
+# that the memory of one call is reused by the next (10,000 at once costs a fifth more on a CPU).
 EVAL_BATCH = 1000
 
 
@@ -51,12 +52,27 @@ def check_remedies(settings: Settings, variants: object) -> dict[str, Settings]:
     return {name: dataclasses.replace(settings, **changes) for name, changes in variants.items()}
 
 
-def check_limit(points: object) -> float:
-    """max_forgetting_points, checked before any work: a number of points >= 0."""
-    if isinstance(points, bool) or not isinstance(points, (int, float)) or not 0 <= points < float("inf"):
-        raise SettingsError(f"max_forgetting_points={points!r} is not valid: expected a number of "
-                            "percentage points >= 0, e.g. 1.0.")
+def _points(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < float("inf")
+
+
+def check_limit(points: object) -> float | None:
+    """max_forgetting_points, checked before any work: None (the break-even budget, computed from
+    the pre-trained network) or a number of points >= 0."""
+    if points is None:
+        return None
+    if not _points(points):
+        raise SettingsError(f"max_forgetting_points={points!r} is not valid: expected None for the "
+                            "break-even budget, or a number of percentage points >= 0, e.g. 1.0.")
     return float(points)
+
+
+def check_budgets(budgets: object) -> list[float]:
+    """The budgets the sensitivity table tries: a non-empty list of numbers of points >= 0."""
+    if not isinstance(budgets, (list, tuple)) or not budgets or not all(_points(b) for b in budgets):
+        raise SettingsError(f"budgets={budgets!r} is not valid: expected a list of numbers of percentage "
+                            "points >= 0, e.g. [0.5, 1, 2, 5].")
+    return sorted({float(b) for b in budgets})
 
 
 # Per-digit changes ----------------------------------------------------------------------------
@@ -84,11 +100,29 @@ def span(values: Spread, digits: int = 1) -> str:
     return values.text(digits)
 
 
+def uneven_loss_text(per_digit: Sequence[Spread], lost: Spread, answering: tuple[float, Spread],
+                     digit: int) -> str:
+    """What the plain run costs, in three sentences: the target digit's gain and the others' mean
+    loss; the digit that loses most; the share of the others' mistakes that answer `digit`."""
+    others = [d for d in range(10) if d != digit]
+    worst = min(others, key=lambda d: per_digit[d].mean)
+    share_before, share_after = answering
+    most = per_digit[worst]
+    return (f"Digit {digit} gains {span(per_digit[digit])} points; the other nine lose {span(lost, 2)} "
+            f"on average (mean (min-max) over {lost.count} seeds). Digit {worst} loses most, "
+            f"{span(Spread(-most.mean, -most.high, -most.low, most.count))}. "
+            f"Of the other digits' wrong answers, {span(share_after, 0)} % are a {digit} after fine-tuning, "
+            f"against {share_before:.0f} % before.")
+
+
 # Running the remedies over seeds ---------------------------------------------------------------
 
 def reference(evaluations: dict[str, Evaluation], digit: int) -> dict[str, dict]:
-    """The pre-trained network's figures per split: what every 'points lost' is measured from."""
-    return {split: evaluations[split].digit_summary(digit) for split in SPLITS}
+    """The pre-trained network's figures per split: what every 'points lost' is measured from.
+    `other_images` (the images of the other digits) sets the break-even budget."""
+    return {split: {**evaluations[split].digit_summary(digit),
+                    "other_images": evaluations[split].total - evaluations[split].per_digit_totals()[digit]}
+            for split in SPLITS}
 
 
 def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict[str, dict[str, Any]],
@@ -110,7 +144,9 @@ def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict
             run = dataclasses.replace(variant, finetune_seed=seed)
             trained += not adapter_path(run, data).exists()
             model = finetuned_model(run, data, base, verbose=False)
-            evaluations = {split: evaluate(model, *splits[split], batch_size=EVAL_BATCH) for split in SPLITS}
+            with parametrize.cached():  # W' built once per run, not at every batch: the same predictions
+                evaluations = {split: evaluate(model, *splits[split], batch_size=EVAL_BATCH)
+                               for split in SPLITS}
             rows.append({"name": name, "changes": variants[name], "seed": seed,
                          "finetune_steps": run.finetune_steps, "replay_share": run.replay_share,
                          **{split: evaluations[split].digit_summary(run.target_digit) for split in SPLITS},
@@ -119,6 +155,17 @@ def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict
             print(f"{name}: seeds {', '.join(map(str, seeds))} ({trained} fine-tuned now, "
                   f"{len(seeds) - trained} loaded)")
     return rows
+
+
+def seed_points(rows: Sequence[dict], before: dict[str, dict], split: str
+                ) -> dict[str, list[tuple[float, int]]]:
+    """Per setting, one (points the other digits lose, target wrong) pair per seed on `split`."""
+    floor = before[split]["others_accuracy"]
+    out: dict[str, list[tuple[float, int]]] = {}
+    for r in rows:
+        out.setdefault(r["name"], []).append((100 * (floor - r[split]["others_accuracy"]),
+                                              r[split]["target_wrong"]))
+    return out
 
 
 def summarize(rows: Sequence[dict], before: dict[str, dict]) -> list[dict]:
@@ -145,39 +192,53 @@ def cell(entry: dict, split: str, measure: str) -> Spread:
     return Spread(**entry[split][measure])
 
 
-def verdict(spread_: Spread, reference_: Spread) -> str:
-    """'tie' when the two ranges overlap (the seeds alone move them that far), else 'fewer' or
-    'more': whether `spread_` lies below or above `reference_`."""
-    return {"better": "fewer", "worse": "more"}.get(spread_.versus(reference_, higher_is_better=False), "tie")
+# The trade-off front --------------------------------------------------------------------------
+
+def front(summaries: Sequence[dict], split: str = "validation") -> dict[str, str | None]:
+    """Per setting, None when it is on the front of the means (no other setting has both fewer
+    target errors and a smaller loss on the others, one of them strictly), else the name of the
+    setting that beats it on both with the fewest target errors."""
+    def point(e: dict) -> tuple[float, float]:
+        return cell(e, split, "points_lost").mean, cell(e, split, "target_wrong").mean
+
+    out: dict[str, str | None] = {}
+    for e in summaries:
+        lost, wrong = point(e)
+        better = [o for o in summaries if o is not e and point(o)[0] <= lost and point(o)[1] <= wrong
+                  and point(o) != (lost, wrong)]
+        out[e["name"]] = min(better, key=lambda o: point(o)[1])["name"] if better else None
+    return out
 
 
-# Choosing, on the validation images ------------------------------------------------------------
+def break_even_points(before: dict, digit: int) -> float:
+    """The budget past which no fix of `digit` could pay for the loss: the other digits' mean
+    accuracy falling by this many points costs them about as many images as `digit` had wrong
+    before fine-tuning (`before`: one split of `reference`)."""
+    if before["other_images"] < 1:
+        raise ValueError(f"No images of digits other than {digit}: the break-even budget needs some.")
+    return 100 * before["target_wrong"] / before["other_images"]
+
+
+# Naming a winner, on the validation images ---------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """The remedy to use and how it was decided (all on one split, the validation images)."""
+    """The winner at one budget and how it was decided (all on one split, the validation images)."""
 
-    name: str  # the setting to use
-    best: str  # among the allowed, the fewest target errors by the mean
-    allowed: list[str]  # the settings whose other digits lose at most the limit (mean)
-    tied: list[str]  # allowed settings whose range of target errors overlaps the best's
+    budget: float  # the most the other digits may lose, in points (mean over seeds)
+    name: str  # the allowed setting with the fewest target errors by the mean
+    allowed: list[str]  # the settings whose other digits lose at most the budget (mean)
+    tied: list[str]  # other allowed settings whose range of target errors overlaps the winner's
     within_limit: bool  # False: none was allowed; `name` is the one that lost least
 
 
-def training_cost(entry: dict) -> tuple[int, bool]:
-    """What a setting costs to train: its fine-tuning steps, then whether it needs old data."""
-    return entry["finetune_steps"], entry["replay_share"] > 0
+def choose_setting(summaries: Sequence[dict], max_loss_points: float, split: str = "validation") -> Choice:
+    """The winner at a budget, decided on `split` (the validation images) alone.
 
-
-def choose_setting(summaries: Sequence[dict], max_loss_points: float = 1.0,
-                   split: str = "validation") -> Choice:
-    """The setting to use, decided on `split` (the validation images) alone.
-
-    Allowed: those whose other digits lose at most `max_loss_points` on average (the mean over
-    seeds). The best is the allowed one with the fewest target-digit errors (mean). Settings whose
-    range of target errors overlaps the best's are tied with it: the seeds cannot tell them apart,
-    so the cheapest of them (fewest fine-tuning steps, then no old data, then the mean) is chosen.
-    When none is allowed, the one whose other digits lose least is returned, `within_limit` False.
+    Allowed: the settings whose other digits lose at most `max_loss_points` (mean over seeds). The
+    winner is the allowed one with the fewest target errors by the mean (then the smaller loss).
+    Allowed settings whose range of target errors overlaps the winner's are listed as tied: the
+    seeds do not separate them. With none allowed, the one that loses least, `within_limit` False.
     """
     if not summaries:
         raise ValueError("choose_setting needs at least one setting's summary.")
@@ -185,137 +246,108 @@ def choose_setting(summaries: Sequence[dict], max_loss_points: float = 1.0,
     def lost(entry: dict) -> float:
         return cell(entry, split, "points_lost").mean
 
-    def wrong(entry: dict) -> float:
-        return cell(entry, split, "target_wrong").mean
-
     allowed = [e for e in summaries if lost(e) <= max_loss_points]
     if not allowed:
         least = min(summaries, key=lost)
-        return Choice(least["name"], least["name"], [], [], False)
-    best = min(allowed, key=lambda e: (wrong(e), lost(e)))
-    tied = [e for e in allowed if cell(e, split, "target_wrong").overlaps(cell(best, split, "target_wrong"))]
-    chosen = min(tied, key=lambda e: (*training_cost(e), wrong(e), lost(e)))
-    return Choice(chosen["name"], best["name"], [e["name"] for e in allowed], [e["name"] for e in tied], True)
+        return Choice(max_loss_points, least["name"], [], [], False)
+    best = min(allowed, key=lambda e: (cell(e, split, "target_wrong").mean, lost(e)))
+    wrong = cell(best, split, "target_wrong")
+    tied = [e["name"] for e in allowed if e is not best and cell(e, split, "target_wrong").overlaps(wrong)]
+    return Choice(max_loss_points, best["name"], [e["name"] for e in allowed], tied, True)
 
 
-def describe_choice(choice: Choice, summaries: Sequence[dict], max_loss_points: float, digit: int,
-                    split: str = "validation") -> str:
-    """A few sentences: which setting was chosen on `split` and why, ties and the limit included."""
-    by_name = {e["name"]: e for e in summaries}
-    chosen = by_name[choice.name]
-    wrong, lost = cell(chosen, split, "target_wrong"), cell(chosen, split, "points_lost")
-    limit = f"{max_loss_points:g} point{'' if max_loss_points == 1 else 's'}"
-    figures = (f"{span(wrong)} wrong on digit {digit}, the other digits lose {span(lost, 2)} points "
-               f"(mean (min-max) over {wrong.count} seeds, {split} images)")
-    if not choice.within_limit:
-        return (f"No setting keeps the other digits within {limit} on average; the one that loses least is "
-                f"{choice.name}: {figures}. Raise max_forgetting_points, or try more replay.")
-    text = (f"Chosen: {choice.name} ({chosen['changes']}): {figures}. Allowed (losing at most {limit} "
-            f"on average): {', '.join(choice.allowed)}.")
-    others = [n for n in choice.tied if n != choice.name]
-    if choice.name == choice.best and not others:
-        return text + " It has the fewest target errors among them, and no other one's range overlaps it."
-    if choice.name == choice.best:
-        as_cheap = any(training_cost(by_name[n]) == training_cost(chosen) for n in others)
-        return (text + f" It has the fewest target errors by the mean, but its range overlaps "
-                f"{', '.join(others)}: a tie the seeds cannot separate. "
-                + ("By the rule's measure of cost (fine-tuning steps, then old data) none of them is "
-                   "cheaper, so the fewest errors by the mean decide." if as_cheap
-                   else "It is also the cheapest of them to train, so it stays."))
-    return (text + f" {choice.best} has the fewest target errors by the mean, but the ranges of "
-            f"{', '.join(choice.tied)} overlap: a tie, and {choice.name} is the cheapest of them to train "
-            "(fewest steps, then no old data).")
+def winner_ranges(summaries: Sequence[dict], split: str = "validation"
+                  ) -> list[tuple[float, float | None, str]]:
+    """Every budget at once: (from, to, winner) for each stretch of budgets with the same winner,
+    `to` None for the last (the winner can change only where a setting's mean loss lies). Budgets
+    below the first `from` allow no setting."""
+    cuts = sorted({max(0.0, cell(e, split, "points_lost").mean) for e in summaries})
+    stretches: list[tuple[float, float | None, str]] = []
+    for low, high in zip(cuts, [*cuts[1:], None], strict=True):
+        name = choose_setting(summaries, low, split).name
+        if stretches and stretches[-1][2] == name:
+            stretches[-1] = (stretches[-1][0], high, name)
+        else:
+            stretches.append((low, high, name))
+    return stretches
 
 
-def remedy_table(summaries: Sequence[dict], before: dict[str, dict], split: str, digit: int,
-                 reference_name: str) -> str:
-    """A text table on one split: target errors, points lost and accuracy as mean (min-max) over
-    the seeds, and the first two against `reference_name` ('tie' when the ranges overlap)."""
-    ref = next(e for e in summaries if e["name"] == reference_name)
-    head = (f"{'setting':<24}{f'wrong on {digit}':>20}{'points lost':>24}{'accuracy %':>24}"
-            f"{f'vs plain: {digit}':>14}{'vs plain: others':>18}")
+def sensitivity(summaries: Sequence[dict], budgets: Sequence[float], split: str = "validation"
+                ) -> list[Choice]:
+    """The winner at each budget, chosen on `split`."""
+    return [choose_setting(summaries, b, split) for b in budgets]
+
+
+# Tables (plain text: the notebook prints them) ---------------------------------------------------
+
+def remedy_table(summaries: Sequence[dict], before: dict[str, dict], digit: int,
+                 on_front: dict[str, str | None]) -> str:
+    """Both splits side by side: target errors and points lost as mean (min-max) over the seeds,
+    and whether the setting is on the validation front (else the setting that beats it)."""
+    head = (f"{'setting':<18}{f'val: wrong on {digit}':>22}{'val: points lost':>24}"
+            f"{f'test: wrong on {digit}':>22}{'test: points lost':>24}   validation front")
     lines = [head, "-" * len(head)]
-    pre = before[split]
-    lines.append(f"{'pre-trained':<24}{pre['target_wrong']:>20}{'0':>24}{100 * pre['accuracy']:>24.2f}")
+    lines.append(f"{'pre-trained':<18}{before['validation']['target_wrong']:>22}{'0':>24}"
+                 f"{before['test']['target_wrong']:>22}{'0':>24}")
     for e in summaries:
-        wrong, lost = cell(e, split, "target_wrong"), cell(e, split, "points_lost")
-        against = ("", "")
-        if e is not ref:
-            against = (verdict(wrong, cell(ref, split, "target_wrong")),
-                       {"fewer": "loses less", "more": "loses more", "tie": "tie"}[
-                           verdict(lost, cell(ref, split, "points_lost"))])
-        lines.append(f"{e['name']:<24}{span(wrong, 1):>20}{span(lost, 2):>24}"
-                     f"{span(cell(e, split, 'accuracy'), 2):>24}{against[0]:>14}{against[1]:>18}")
+        figures = "".join(f"{span(cell(e, s, 'target_wrong')):>22}{span(cell(e, s, 'points_lost'), 2):>24}"
+                          for s in SPLITS)
+        beaten = on_front.get(e["name"])
+        lines.append(f"{e['name']:<18}{figures}   {'on it' if beaten is None else 'beaten by ' + beaten}")
     return "\n".join(lines)
 
 
-def uneven_loss_text(per_digit: Sequence[Spread], lost: Spread, answering: tuple[float, Spread],
-                     digit: int) -> str:
-    """What the plain run costs each digit, in a few sentences: the average loss; the digits that
-    lose more than that average (largest first) and the most the rest lose; and the share of the
-    other digits' mistakes that answer `digit`, before and after (`answering`)."""
-    others = [d for d in range(10) if d != digit]
-    above = sorted((d for d in others if -per_digit[d].mean > lost.mean), key=lambda d: per_digit[d].mean)
-    rest = [d for d in others if d not in above]
-    text = (f"Digit {digit} gains {span(per_digit[digit])} points; the other nine lose {span(lost, 2)} "
-            f"points on average (mean (min-max) over {lost.count} seeds).")
-    if above:
-        losses = ", ".join(f"digit {d} loses {span(Spread(-s.mean, -s.high, -s.low, s.count))}"
-                           for d, s in ((d, per_digit[d]) for d in above))
-        text += f" The loss is uneven: {losses}"
-        if rest:
-            worst_rest = max(-per_digit[d].mean for d in rest)
-            text += (f"; each of the other {len(rest)} digits loses at most {worst_rest:.1f} on average"
-                     if worst_rest > 0 else f"; the other {len(rest)} digits lose nothing on average")
-        text += "."
-    share_before, share_after = answering
-    text += (f" Of the other digits' wrong answers, {span(share_after, 0)} % are a {digit} after "
-             f"fine-tuning, against {share_before:.0f} % before.")
-    return text
+def sensitivity_table(choices: Sequence[Choice], summaries: Sequence[dict], digit: int) -> str:
+    """One line per budget: the winner on the validation images, the settings the seeds do not
+    separate from it, and the winner's figures on the test images."""
+    by_name = {e["name"]: e for e in summaries}
+    head = (f"{'budget (points)':>16}  {'winner (validation)':<20}{f'test: wrong on {digit}':>22}"
+            f"{'test: points lost':>24}   not separated at these seeds from")
+    lines = [head, "-" * len(head)]
+    for c in choices:
+        e = by_name[c.name]
+        name = c.name if c.within_limit else f"none ({c.name} loses least)"
+        lines.append(f"{c.budget:>16.2f}  {name:<20}{span(cell(e, 'test', 'target_wrong')):>22}"
+                     f"{span(cell(e, 'test', 'points_lost'), 2):>24}   {', '.join(c.tied) or '-'}")
+    return "\n".join(lines)
 
 
-def agreement(chosen: dict, reference_: dict, reference_name: str) -> str:
-    """Whether the test images tell the same story as the validation images about the chosen
-    setting against the reference: the verdicts on both measures, split by split."""
-    target = {"fewer": "fewer errors on the target digit", "more": "more errors on the target digit",
-              "tie": "a tie on the target digit"}
-    others = {"fewer": "less lost on the others", "more": "more lost on the others",
-              "tie": "a tie on the others"}
+# The figure ---------------------------------------------------------------------------------------
 
-    def said(split: str) -> str:
-        on_target = verdict(cell(chosen, split, "target_wrong"), cell(reference_, split, "target_wrong"))
-        on_others = verdict(cell(chosen, split, "points_lost"), cell(reference_, split, "points_lost"))
-        return f"{target[on_target]}, {others[on_others]}"
-
-    story = {split: said(split) for split in SPLITS}
-    name = chosen["name"]
-    if story["validation"] == story["test"]:
-        return (f"Against {reference_name}, the test images tell the same story about {name} as the "
-                f"validation images: {story['test']}.")
-    return (f"Against {reference_name}, the validation images say {story['validation']} for {name}; the test "
-            f"images say {story['test']}. Where they differ, the test images are the ones to quote.")
-
-
-def remedy_findings(summaries: Sequence[dict], reference_name: str, max_loss_points: float,
-                    split: str = "validation") -> list[str]:
-    """One sentence per setting against the reference (the plain run) on `split`: fewer, more or a
-    tie on the target digit and on the other digits' loss, and whether it keeps within the limit."""
-    ref = next(e for e in summaries if e["name"] == reference_name)
-    lines = []
-    for e in summaries:
-        if e is ref:
-            continue
-        wrong, lost = cell(e, split, "target_wrong"), cell(e, split, "points_lost")
-        on_target = verdict(wrong, cell(ref, split, "target_wrong"))
-        on_others = verdict(lost, cell(ref, split, "points_lost"))
-        target_text = {"fewer": "fewer wrong answers on the target digit than",
-                       "more": "more wrong answers on the target digit than",
-                       "tie": "a tie on the target digit with"}[on_target]
-        others_text = {"fewer": "the other digits lose less", "more": "the other digits lose more",
-                       "tie": "a tie on the other digits' loss"}[on_others]
-        within = "within" if lost.mean <= max_loss_points else "outside"
-        lines.append(f"**{e['name']}**: {target_text} {reference_name} ({span(wrong)} against "
-                     f"{span(cell(ref, split, 'target_wrong'))}); {others_text} ({span(lost, 2)} points "
-                     f"against {span(cell(ref, split, 'points_lost'), 2)}), {within} the limit of "
-                     f"{max_loss_points:g}.")
-    return lines
+def plot_front(rows: Sequence[dict], summaries: Sequence[dict], before: dict[str, dict], digit: int,
+               budget: float) -> plt.Figure:
+    """The trade-off, one panel per split: for each setting one small point per seed and a large
+    marker at the mean, the other digits' loss (x) against the target digit's wrong answers (y).
+    The front of the means is a dashed line; the budget a vertical line; the pre-trained network
+    a star at 0 points lost."""
+    fig, axes = new_figure(1, len(SPLITS), figsize=(12, 5.6), sharey=True)
+    colours = plt.get_cmap("tab10")
+    for ax, split in zip(axes, SPLITS, strict=True):
+        points = seed_points(rows, before, split)
+        on_front = front(summaries, split)
+        for i, e in enumerate(summaries):
+            x = [p[0] for p in points[e["name"]]]
+            y = [p[1] for p in points[e["name"]]]
+            ax.scatter(x, y, s=18, alpha=0.55, color=colours(i % 10), zorder=2)
+            lost, wrong = cell(e, split, "points_lost").mean, cell(e, split, "target_wrong").mean
+            ax.scatter([lost], [wrong], s=90, color=colours(i % 10), edgecolor="black", zorder=3,
+                       label=e["name"] if split == SPLITS[0] else None)
+        ends = sorted((cell(e, split, "points_lost").mean, cell(e, split, "target_wrong").mean)
+                      for e in summaries if on_front[e["name"]] is None)
+        first = split == SPLITS[0]
+        ax.plot([p[0] for p in ends], [p[1] for p in ends], linestyle="--", color="gray", zorder=1,
+                label="front of the means" if first else None)
+        ax.scatter([0], [before[split]["target_wrong"]], marker="*", s=160, color="black", zorder=3,
+                   label="pre-trained" if first else None)
+        ax.axvline(budget, color="tab:red", linestyle=":",
+                   label=f"budget: {budget:.2f} points" if first else None)
+        ax.set(xlabel="points the other nine digits lose (mean accuracy, percentage points)",
+               ylabel=f"wrong answers on digit {digit}",
+               title=f"{split} images" + (" (a winner is named here)" if first else " (reported)"))
+        ax.set_ylim(0, 1.08 * max(before[s]["target_wrong"] for s in SPLITS))
+        ax.grid(alpha=0.3)
+    fig.legend(loc="lower center", ncol=6, fontsize=8, frameon=False)
+    fig.suptitle(f"Fixing digit {digit} against keeping the others "
+                 "(small dots: one seed each; large: the mean)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig

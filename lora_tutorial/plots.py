@@ -435,40 +435,6 @@ def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence
     return fig
 
 
-def plot_tradeoff(summaries: Sequence[dict], pretrained: dict, chosen: str, digit: int,
-                  max_loss_points: float, split: str = "validation") -> plt.Figure:
-    """One point per fine-tuning setting (`forgetting.summarize`'s entries) on one split: the mean
-    wrong answers on the target digit against the points the other digits lose, with the min-max
-    over seeds as error bars. Down and to the left is better on both counts; the pre-trained
-    network (0 points lost) and the limit on forgetting are drawn as reference lines."""
-    fig, ax = new_figure(figsize=(8, 4.5))
-    for entry in summaries:
-        wrong, lost = entry[split]["target_wrong"], entry[split]["points_lost"]
-        picked = entry["name"] == chosen
-        ax.errorbar(wrong["mean"], lost["mean"], fmt="o",  # rounding can put a mean a hair outside its range
-                    xerr=np.clip([[wrong["mean"] - wrong["low"]], [wrong["high"] - wrong["mean"]]], 0, None),
-                    yerr=np.clip([[lost["mean"] - lost["low"]], [lost["high"] - lost["mean"]]], 0, None),
-                    color="tab:green" if picked else "tab:blue", markersize=8 if picked else 5, capsize=3,
-                    zorder=3, label=f"chosen: {chosen}" if picked else None)
-        ax.annotate(entry["name"], (wrong["mean"], lost["mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.axhline(0, color="gray", linewidth=0.9, linestyle=":",
-               label=f"0 points lost (the pre-trained network; its {pretrained['target_wrong']} wrong on "
-                     f"{digit} lie further right)")
-    ax.axhline(max_loss_points, color="tab:red", linewidth=0.9, linestyle="--",
-               label=f"max_forgetting_points = {max_loss_points:g}")
-    ax.set(xlabel=f"wrong answers on digit {digit}, {split} images (fewer is better)",
-           ylabel="points the other nine digits lose\n(mean of their accuracies, percentage points)",
-           title=f"What each setting buys on digit {digit}, and what it costs the others ({split} images)")
-    ax.set_xlim(left=0)
-    lowest = min(entry[split]["points_lost"]["low"] for entry in summaries)
-    ax.set_ylim(bottom=min(lowest, 0) - 0.3)  # keeps the pre-trained line (0) in sight
-    ax.legend(loc="upper right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
 def _as_pixels(direction: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
     """A 784-long direction as a 28 x 28 image of unit length, its sign turned to agree with
     `reference` (a direction's sign means nothing, so the pictures are made comparable)."""

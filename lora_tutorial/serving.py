@@ -197,15 +197,13 @@ def serving_findings(latency: dict[int, dict[str, float]], profiles: dict[int, d
         text = f"**Calls of {batch:,} images**, time against merged: {ratios}."
         if prof:
             par, cached, sep = prof["parametrized"], prof["cached"], prof["separate path"]
-            text += (f" The profile: the parametrized network rebuilt W' {par['rebuilds']} times (each "
-                     f"adapted layer at every call), {100 * par['rebuild_share']:.0f} % of its operator "
-                     "time; "
-                     f"cached() rebuilt it {cached['rebuilds']} times, {100 * cached['rebuild_share']:.0f} % "
-                     f"of its time. The separate path rebuilds nothing ({sep['rebuilds']}) but spends "
-                     f"{100 * sep['extra_share']:.0f} % of its time in operators the merged network never "
-                     "runs: its thin products B (A x) and the sums that add them on.")
+            text += (f" The parametrized network rebuilt W' {par['rebuilds']} times "
+                     f"({100 * par['rebuild_share']:.0f} % of its operator time), cached() "
+                     f"{cached['rebuilds']} times ({100 * cached['rebuild_share']:.0f} %). The separate path "
+                     f"rebuilds nothing but spends {100 * sep['extra_share']:.0f} % of its time on B (A x) "
+                     "and the sums that add it.")
             if par["rebuilds"] == cached["rebuilds"]:  # one call per pass: both rebuild once per layer
-                text += (" Here every pass is a single call, so the parametrized and the cached network do "
-                         "the same work; the difference between their times is the machine's noise.")
+                text += (" With one call per pass, parametrized and cached do the same work: their gap is "
+                         "noise.")
         parts.append(text)
     return "\n\n".join(parts)

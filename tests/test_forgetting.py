@@ -10,26 +10,36 @@ from lora_tutorial import SettingsError, evaluate, merge_and_unload, separate_pa
 from lora_tutorial.evaluate import from_confusion
 from lora_tutorial.forgetting import (
     SPLITS,
-    agreement,
+    break_even_points,
     cell,
+    check_budgets,
     check_limit,
     check_remedies,
     choose_setting,
-    describe_choice,
+    front,
     others_lose_points,
     per_digit_change,
+    plot_front,
     reference,
-    remedy_findings,
     remedy_runs,
     remedy_table,
+    seed_points,
+    sensitivity,
+    sensitivity_table,
     share_answering,
     span,
     summarize,
     uneven_loss_text,
-    verdict,
+    winner_ranges,
 )
 from lora_tutorial.pipeline import finetuned_model
-from lora_tutorial.serving import check_latency, forward_latency, profile_pass, profile_summary
+from lora_tutorial.serving import (
+    check_latency,
+    forward_latency,
+    profile_pass,
+    profile_summary,
+    serving_findings,
+)
 from lora_tutorial.stats import spread
 
 
@@ -57,15 +67,13 @@ def test_per_digit_change_the_other_nine_and_who_they_are_called():
     changes = [per_digit_change(before, after)] * 3
     text = uneven_loss_text([spread([c[d] for c in changes]) for d in range(10)],
                             spread([9.0, 9.0, 9.0]), (0.0, spread([100.0] * 3)), 9)
-    assert text.startswith("Digit 9 gains 9.0 (9.0-9.0) points; the other nine lose 9.00 (9.00-9.00) points")
+    assert text.startswith("Digit 9 gains 9.0 (9.0-9.0) points; the other nine lose 9.00 (9.00-9.00) on "
+                           "average")
+    assert "Digit 0 loses most, 9.0 (9.0-9.0)." in text  # a tie among the nine: the first of them
     assert "100 (100-100) % are a 9 after fine-tuning, against 0 % before." in text
 
 
-def test_a_tie_is_an_overlap_of_the_ranges_over_the_seeds():
-    plain = spread([18, 19, 20])
-    assert verdict(spread([16, 17, 18]), plain) == "tie"  # 17 against 19 by the mean, yet they overlap
-    assert verdict(spread([14, 15, 16]), plain) == "fewer"
-    assert verdict(spread([30, 40]), plain) == "more"
+def test_spans_read_as_mean_and_range():
     assert span(spread([4, 5, 4.5]), 2) == "4.50 (4.00-5.00)"
     assert span(spread([-2.9, -0.8])) == "-1.9 (-2.9 to -0.8)"
     assert span(spread([-0.04, 1.7, 1.2])) == "1.0 (0.0-1.7)"  # never "-0.0"
@@ -93,55 +101,56 @@ def test_the_choice_reads_the_validation_images_never_the_test_images():
     assert cell(summaries[1], "validation", "target_wrong") == spread([20, 21, 22])
     assert cell(summaries[0], "test", "points_lost").mean == pytest.approx(6.0)  # 100 * (0.96 - 0.90)
     choice = choose_setting(summaries, 1.0)
-    assert choice.name == "A" and choice.allowed == ["A", "B"] and choice.tied == ["A"]
+    assert (choice.name, choice.allowed, choice.tied, choice.budget) == ("A", ["A", "B"], [], 1.0)
     assert choose_setting(summaries, 1.0, split="test").name == "B"  # what the test images would pick
-    text = describe_choice(choice, summaries, 1.0, 9)
-    assert text.startswith("Chosen: A ({}): 21.0 (20.0-22.0) wrong on digit 9, the other digits lose")
-    assert "no other one's range overlaps it" in text
-    assert agreement(summaries[1], summaries[0], "plain") == (
-        "Against plain, the test images tell the same story about A as the validation images: more errors "
-        "on the target digit, less lost on the others.")
-    lucky = summarize(run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
-                      + run_rows("C", seeds, [(5, 0.90)] * 3, [(10, 0.90)] * 3), BEFORE)
-    assert agreement(lucky[1], lucky[0], "plain") == (
-        "Against plain, the validation images say fewer errors on the target digit, a tie on the others for "
-        "C; the test images say a tie on the target digit, a tie on the others. Where they differ, the test "
-        "images are the ones to quote.")
-    table = remedy_table(summaries, BEFORE, "validation", 9, "plain")
-    assert "pre-trained" in table and table.splitlines()[-1].split()[-3:] == ["more", "loses", "less"]
+    points = seed_points(rows, BEFORE, "validation")
+    assert [p[1] for p in points["A"]] == [20, 21, 22] and points["A"][1][0] == pytest.approx(0.3)
+    table = remedy_table(summaries, BEFORE, 9, front(summaries))
+    assert "pre-trained" in table and table.splitlines()[-1].endswith("beaten by A")
 
 
-def test_the_limit_ties_and_the_cheaper_setting():
+def test_the_winner_moves_with_the_budget_and_ties_are_named():
     seeds = [0, 1, 2]
-    rows = (run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
-            + run_rows("long replay", seeds, [(15, 0.955), (18, 0.955), (25, 0.955)], [(15, 0.955)] * 3,
-                       steps=300, replay=0.3)
-            + run_rows("gentle", seeds, [(20, 0.956), (22, 0.956), (24, 0.956)], [(20, 0.956)] * 3)
-            + run_rows("tiny", seeds, [(60, 0.9595)] * 3, [(60, 0.9595)] * 3))
+    rows = (run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)  # loses 6 points
+            + run_rows("replay", seeds, [(15, 0.955), (18, 0.955), (25, 0.955)], [(15, 0.955)] * 3)  # 0.5
+            + run_rows("gentle", seeds, [(20, 0.952), (22, 0.952), (24, 0.952)], [(20, 0.952)] * 3)  # 0.8
+            + run_rows("tiny", seeds, [(60, 0.9595)] * 3, [(60, 0.9595)] * 3))  # 0.05
     summaries = summarize(rows, BEFORE)
     choice = choose_setting(summaries, 1.0)
-    # long replay has the fewest errors by the mean, but gentle's range overlaps it and costs 100 steps
-    assert (choice.best, choice.name, choice.tied) == ("long replay", "gentle", ["long replay", "gentle"])
-    assert "a tie, and gentle is the cheapest of them to train" in describe_choice(choice, summaries, 1.0, 9)
-    assert choose_setting(summaries, 0.1).name == "tiny"  # a stricter limit leaves only the smallest update
+    # replay has the fewest errors by the mean among those within 1 point; gentle's range overlaps it
+    assert (choice.name, choice.tied, choice.within_limit) == ("replay", ["gentle"], True)
+    assert choose_setting(summaries, 0.1).name == "tiny"  # a stricter budget leaves only the smallest update
     nothing = choose_setting(summaries, 0.01)
-    assert (nothing.name, nothing.within_limit) == ("tiny", False)
-    assert describe_choice(nothing, summaries, 0.01, 9).startswith(
-        "No setting keeps the other digits within 0.01 points on average; the one that loses least is tiny")
-    test = [(20, 0.956)] * 3
-    even = summarize(run_rows("x", seeds, [(20, 0.956), (21, 0.956), (24, 0.956)], test)
-                     + run_rows("y", seeds, [(22, 0.956), (23, 0.956), (26, 0.956)], test), BEFORE)
-    both = choose_setting(even, 1.0)
-    assert (both.name, both.tied) == ("x", ["x", "y"])  # a tie at the same cost: the mean decides
-    assert describe_choice(both, even, 1.0, 9).endswith(
-        "overlaps y: a tie the seeds cannot separate. By the rule's measure of cost (fine-tuning steps, then "
-        "old data) none of them is cheaper, so the fewest errors by the mean decide.")
-    findings = remedy_findings(summaries, "plain", 1.0)
-    assert len(findings) == 3 and findings[0].startswith("**long replay**: more wrong answers on the target "
-                                                         "digit than plain")
-    assert "the other digits lose less" in findings[0] and "within the limit of 1" in findings[0]
+    assert (nothing.name, nothing.within_limit, nothing.allowed) == ("tiny", False, [])
+    winners = [c.name for c in sensitivity(summaries, [0.6, 1, 2, 10])]
+    assert winners == ["replay", "replay", "replay", "plain"]
+    stretches = winner_ranges(summaries)
+    assert [s[2] for s in stretches] == ["tiny", "replay", "plain"]
+    assert [round(s[0], 6) for s in stretches] == [0.05, 0.5, 6.0] and stretches[-1][1] is None
+    assert stretches[1][1] == pytest.approx(6.0)  # gentle (0.8) joins without changing the winner
+    # each stretch's winner is what choose_setting says anywhere inside it
+    for low, high, name in stretches:
+        assert choose_setting(summaries, low).name == name
+        assert choose_setting(summaries, (high or low + 1) - 1e-9).name == name
+    assert front(summaries) == {"plain": None, "replay": None, "gentle": "replay", "tiny": None}
+    table = sensitivity_table(sensitivity(summaries, [0.01, 1]), summaries, 9)
+    lines = table.splitlines()
+    assert "none (tiny loses least)" in lines[2] and lines[3].split()[:2] == ["1.00", "replay"]
+    assert lines[3].endswith("gentle")
     with pytest.raises(ValueError, match="at least one"):
         choose_setting([], 1.0)
+
+
+def test_the_break_even_budget_counts_images():
+    pre = diagonal([90] * 10)  # 100 images per digit, 10 wrong of each
+    before = reference({split: pre for split in SPLITS}, 9)
+    assert before["test"]["other_images"] == 900 and before["test"]["target_wrong"] == 10
+    # losing 10 of the other 900 images is 1.11 points of their mean accuracy: as many as the 9s had wrong
+    assert break_even_points(before["test"], 9) == pytest.approx(100 * 10 / 900)
+    after = diagonal([80] + [90] * 8 + [100])  # the zeros lose 10 images; every 9 is fixed
+    assert others_lose_points(pre, after, 9) == pytest.approx(break_even_points(before["test"], 9))
+    with pytest.raises(ValueError, match="No images of digits other than 9"):
+        break_even_points({"target_wrong": 3, "other_images": 0}, 9)
 
 
 def test_each_remedy_runs_once_per_seed_on_both_splits(small):
@@ -197,8 +206,12 @@ def test_the_notebook_parameters_are_checked_with_the_fix():
     for outside in ({"finetune_seed": 3}, {"target_digit": 4}, {"seed": 1}, {"train_samples": 100}):
         with pytest.raises(SettingsError, match=r"expected a dict of fine-tuning settings to change"):
             check_remedies(plain, {"outside": outside})  # one thing varied: the fine-tuning step only
-    assert check_limit(1) == 1.0
-    with pytest.raises(SettingsError, match=r"max_forgetting_points=-1 is not valid: expected a number"):
+    assert check_limit(1) == 1.0 and check_limit(None) is None
+    assert check_budgets([2, 0.5, 2]) == [0.5, 2.0]
+    for bad in ([], [-1], ["1"], 1.0, [float("inf")]):
+        with pytest.raises(SettingsError, match=r"budgets=.* is not valid: expected a list"):
+            check_budgets(bad)
+    with pytest.raises(SettingsError, match=r"max_forgetting_points=-1 is not valid: expected None"):
         check_limit(-1)
     assert check_latency([1000, 100], 3) == ([1000, 100], 3)
     with pytest.raises(SettingsError, match=r"latency_batches=\[0\] is not valid"):
@@ -264,7 +277,7 @@ def test_the_figures_start_at_zero_and_draw_the_pre_trained_reference():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lora_tutorial.plots import plot_per_digit_accuracy, plot_tradeoff
+    from lora_tutorial.plots import plot_per_digit_accuracy
 
     before = [0.98, 0.99, 0.94, 0.90, 0.97, 0.98, 0.97, 0.94, 0.96, 0.90]
     runs = [[a - 0.1 * (d in (7, 8)) + 0.01 * s for d, a in enumerate(before)] for s in range(3)]
@@ -278,14 +291,37 @@ def test_the_figures_start_at_zero_and_draw_the_pre_trained_reference():
     assert "pre-trained" in legend and "after LoRA fine-tuning (mean of 3 seeds, min-max)" in legend
     assert [t.get_text() for t in ax.texts][7] == "-9.0"  # the mean change, above each bar
     seeds = [0, 1, 2]
-    summaries = summarize(run_rows("plain", seeds, [(10, 0.90)] * 3, [(10, 0.90)] * 3)
-                          + run_rows("gentle", seeds, [(30, 0.958)] * 3, [(30, 0.958)] * 3), BEFORE)
-    fig = plot_tradeoff(summaries, BEFORE["validation"], "gentle", 9, 1.0)
+    rows = (run_rows("plain", seeds, [(10, 0.90), (12, 0.91), (14, 0.92)], [(10, 0.90)] * 3)
+            + run_rows("gentle", seeds, [(30, 0.958)] * 3, [(31, 0.957)] * 3)
+            + run_rows("worse", seeds, [(40, 0.95)] * 3, [(40, 0.95)] * 3))
+    summaries = summarize(rows, BEFORE)
+    fig = plot_front(rows, summaries, BEFORE, 9, 1.5)
     assert figure_problems(fig) == []
-    ax = fig.axes[0]
-    assert ax.get_ylim()[0] < 0 < ax.get_ylim()[1] and ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["0 points lost (the pre-trained network; its 90 wrong on 9 lie further right)",
-                      "max_forgetting_points = 1",
-                      "chosen: gentle"]
+    validation, test = fig.axes
+    assert validation.get_title().startswith("validation") and test.get_title().startswith("test")
+    assert validation.get_ylim()[0] == 0 and validation.get_ylim()[1] > 90  # the pre-trained 90 in sight
+    # one dot per seed per setting, one mean per setting, and the pre-trained star, in each panel
+    sizes = [len(c.get_offsets()) for c in validation.collections]
+    assert sizes == [3, 1, 3, 1, 3, 1, 1]
+    dots = validation.collections[0].get_offsets()
+    assert sorted(dots[:, 1]) == [10, 12, 14] and dots[0, 0] == pytest.approx(6.0)
+    # the front joins plain and gentle (worse is beaten by gentle on both counts)
+    line = next(line for line in validation.get_lines() if line.get_linestyle() == "--")
+    assert list(line.get_ydata()) == [30, 12]
+    assert validation.get_lines()[-1].get_xdata()[0] == 1.5  # the budget
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["plain", "gentle", "worse", "front of the means", "pre-trained", "budget: 1.50 points"]
     plt.close("all")
+
+
+def test_the_serving_sentences_follow_the_figures():
+    latency = {100: {"parametrized": 3.0, "cached": 1.2, "separate path": 1.1, "merged": 1.0}}
+    summary = {"rebuilds": 30, "rebuild_share": 0.5, "extra_share": 0.1}
+    profiles = {100: {"parametrized": summary, "cached": {**summary, "rebuilds": 3, "rebuild_share": 0.05},
+                      "separate path": {**summary, "rebuilds": 0}}}
+    text = serving_findings(latency, profiles)
+    assert text.startswith("**Calls of 100 images**, time against merged: parametrized 3.00x, cached 1.20x")
+    assert "rebuilt W' 30 times (50 % of its operator time), cached() 3 times (5 %)" in text
+    assert "their gap is noise" not in text
+    profiles[100]["cached"]["rebuilds"] = 30  # one call per pass: the same work
+    assert "their gap is noise" in serving_findings(latency, profiles)
