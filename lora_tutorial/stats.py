@@ -61,5 +61,5 @@ def check_seeds(values: object, at_least: int = 1) -> list[int]:
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
     if not ok or len(set(values)) != len(values) or len(values) < at_least:
         raise SettingsError(f"seeds={values!r} is not valid: expected a list of at least {at_least} "
-                            "distinct whole numbers >= 0, e.g. [0, 1, 2].")
+                            f"distinct whole numbers >= 0, e.g. {list(range(max(at_least, 3)))}.")
     return list(values)
