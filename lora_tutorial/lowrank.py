@@ -620,7 +620,11 @@ def versus(candidate: Sequence[dict], reference: Sequence[dict], key: str, names
 
 
 def both(candidate: Sequence[dict], reference: Sequence[dict], names: tuple[str, str], digit: int) -> str:
-    """`versus` on the target digit's wrong answers and on the other digits' accuracy."""
+    """`versus` on the target digit's wrong answers and on the other digits' accuracy (said once when
+    neither shows a difference)."""
+    said = [versus(candidate, reference, key, names) for key in ("target_wrong", "others_accuracy")]
+    if all(text.startswith("no difference") for text in said):
+        return f"{said[0]} on either measure"
     return (f"digit {digit}: {versus(candidate, reference, 'target_wrong', names)}; other digits: "
             f"{versus(candidate, reference, 'others_accuracy', names)}")
 
@@ -841,7 +845,8 @@ def describe_costs(costs: Sequence[dict], full: str, small: str) -> str:
         return f"{a[key] / b[key]:,.0f} times"
 
     return (f"Against {small}, {full} trains {ratio('trainable')} as many numbers, keeps "
-            f"{ratio('optimizer_bytes')} the Adam state ({size_text(a['optimizer_bytes'])}) and saves a file "
+            f"{ratio('optimizer_bytes')} the optimizer state ({size_text(a['optimizer_bytes'])}) and saves a "
+            "file "
             f"{ratio('file_bytes')} as large "
             f"({size_text(a['file_bytes'])}); one step takes {ms_a / ms_b:.1f} times as long.")
 
@@ -859,9 +864,10 @@ def summarize(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], lora
     bullets = [f"The top direction of each layer's delta W holds {' and '.join(held)} of its energy; "
                "a random "
                f"matrix's top direction holds {min(noise):.1f}-{max(noise):.1f} %."]
-    for name, rows in runs.items():
-        bullets.append(f"Cut to rank {rank}, against the whole {name} update: "
-                       f"{both(cuts_at(rows, rank), rows, ('the cut', 'the whole'), digit)}.")
+    cuts = [f"{name}: {both(cuts_at(rows, rank), rows, ('the cut', 'the whole'), digit)}"
+            for name, rows in runs.items()]
+    bullets.append(f"**Is rank {rank} enough** to do the whole update's job? Its cut (rank-{rank} delta W "
+                   "plus delta b) against the whole update, " + "; ".join(cuts) + ".")
     if lora:
         low = min(lora)
         text = (f"LoRA at rank {low} against the whole {first} update: "
@@ -878,10 +884,36 @@ def summarize(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], lora
                        f"{above['input']}.")
     names = [row["name"] for row in costs]
     bullets.append(describe_costs(costs, names[0], next(n for n in names if n.startswith("LoRA"))))
-    groups = by_count(sizes)
-    ways = list(dict.fromkeys(way for _, way in groups))
-    for count in sorted({c for c, _ in groups}):
-        if len(ways) == 2 and all((count, w) in groups for w in ways):
-            said = both(groups[count, ways[1]], groups[count, ways[0]], ("LoRA", "every weight"), digit)
-            bullets.append(f"On {count} images, {ways[1]} against {ways[0]}: {said}.")
+    if sizes:
+        bullets.append(describe_data_sizes(sizes, digit))
     return "\n".join(f"- {b}" for b in bullets)
+
+
+def lora_ahead(sizes: Sequence[dict]) -> list[int]:
+    """The image counts at which LoRA beats every weight on either measure, its seeds' range apart
+    from theirs (fewer wrong answers on the digit, or higher accuracy on the others)."""
+    groups, ahead = by_count(sizes), []
+    for count in sorted({c for c, _ in groups}):
+        mine = next((rows for (c, way), rows in groups.items() if c == count and way.startswith("LoRA")),
+                    None)
+        full = groups.get((count, "every weight"))
+        if mine and full:
+            wrong, others = (over_seeds(mine, k) for k in ("target_wrong", "others_accuracy"))
+            if (wrong.high < over_seeds(full, "target_wrong").low
+                    or others.low > over_seeds(full, "others_accuracy").high):
+                ahead.append(count)
+    return ahead
+
+
+def describe_data_sizes(sizes: Sequence[dict], digit: int) -> str:
+    """LoRA against every weight at each image count, and whether LoRA was ahead anywhere."""
+    groups = by_count(sizes)
+    lora_way = next(way for _, way in groups if way.startswith("LoRA"))
+    counts = sorted({c for c, _ in groups})
+    names = ("LoRA", "every weight")
+    parts = [f"{c} images: {both(groups[c, lora_way], groups[c, 'every weight'], names, digit)}"
+             for c in counts]
+    ahead = lora_ahead(sizes)
+    verdict = ("LoRA is ahead at no count, so these runs do not support the claim that it needs fewer data."
+               if not ahead else f"LoRA is ahead at {', '.join(map(str, ahead))} images.")
+    return f"Fewer images, {lora_way} against every weight. " + "; ".join(parts) + ". " + verdict

@@ -32,12 +32,14 @@ from lora_tutorial.lowrank import (  # noqa: E402
     data_size_table,
     decompose,
     decompose_lora,
+    describe_data_sizes,
     direction_agreement,
     energy_shares,
     full_runs,
     fully_trainable,
     image_subset,
     last_layer_trainable,
+    lora_ahead,
     lora_at_rank,
     lora_runs,
     measure_costs,
@@ -200,6 +202,7 @@ def test_verdicts_call_overlapping_ranges_a_tie_and_know_which_way_is_better():
     assert not as_good(cut_verdicts(rows, 1)) and as_good({"a": "tie", "b": "better"})
     cuts = [row["cuts"][0] for row in rows]
     assert versus(rows, rows, "target_wrong", ("a", "b")) == "no difference detected at 2 seeds"
+    assert both(rows, rows, ("a", "b"), 9) == "no difference detected at 2 seeds on either measure"
     assert versus(cuts, rows, "target_wrong", ("the cut", "the whole")) == (
         "the cut more wrong answers than the whole on every seed")
     assert versus(rows, cuts, "others_accuracy", ("the whole", "the cut")) == (
@@ -339,10 +342,12 @@ def test_full_and_lora_runs_on_small_settings(small_settings):
              for way, w, a in (("every weight", 3, 0.9), ("LoRA, rank 1", 9, 0.95)) for seed in (0, 1)]
     summary = summarize({"plain": full}, random, {1: lora}, agreement, costs, sizes, 9)
     assert summary.count("\n- ") == 5
-    assert "Cut to rank 1, against the whole plain update: digit 9:" in summary
-    assert summary.endswith("On 10 images, LoRA, rank 1 against every weight: digit 9: LoRA more wrong "
-                            "answers than every weight on every seed; other digits: LoRA higher accuracy "
-                            "than every weight on every seed.")
+    assert ("**Is rank 1 enough** to do the whole update's job? Its cut (rank-1 delta W plus delta b) "
+            "against the whole update, plain: ") in summary
+    assert "times the optimizer state" in summary
+    assert summary.endswith("Fewer images, LoRA, rank 1 against every weight. 10 images: digit 9: LoRA "
+                            "more wrong answers than every weight on every seed; other digits: LoRA higher "
+                            "accuracy than every weight on every seed. LoRA is ahead at 10 images.")
 
 
 # Figures ------------------------------------------------------------------------------------
@@ -524,3 +529,20 @@ def test_the_energy_figure_draws_a_curve_per_seed():
     assert len(fig.axes[0].get_lines()) == 6  # five seeds and the random matrix
     assert fig.axes[0].get_lines()[0].get_ydata()[-1] == pytest.approx(1.0)
     assert figure_problems(fig) == []
+
+
+def test_lora_is_ahead_only_where_its_seeds_beat_every_seed_of_every_weight():
+    def rows(way, count, wrong, others):
+        return [{"way": way, "images": count, "seed": s, "target_wrong": w, "others_accuracy": others}
+                for s, w in enumerate(wrong)]
+
+    sizes = (rows("every weight", 10, [30, 35], 0.95) + rows("LoRA, rank 1", 10, [50, 60], 0.93)
+             + rows("every weight", 50, [30, 35], 0.95) + rows("LoRA, rank 1", 50, [10, 20], 0.90)
+             + rows("every weight", 500, [30, 35], 0.95) + rows("LoRA, rank 1", 500, [32, 40], 0.95))
+    assert lora_ahead(sizes) == [50]
+    text = describe_data_sizes(sizes, 9)
+    assert "500 images: no difference detected at 2 seeds on either measure" in text
+    assert text.endswith("LoRA is ahead at 50 images.")
+    behind = [r for r in sizes if r["images"] != 50]
+    assert describe_data_sizes(behind, 9).endswith("LoRA is ahead at no count, so these runs do not support "
+                                                   "the claim that it needs fewer data.")
