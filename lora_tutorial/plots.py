@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 from .data import MEAN, STD
 
@@ -178,116 +178,6 @@ def _count_axis(ax, which: str) -> None:
     axis.set_minor_formatter(NullFormatter())
     low, high = ax.get_ylim() if which == "y" else ax.get_xlim()
     (ax.set_ylim if which == "y" else ax.set_xlim)(-0.3, max(high, 1) * 1.4)  # room above the largest
-
-
-def _style(entry: dict) -> tuple[str, str]:
-    """Colour and legend text of a rank-study configuration."""
-    if entry["init"] == "kaiming":
-        return KAIMING_COLOR, f"{entry['scaling']}, Kaiming-uniform A"
-    color, factor = SCALING_STYLE.get(entry["scaling"], ("tab:gray", "?"))
-    return color, f"{entry['scaling']} (scale {factor})"
-
-
-def _by_series(entries: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
-    series: dict[tuple[str, str], list[dict]] = {}
-    for e in entries:
-        series.setdefault((e["scaling"], e["init"]), []).append(e)
-    return {k: sorted(v, key=lambda e: e["rank"]) for k, v in series.items()}
-
-
-def plot_rank_study(entries: Sequence[dict], before: dict, digit: int,
-                    split: str = "validation") -> plt.Figure:
-    """The target digit's wrong answers (left) and the other digits' mean accuracy (right) against
-    the rank, one line per scaling rule: the mean over the seeds with min-max bars (lines are
-    nudged sideways so that the bars do not hide each other); the pre-trained network dotted."""
-    fig, (left, right) = new_figure(1, 2, figsize=(11.5, 4.2))
-    series = {k: v for k, v in _by_series(entries).items() if k[1] == "normal"}
-    for i, ((_, _), mine) in enumerate(series.items()):
-        color, label = _style(mine[0])
-        nudge = 2 ** (0.06 * (i - (len(series) - 1) / 2))
-        xs = [e["rank"] * nudge for e in mine]
-        left.errorbar(xs, *_mean_and_bars([e[f"{split}_target_wrong"] for e in mine]), fmt="o-", capsize=3,
-                      color=color, label=label)
-        right.errorbar(xs, *_mean_and_bars([e[f"{split}_others_accuracy"] for e in mine], 100), fmt="s-",
-                       capsize=3, color=color, label=label)
-    left.axhline(before[f"{split}_target_wrong"], color="gray", linestyle=":", label="pre-trained")
-    right.axhline(100 * before[f"{split}_others_accuracy"], color="gray", linestyle=":", label="pre-trained")
-    ranks = sorted({e["rank"] for e in entries})
-    for ax in (left, right):
-        _rank_axis(ax, ranks)
-    _count_axis(left, "y")
-    left.set(xlabel="LoRA rank r", ylabel=f"wrong answers on digit {digit} ({split} images)",
-             title=f"Digit {digit} (symlog scale: linear below 1)")
-    right.set(xlabel="LoRA rank r", ylabel=f"mean accuracy, the other nine digits (%, {split})",
-              title="The other digits")
-    left.legend(fontsize=8)
-    seeds = len(entries[0]["seeds"]) if entries else 0
-    fig.suptitle(f"Rank under three scaling rules (mean and min-max over {seeds} seeds)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_update_norms(entries: Sequence[dict], guides: dict[str, float] | None = None) -> plt.Figure:
-    """||delta W||_F of each adapted layer against the rank, one line per scaling rule (mean, min-max
-    bars, log scales). `guides` maps a rule to a power p: a dotted line from its rank-1 mean times r^p."""
-    layers = [k.removeprefix("delta_norm_") for k in (entries[0] if entries else {})
-              if k.startswith("delta_norm_")]
-    fig, axes = new_figure(1, max(1, len(layers)), figsize=(4 * max(1, len(layers)), 3.9), squeeze=False)
-    series = {k: v for k, v in _by_series(entries).items() if k[1] == "normal"}
-    ranks = sorted({e["rank"] for e in entries})
-    for ax, layer in zip(axes[0], layers, strict=False):
-        column = f"delta_norm_{layer}"
-        for mine in series.values():
-            color, label = _style(mine[0])
-            ax.errorbar([e["rank"] for e in mine], *_mean_and_bars([e[column] for e in mine]), fmt="o-",
-                        capsize=3, color=color, label=label)
-            power = (guides or {}).get(mine[0]["scaling"])
-            if power is not None and mine[0]["rank"] == 1:
-                start = mine[0][column]["mean"]
-                ax.plot(ranks, [start * r ** power for r in ranks], ":", color=color, linewidth=1)
-        _rank_axis(ax, ranks)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set(xlabel="LoRA rank r", ylabel=f"||delta W||_F of {layer} (log scale)", title=layer)
-    if guides:
-        axes[0][0].plot([], [], ":", color="gray", label="dotted: rank 1 x r^p (see text)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("How large an update each scaling rule makes (Frobenius norm of scale * B @ A)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_rank_tradeoff(entries: Sequence[dict], before: dict, digit: int, chosen: str | None = None,
-                       split: str = "validation") -> plt.Figure:
-    """One point per configuration: the target digit's wrong answers (x) against the other digits'
-    mean accuracy (y), the mean over the seeds with min-max bars both ways, labelled with the rank.
-    Left and up is better on both counts; the pre-trained network is the grey cross and dotted line."""
-    fig, ax = new_figure(figsize=(11, 5.2))
-    shown = set()
-    for e in entries:
-        color, label = _style(e)
-        (x,), xerr = _mean_and_bars([e[f"{split}_target_wrong"]])
-        (y,), yerr = _mean_and_bars([e[f"{split}_others_accuracy"]], 100)
-        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="s" if e["init"] == "kaiming" else "o", capsize=3,
-                    color=color, label=None if label in shown else label, alpha=0.85)
-        shown.add(label)
-        ax.annotate(f"r={e['rank']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if e["name"] == chosen:
-            ax.scatter([x], [y], s=220, facecolors="none", edgecolors="black", zorder=4,
-                       label=f"chosen: {chosen}")
-    ax.scatter([before[f"{split}_target_wrong"]], [100 * before[f"{split}_others_accuracy"]], marker="x",
-               s=60, color="gray", zorder=3, label="pre-trained")
-    ax.axhline(100 * before[f"{split}_others_accuracy"], color="gray", linestyle=":", linewidth=0.9)
-    _count_axis(ax, "x")
-    ax.set(xlabel=f"wrong answers on digit {digit}, {split} images (fewer is better; symlog scale)",
-           ylabel=f"mean accuracy of the other nine digits (%, {split})",
-           title="Fixing the target digit against keeping the others")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the points, not on them
-    fig.tight_layout()
-    return fig
 
 
 def _log2_rank_axis(ax, ticks: Sequence[int]) -> None:

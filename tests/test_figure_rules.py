@@ -73,24 +73,6 @@ def test_the_rules_catch_what_they_should():
     assert [p.split(" (")[0] for p in figure_problems(fig)] == ["transparent background"]
 
 
-def _cell(mean):
-    return {"mean": mean, "low": mean * 0.8, "high": mean * 1.2}
-
-
-def _study_entries():
-    """Entries shaped like rank_study.summary's: three rules x two ranks, and one Kaiming run."""
-    entries = []
-    for scaling in ("alpha fixed", "alpha = r", "rsLoRA"):
-        for rank in (1, 4):
-            entries.append({"name": f"{scaling} r{rank}", "scaling": scaling, "rank": rank, "init": "normal",
-                            "seeds": [0, 1, 2], "validation_target_wrong": _cell(10 / rank),
-                            "validation_others_accuracy": _cell(0.9),
-                            **{f"delta_norm_linear{i}": _cell(0.1 * rank) for i in (1, 2, 3)}})
-    entries.append({**entries[1], "name": "kaiming r4", "init": "kaiming"})
-    return entries
-
-
-BEFORE = {"validation_target_wrong": 80, "validation_others_accuracy": 0.96}
 SWEEP_ROWS = [{"status": "done", "rank": r, "alpha": 1.0, "target_digit": 9, "finetune_steps": 100,
                "seed": s, "target_wrong_before": 97, "target_wrong_after": 20 - r - s,
                "other_digits_accuracy_before": 0.96, "other_digits_accuracy_after": 0.9 + 0.01 * s}
@@ -102,9 +84,6 @@ STABLE = {
     "plot_wrong_counts": lambda: plots.plot_wrong_counts(list(range(10)), list(range(10, 0, -1)), 9),
     "lora_diagram": lambda: diagrams.lora_diagram(2000, 1000, 1),
     "plot_sweep": lambda: plots.plot_sweep(SWEEP_ROWS),
-    "plot_rank_study": lambda: plots.plot_rank_study(_study_entries(), BEFORE, 9),
-    "plot_update_norms": lambda: plots.plot_update_norms(_study_entries(), {"alpha fixed": -0.5}),
-    "plot_rank_tradeoff": lambda: plots.plot_rank_tradeoff(_study_entries(), BEFORE, 9, "alpha fixed r4"),
     "plot_trial": lambda: plots.plot_trial([0.9] * 10, [0.8] * 9 + [0.99], [1 / (1 + i) for i in range(100)],
                                            9, "rank 1, alpha 1"),
     "plot_input_directions": lambda: plots.plot_input_directions(
