@@ -649,7 +649,7 @@ def plot_seeds(groups: dict[str, Sequence[dict]], before: dict, digit: int, titl
                colors: Sequence[str] | None = None):
     """Wrong answers on the digit and the other digits' accuracy on the test images: one column of
     points per group (one point per seed), a bar at their mean, the pre-trained network dashed."""
-    from .plots import new_figure
+    from .plots import legend_below, new_figure, seed_column
 
     colors = list(colors or [f"C{i}" for i in range(len(groups))])
     fig, axes = new_figure(1, len(PANELS), figsize=(5.4 * len(PANELS), 4.4), squeeze=False)
@@ -657,20 +657,14 @@ def plot_seeds(groups: dict[str, Sequence[dict]], before: dict, digit: int, titl
         label = label.format(digit=digit)
         for i, (rows, color) in enumerate(zip(groups.values(), colors, strict=True)):
             ys = [scale * row[key] for row in rows]
-            xs = [i + (j - (len(ys) - 1) / 2) * 0.06 for j in range(len(ys))]
-            ax.scatter(xs, ys, s=22, color=color, alpha=0.8, zorder=3,
-                       label="one point per seed" if i == 0 else None)
-            ax.hlines(sum(ys) / len(ys), i - 0.25, i + 0.25, color=color, lw=2,
-                      label="mean" if i == 0 else None)
+            seed_column(ax, i, ys, color, 0.06, 0.25, size=22, label="one point per seed" if i == 0 else None,
+                        mean_label="mean" if i == 0 else None)
         ax.axhline(scale * before[key], color="gray", ls="--", lw=1, label="pre-trained")
         ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right", fontsize=8)
         ax.set(title=label, xlabel="", ylabel=label)
         ax.set_xlabel("fine-tuned network")
         ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    legend_below(fig, axes[0][0], title, 0.06)
     return fig
 
 

@@ -244,7 +244,7 @@ def plot_combinations(rows: Sequence[dict], before: dict, digits: Sequence[int],
     """One column per adapter or combination (`labels`: row name -> tick label, in order), one point
     per seed: wrong answers on each chosen digit (left, a colour per digit, symlog axis) and the
     other digits' mean accuracy (right); a bar at each mean, the pre-trained network dashed."""
-    from .plots import new_figure
+    from .plots import new_figure, seed_column
 
     names = list(labels)
     missing = [n for n in names if not any(r["name"] == n for r in rows)]
@@ -255,9 +255,7 @@ def plot_combinations(rows: Sequence[dict], before: dict, digits: Sequence[int],
               "tab:olive", "tab:cyan"]
 
     def column(ax, i: int, ys: list[float], offset: float, color: str, label: str | None) -> None:
-        xs = [i + offset + (j - (len(ys) - 1) / 2) * 0.035 for j in range(len(ys))]
-        ax.scatter(xs, ys, s=18, color=color, alpha=0.8, zorder=3, label=label)
-        ax.hlines(sum(ys) / len(ys), i + offset - 0.1, i + offset + 0.1, color=color, lw=2)
+        seed_column(ax, i + offset, ys, color, 0.035, 0.1, size=18, label=label)
 
     width = 0.26 if len(digits) > 1 else 0
     for k, d in enumerate(digits):

@@ -24,6 +24,22 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[plt.Figure, ob
     return fig, axes
 
 
+def seed_column(ax, x: float, ys: Sequence[float], color: str, step: float, half_width: float,
+                size: float = 20, label: str | None = None, mean_label: str | None = None) -> None:
+    """Every seed shown: one point per seed in a narrow column around `x`, and a bar at their mean."""
+    xs = [x + (j - (len(ys) - 1) / 2) * step for j in range(len(ys))]
+    ax.scatter(xs, ys, s=size, color=color, alpha=0.8, zorder=3, label=label)
+    ax.hlines(sum(ys) / len(ys), x - half_width, x + half_width, color=color, lw=2, label=mean_label)
+
+
+def legend_below(fig: plt.Figure, ax, title: str, bottom: float) -> None:
+    """One legend for every panel (`ax`'s labels) under the figure, and the title above it."""
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+
+
 def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, columns: int = 8,
                 title: str = "MNIST samples") -> plt.Figure:
     """A grid of the first `count` images, each titled with its label."""
@@ -147,7 +163,6 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
 # How each scaling rule is drawn: its colour and the factor in front of B @ A.
 SCALING_STYLE = {"alpha fixed": ("tab:blue", "alpha / r"), "alpha = r": ("tab:red", "1"),
                  "rsLoRA": ("tab:green", "alpha / sqrt(r)")}
-KAIMING_COLOR = "tab:purple"
 
 
 def _spread_cell(values: Sequence[float]) -> dict:
@@ -178,99 +193,6 @@ def _count_axis(ax, which: str) -> None:
     axis.set_minor_formatter(NullFormatter())
     low, high = ax.get_ylim() if which == "y" else ax.get_xlim()
     (ax.set_ylim if which == "y" else ax.set_xlim)(-0.3, max(high, 1) * 1.4)  # room above the largest
-
-
-def _log2_rank_axis(ax, ticks: Sequence[int]) -> None:
-    """A log-2 x axis for ranks, labelled at `ticks` as plain numbers."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _cumulative_shares(values: torch.Tensor, most: int) -> np.ndarray:
-    """The share of the energy in the top r singular values, for r = 1 .. min(most, how many)."""
-    energy = values.detach().cpu().double().numpy() ** 2
-    total = energy.sum()
-    shares = np.cumsum(energy) / total if total > 0 else np.ones_like(energy)
-    return shares[:most]
-
-
-def plot_energy_shares(runs: dict[str, list[dict[str, torch.Tensor]]], random: dict[str, torch.Tensor],
-                       most: int = 64) -> plt.Figure:
-    """One panel per layer: the share of delta W's energy held by its top r singular directions,
-    against r (log scale), for each run (the mean over its seeds, and the min-max band), and for
-    a random matrix of the layer's shape (dashed). `runs` maps a run's name to one dict of
-    singular values per layer for each seed."""
-    layers = list(random)
-    fig, axes = new_figure(1, len(layers), figsize=(4.3 * len(layers), 3.9), squeeze=False)
-    for ax, layer in zip(axes[0], layers, strict=True):
-        for name, seeds in runs.items():
-            curves = np.array([_cumulative_shares(values[layer], most) for values in seeds])
-            r = np.arange(1, curves.shape[1] + 1)
-            line, = ax.plot(r, curves.mean(axis=0), "-", label=name)
-            if len(curves) > 1:
-                ax.fill_between(r, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.2)
-        shares = _cumulative_shares(random[layer], most)
-        ax.plot(np.arange(1, len(shares) + 1), shares, "--", color="gray", label="a random matrix")
-        count = len(random[layer])
-        ticks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t <= min(most, count)]
-        _log2_rank_axis(ax, ticks + ([count] if count < most and count not in ticks else []))
-        ax.set(xlabel="r, the directions kept", ylabel="share of the energy in the top r", ylim=(0, 1.02),
-               title=f"{layer}: {count:,} directions in all")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    seeds = max(len(s) for s in runs.values()) if runs else 0
-    fig.suptitle(f"How much of delta W its top r directions hold (mean and min-max over {seeds} seeds)")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return fig
-
-
-def plot_rank_comparison(ranks: Sequence[int], runs: dict[str, list[dict]], lora: dict[int, list[dict]],
-                         pretrained: dict, digit: int) -> plt.Figure:
-    """Wrong answers on the target digit and the other digits' accuracy against the rank r: each
-    full fine-tune's delta W cut to rank r (its whole update as a line and band of the same colour),
-    and LoRA trained at rank r; the mean over the seeds with min-max error bars; the pre-trained
-    network as a dotted reference line. `runs` maps a name to its rows (`lowrank.full_runs`)."""
-    fig, axes = new_figure(1, 2, figsize=(11.5, 4.4))
-    every = sorted(set(ranks) | set(lora))
-
-    def errorbar(ax, xs, groups, key, style, label, color=None):
-        values = np.array([[row[key] for row in rows] for rows in groups], dtype=float)
-        mean = values.mean(axis=1)
-        spread_ = [mean - values.min(axis=1), values.max(axis=1) - mean]
-        return ax.errorbar(xs, mean, yerr=spread_, fmt=style, capsize=3, label=label, color=color)
-
-    for ax, key, ylabel in ((axes[0], "target_wrong", f"wrong answers on digit {digit} (test images)"),
-                            (axes[1], "others_accuracy", "mean accuracy of the other nine digits")):
-        for name, rows in runs.items():
-            groups = [[next(c for c in row["cuts"] if c["rank"] == r) for row in rows] for r in ranks]
-            bars = errorbar(ax, list(ranks), groups, key, "o-", f"{name}: delta W cut to rank r")
-            color = bars.lines[0].get_color()
-            whole = np.array([row[key] for row in rows], dtype=float)
-            ax.axhline(whole.mean(), color=color, linewidth=1, linestyle="-.", label=f"{name}: whole delta W")
-            ax.axhspan(whole.min(), whole.max(), color=color, alpha=0.12, label="_seeds' range")
-        if lora:  # drawn a little to the right, so that its bars do not hide the cuts' at the same rank
-            errorbar(ax, [1.06 * r for r in sorted(lora)], [lora[r] for r in sorted(lora)], key, "s--",
-                     "LoRA trained at rank r", color="tab:green")
-        ax.axhline(pretrained[key], color="gray", linewidth=1, linestyle=":", label="pre-trained")
-        _log2_rank_axis(ax, every)
-        ax.set(xlabel="rank r", ylabel=ylabel)
-        if key == "others_accuracy":
-            ax.set_ylim(bottom=0, top=1.02)
-        else:  # a little room below zero, so that points at 0 wrong answers are not hidden by the axis
-            ax.set_ylim(bottom=-0.03 * ax.get_ylim()[1])
-        ax.grid(alpha=0.3)
-    axes[0].set_title(f"Digit {digit}: fewer is better")
-    axes[1].set_title("The other digits: higher is better")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    seeds = max((len(rows) for rows in [*runs.values(), *lora.values()]), default=0)
-    fig.suptitle(f"The best rank-r piece of the full update, and LoRA at rank r (mean, min-max over {seeds} "
-                 "seeds)")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return fig
 
 
 def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],

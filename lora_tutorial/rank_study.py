@@ -451,7 +451,7 @@ def plot_seeds(groups: dict[str, Sequence[dict]], digit: int, splits: Sequence[s
                before: dict | None = None, title: str = "", xlabel: str = "configuration"):
     """One panel per measure (`PANELS`), one column of points per group (a configuration's per-seed
     rows), one point per seed and a bar at their mean; the pre-trained network's value dashed."""
-    from .plots import new_figure
+    from .plots import legend_below, new_figure, seed_column
 
     fig, axes = new_figure(1, len(PANELS), figsize=(4.3 * len(PANELS), 3.9), squeeze=False)
     for ax, (metric, label, scale) in zip(axes[0], PANELS, strict=True):
@@ -460,20 +460,15 @@ def plot_seeds(groups: dict[str, Sequence[dict]], digit: int, splits: Sequence[s
             color, offset = SPLIT_COLORS[split], (k - (len(splits) - 1) / 2) * 0.24
             for i, rows in enumerate(groups.values()):
                 ys = values(rows, f"{split}_{metric}", scale)
-                xs = [i + offset + (j - (len(ys) - 1) / 2) * 0.03 for j in range(len(ys))]
-                ax.scatter(xs, ys, s=20, color=color, alpha=0.8, zorder=3,
-                           label=f"{split}, one point per seed" if i == 0 else None)
-                ax.hlines(sum(ys) / len(ys), i + offset - 0.1, i + offset + 0.1, color=color, lw=2)
+                seed_column(ax, i + offset, ys, color, 0.03, 0.1,
+                            label=f"{split}, one point per seed" if i == 0 else None)
             if before is not None:
                 ax.axhline(scale * before[f"{split}_{metric}"], color=color, ls="--", lw=1,
                            label=f"pre-trained, {split}")
         ax.set_xticks(range(len(groups)), list(groups))
         ax.set(title=label, xlabel=xlabel, ylabel=label)
         ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    legend_below(fig, axes[0][0], title, 0.08)
     return fig
 
 

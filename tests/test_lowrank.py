@@ -65,7 +65,6 @@ from lora_tutorial.lowrank import (  # noqa: E402
     with_deltas,
 )
 from lora_tutorial.pipeline import finetune_key, pretrained_model, setup  # noqa: E402
-from lora_tutorial.plots import plot_energy_shares, plot_rank_comparison  # noqa: E402
 from lora_tutorial.stats import spread  # noqa: E402
 
 PARAMETERS = 2_807_010
@@ -351,42 +350,6 @@ def test_full_and_lora_runs_on_small_settings(small_settings):
 
 
 # Figures ------------------------------------------------------------------------------------
-
-def test_the_energy_figure_has_a_panel_per_layer_with_the_random_yardstick():
-    from test_figure_rules import figure_problems  # the rules every figure follows
-
-    torch.manual_seed(0)
-    runs = {"plain": [{"a": torch.rand(20).sort(descending=True).values, "b": torch.rand(10)}
-                      for _ in range(3)]}
-    fig = plot_energy_shares(runs, {"a": random_matrix_values((30, 20)), "b": random_matrix_values((10, 40))})
-    assert len(fig.axes) == 2 and "3 seeds" in fig._suptitle.get_text()
-    for ax in fig.axes:
-        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() and ax.get_ylim()[0] == 0
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["plain", "a random matrix"]
-    assert figure_problems(fig) == []
-
-
-def test_the_rank_figure_draws_cuts_lora_and_references_from_zero():
-    from test_figure_rules import figure_problems  # the rules every figure follows
-
-    def row(w, a):
-        return {"target_wrong": w, "others_accuracy": a,
-                "cuts": [{"rank": r, "target_wrong": w + r, "others_accuracy": a} for r in (1, 4)]}
-
-    runs = {"plain": [row(0, 0.3), row(1, 0.4)], "replay 0.3": [row(20, 0.9), row(25, 0.95)]}
-    lora = {1: [{"target_wrong": 19, "others_accuracy": 0.88}] * 2}
-    fig = plot_rank_comparison([1, 4], runs, lora, {"target_wrong": 97, "others_accuracy": 0.96}, 9)
-    left, right = fig.axes[:2]
-    low, high = left.get_ylim()  # counts from zero, with a sliver below it so points at 0 stay visible
-    assert -0.05 * high <= low < 0 and right.get_ylim() == (0, 1.02)
-    assert all(ax.get_title() and ax.get_xlabel() and ax.get_ylabel() for ax in (left, right))
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert {"plain: delta W cut to rank r", "replay 0.3: whole delta W", "LoRA trained at rank r",
-            "pre-trained"} <= set(labels)
-    assert figure_problems(fig) == []
-
-
-# The cut holds the fine-tuned biases --------------------------------------------------------
 
 def tiny_pair(seed=0):
     """A tiny 784 -> 8 -> 10 network and a copy whose weights and biases all moved."""
