@@ -774,8 +774,9 @@ CHANCE = 0.01  # a match that random directions reach less often than this is "a
 def direction_agreement(lora_rows: Sequence[dict], full_rows: Sequence[dict]) -> dict[str, dict]:
     """Per layer, LoRA's update against the full update of the same seed (the same batches): |cos|
     between their top output directions and between their top input directions, each side's random
-    level (E|cos| in its own dimension), the largest chance over the seeds that a random direction
-    matches as well, and how far LoRA's A moved from its random start."""
+    level (E|cos| in its own dimension), each seed's chance that a random direction matches as well,
+    how many seeds are above chance (a chance below `CHANCE`), and how far LoRA's A moved from its
+    random start. A count of seeds, not the worst seed, so one unlucky seed does not hide the rest."""
     agreement = {}
     for layer in lora_rows[0]["pieces"]:
         pairs = [top_direction_cosines(mine["pieces"][layer], full["pieces"][layer])
@@ -784,27 +785,29 @@ def direction_agreement(lora_rows: Sequence[dict], full_rows: Sequence[dict]) ->
         sides = {}
         for side, index, d in (("output", 0, piece.u.shape[0]), ("input", 1, piece.v.shape[0])):
             cosines = [pair[index] for pair in pairs]
+            chances = [chance_of_abs_cosine(c, d) for c in cosines]
             sides[side] = {"cosines": cosines, "dimensions": d, "random": random_abs_cosine(d),
-                           "chance": max(chance_of_abs_cosine(c, d) for c in cosines)}
+                           "chances": chances, "above_chance": sum(p < CHANCE for p in chances)}
         agreement[layer] = {**sides, "a_moved": [row["a_moved"][layer] for row in lora_rows]}
     return agreement
 
 
-def _chance_text(p: float) -> str:
-    """A probability as a percentage, like the 1 % threshold it is compared with."""
-    return "< 1e-4 %" if p < 1e-6 else f"{100 * p:.2g} %"
-
-
 def agreement_table(agreement: dict[str, dict]) -> str:
-    """The |cos| of each side beside its random level and chance, and how far A moved, as text."""
-    head = (f"{'':<9}{'output side u':>18}{'random':>8}{'chance':>9}{'input side v':>18}{'random':>8}"
-            f"{'chance':>9}{'A moved by':>20}")
+    """The |cos| of each side beside its random level and the seeds above chance, and how far A
+    moved, as text."""
+    head = (f"{'':<9}{'output side u':>18}{'random':>8}{'above chance':>14}{'input side v':>18}"
+            f"{'random':>8}{'above chance':>14}{'A moved by':>20}")
     lines = [head, "-" * len(head)]
     for layer, row in agreement.items():
         cells = "".join(f"{spread(row[side]['cosines']).text(2):>18}{row[side]['random']:>8.3f}"
-                        f"{_chance_text(row[side]['chance']):>9}" for side in ("output", "input"))
+                        f"{seeds_text(row[side]):>14}" for side in ("output", "input"))
         lines.append(f"{layer:<9}{cells}{spread(row['a_moved']).text(1, 100) + ' %':>20}")
     return "\n".join(lines)
+
+
+def seeds_text(side: dict) -> str:
+    """How many seeds of one side are above chance, as "4 of 5"."""
+    return f"{side['above_chance']} of {len(side['cosines'])}"
 
 
 def energy_spreads(rows: Sequence[dict], layer: str, ranks: Sequence[int]) -> list[Spread]:
@@ -815,17 +818,21 @@ def energy_spreads(rows: Sequence[dict], layer: str, ranks: Sequence[int]) -> li
 
 def energy_table(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], ranks: Sequence[int]) -> str:
     """Per layer: the % of delta W's energy in its top r directions for each run, mean (min-max) over
-    the seeds, and for a random matrix of the layer's shape."""
+    the seeds, and for a random matrix of the layer's shape. "—" where r reaches the layer's largest
+    possible rank, since there every update holds 100 % trivially."""
     head = f"{'% of the energy in the top r':<30}" + "".join(f"{f'r = {r}':>20}" for r in ranks)
     lines = [head, "-" * len(head)]
     for layer, values in random.items():
         piece = next(iter(runs.values()))[0]["pieces"][layer]
+        most = min(piece.u.shape[0], piece.v.shape[0])
         lines.append(f"{layer} ({piece.u.shape[0]:,} x {piece.v.shape[0]:,})")
         for name, rows in runs.items():
-            lines.append(f"  {name:<28}" + "".join(f"{s.text(1, 100):>20}"
-                                                 for s in energy_spreads(rows, layer, ranks)))
-        lines.append(f"  {'a random matrix':<28}" + "".join(f"{100 * x:>20.1f}"
-                                                         for x in energy_shares(values, ranks)))
+            spreads = energy_spreads(rows, layer, ranks)
+            lines.append(f"  {name:<28}" + "".join(f"{s.text(1, 100) if r < most else '—':>20}"
+                                                 for r, s in zip(ranks, spreads, strict=True)))
+        shares = energy_shares(values, ranks)
+        lines.append(f"  {'a random matrix':<28}" + "".join(f"{f'{100 * x:.1f}' if r < most else '—':>20}"
+                                                         for r, x in zip(ranks, shares, strict=True)))
     return "\n".join(lines)
 
 
@@ -840,9 +847,8 @@ def describe_costs(costs: Sequence[dict], full: str, small: str) -> str:
 
     return (f"Against {small}, {full} trains {ratio('trainable')} as many numbers, keeps "
             f"{ratio('optimizer_bytes')} the optimizer state ({size_text(a['optimizer_bytes'])}) and saves a "
-            "file "
-            f"{ratio('file_bytes')} as large "
-            f"({size_text(a['file_bytes'])}); one step takes {ms_a / ms_b:.1f} times as long.")
+            f"file {ratio('file_bytes')} as large ({size_text(a['file_bytes'])}, its bare trained weights "
+            f"as one safetensors file); one step takes {ms_a / ms_b:.1f} times as long.")
 
 
 def summarize(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], lora: dict[int, list[dict]],
@@ -871,11 +877,10 @@ def summarize(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], lora
                      f"{both(lora[higher], lora[low], (f'rank {higher}', f'rank {low}'), digit)}")
         bullets.append(text + ".")
     if agreement:
-        above = {side: sum(row[side]["chance"] < CHANCE for row in agreement.values())
+        sides = {side: ", ".join(f"{layer} {seeds_text(row[side])}" for layer, row in agreement.items())
                  for side in ("output", "input")}
-        bullets.append(f"LoRA's top output direction matches the {first} update's above chance in "
-                       f"{above['output']} of {len(agreement)} layers, its input direction in "
-                       f"{above['input']}.")
+        bullets.append(f"Seeds on which LoRA's top direction matches the {first} update's above chance: "
+                       f"output side {sides['output']}; input side {sides['input']}.")
     names = [row["name"] for row in costs]
     bullets.append(describe_costs(costs, names[0], next(n for n in names if n.startswith("LoRA"))))
     if sizes:

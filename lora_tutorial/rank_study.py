@@ -353,6 +353,16 @@ class Choice:
     reason: str
 
 
+def higher_on(rows: Sequence[dict], higher: Config, lower: Config, column: str = "validation_score"
+              ) -> tuple[int, int]:
+    """On how many seeds `higher` beats `lower` in `column`, seed against seed (the seeds share
+    the batch order, so the pairs are fair), and out of how many shared seeds."""
+    a = {r["seed"]: r[column] for r in rows_of(rows, higher)}
+    b = {r["seed"]: r[column] for r in rows_of(rows, lower)}
+    shared = sorted(set(a) & set(b))
+    return sum(a[s] > b[s] for s in shared), len(shared)
+
+
 def choose_rank(rows: Sequence[dict], configs: Sequence[Config]) -> Choice:
     """The rank to keep, decided on the validation score alone (the test columns are never read).
 
@@ -362,14 +372,17 @@ def choose_rank(rows: Sequence[dict], configs: Sequence[Config]) -> Choice:
     """
     if not configs:
         raise ValueError("choose_rank needs at least one configuration.")
+    by_rank = {c.rank: c for c in configs}
     scores = {c.rank: spread(values(rows_of(rows, c), "validation_score", 100)) for c in configs}
     best = max(scores, key=lambda r: (scores[r].mean, -r))
     chosen = min(r for r in scores if scores[r].overlaps(scores[best]))
     if chosen == best:
         reason = f"the highest mean validation score, {scores[best].mean:.1f} %"
     else:
-        reason = (f"its validation scores overlap those of rank {best} (the highest mean, "
-                  f"{scores[best].mean:.1f} %), and the smaller adapter trains fewer numbers")
+        wins, shared = higher_on(rows, by_rank[best], by_rank[chosen])
+        reason = (f"the smallest rank whose range of validation scores overlaps that of rank {best}; "
+                  f"rank {best} is higher on average ({scores[best].mean:.1f} % against "
+                  f"{scores[chosen].mean:.1f} %) and on {wins} of {shared} seeds, seed against seed")
     return Choice(chosen, best, reason)
 
 

@@ -14,8 +14,10 @@ import torch  # noqa: E402
 from lora_tutorial import OversizedMLP, Settings, SettingsError, add_lora, lora_modules  # noqa: E402
 from lora_tutorial.data import Mnist  # noqa: E402
 from lora_tutorial.lowrank import (  # noqa: E402
+    CHANCE,
     TENSORS,
     adam_state_bytes,
+    agreement_table,
     as_good,
     bias_deltas,
     both,
@@ -35,6 +37,7 @@ from lora_tutorial.lowrank import (  # noqa: E402
     describe_data_sizes,
     direction_agreement,
     energy_shares,
+    energy_table,
     full_runs,
     fully_trainable,
     image_subset,
@@ -330,6 +333,10 @@ def test_full_and_lora_runs_on_small_settings(small_settings):
     assert agreement["linear3"]["input"]["dimensions"] == 2000
     assert agreement["linear3"]["output"]["random"] == pytest.approx(random_abs_cosine(10))
     assert all(0 <= c <= 1 for c in agreement["linear1"]["output"]["cosines"])
+    for row in agreement.values():  # a count of seeds above chance, one chance per seed
+        for side in ("output", "input"):
+            assert len(row[side]["chances"]) == 2
+            assert row[side]["above_chance"] == sum(p < CHANCE for p in row[side]["chances"])
     costs = measure_costs(settings, data, {"every weight": fully_trainable(base),
                                            "LoRA, rank 1": lora_at_rank(settings, base, 1)}, steps=2)
     assert [row["trainable"] for row in costs] == [PARAMETERS, 6_794]
@@ -339,14 +346,28 @@ def test_full_and_lora_runs_on_small_settings(small_settings):
               for name, piece in full[0]["pieces"].items()}
     sizes = [{"way": way, "images": 10, "seed": seed, "target_wrong": w, "others_accuracy": a}
              for way, w, a in (("every weight", 3, 0.9), ("LoRA, rank 1", 9, 0.95)) for seed in (0, 1)]
+    table = energy_table({"plain": full}, random, [1, 4, 16]).splitlines()
+    linear3 = table[table.index("linear3 (10 x 2,000)") + 1:]
+    assert linear3[0].split()[-1] == "—" and linear3[1].split()[-1] == "—"  # r = 16 > 10: trivially all
+    assert "—" not in "\n".join(table[:table.index("linear3 (10 x 2,000)")])
     summary = summarize({"plain": full}, random, {1: lora}, agreement, costs, sizes, 9)
     assert summary.count("\n- ") == 5
     assert ("**Is rank 1 enough** to do the whole update's job? Its cut (rank-1 delta W plus delta b) "
             "against the whole update, plain: ") in summary
-    assert "times the optimizer state" in summary
+    assert "times the optimizer state" in summary and "bare trained weights" in summary
+    assert ("Seeds on which LoRA's top direction matches the plain update's above chance: output side "
+            "linear1 ") in summary
     assert summary.endswith("Fewer images, LoRA, rank 1 against every weight. 10 images: digit 9: LoRA "
                             "more wrong answers than every weight on every seed; other digits: LoRA higher "
                             "accuracy than every weight on every seed. LoRA is ahead at 10 images.")
+
+
+def test_the_agreement_table_counts_the_seeds_above_chance():
+    side = {"cosines": [0.9, 0.8, 0.01], "dimensions": 10, "random": 0.26, "chances": [0.0, 0.0, 0.9],
+            "above_chance": 2}
+    table = agreement_table({"linear3": {"output": side, "input": side, "a_moved": [0.01, 0.02, 0.03]}})
+    assert "above chance" in table.splitlines()[0]
+    assert table.splitlines()[2].count("2 of 3") == 2  # one seed's bad luck does not hide the other two
 
 
 # Figures ------------------------------------------------------------------------------------
