@@ -81,14 +81,6 @@ def fully_trainable(base: nn.Module) -> nn.Module:
     return model
 
 
-def last_layer_trainable(base: nn.Module, layer: str = "linear3") -> nn.Module:
-    """A copy of `base` in which only one layer's weight and bias train (the classic cheap way)."""
-    model = copy.deepcopy(base)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(f"{layer}."))
-    return model
-
-
 def lora_at_rank(settings: Settings, base: nn.Module, rank: int) -> nn.Module:
     """The tutorial's own LoRA (`pipeline.lora_model`) at `rank` on all three layers, the rest frozen.
 
