@@ -262,7 +262,7 @@ def test_06_compare_runs_in_jupyterlab_with_widget_progress_bars(lab):
     assert_clean(nb)
     assert "Trained parameters:          6,794 of 2,807,010 (0.242 %)" in text
     assert "Accuracy:                    0." in text and "with LoRA off" in text
-    assert "Identical to the pre-trained network" in text
+    assert "LoRA off is identical to the pre-trained network" in text
     _, page, _, _, _ = lab
     assert page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output img").count() >= 1, "no plot"
     widgets = [o for o in outputs_of(nb, "display_data")
@@ -270,9 +270,9 @@ def test_06_compare_runs_in_jupyterlab_with_widget_progress_bars(lab):
     assert widgets, "tqdm's bars should be widgets in JupyterLab (ipywidgets installed)"
     bars = page.locator(".jp-NotebookPanel:visible .widget-hbox:has(.widget-hprogress .progress-bar)")
     try:  # widget views are drawn a moment after their models arrive
-        page.wait_for_function(FINISHED_BARS, arg=2, timeout=30_000)
+        page.wait_for_function(FINISHED_BARS, arg=1, timeout=30_000)  # pre-training's (05's loop has none)
     except Exception:
-        raise AssertionError(f"expected the pre-training and fine-tuning bars drawn as finished widgets; "
+        raise AssertionError(f"expected the pre-training bar drawn as a finished widget; "
                              f"found {bars.all_inner_texts()}") from None
 
 

@@ -191,7 +191,8 @@ def test_a_failing_configuration_is_recorded_and_the_others_still_count(swept, c
     assert code == 1
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in rows] == ["done", "failed"]
-    assert "FloatingPointError: The loss became nan at step" in rows[1]["error"]
+    diverged = "FloatingPointError: Fine-tuning diverged (the loss became nan): nothing was saved"
+    assert diverged in rows[1]["error"]
     assert "cell " in rows[1]["error"]
     assert not list((out / rows[1]["name"]).glob("**/*.safetensors")), "no adapter from a diverged run"
     err = capsys.readouterr().err
