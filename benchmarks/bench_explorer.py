@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from lora_tutorial import Settings, choose_target, lora_model, pretrained_model, setup
     from lora_tutorial.checkpoints import write_json
-    from lora_tutorial.explore import Explorer
     from lora_tutorial.lora import separate_path
     from lora_tutorial.pipeline import train_on_target
+    from lora_tutorial.studies.explore import Explorer
 
     settings = Settings(train_samples=args.train_samples, finetune_steps=args.steps,
                         output_dir=args.output_dir)

@@ -12,9 +12,6 @@ import torch
 from torch import nn
 
 LAYER_NAMES = ("linear1", "linear2", "linear3")
-# Each layer's weight shape (out_features, in_features) at the default sizes: settings check
-# LoRA's rank against these before anything is built or trained.
-LAYER_SHAPES = {"linear1": (1000, 28 * 28), "linear2": (2000, 1000), "linear3": (10, 2000)}
 
 
 class OversizedMLP(nn.Module):
@@ -38,6 +35,15 @@ RichBoyNet = OversizedMLP  # the blog post's name for the same network
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The model's Linear layers by name, in order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
+    """Each Linear layer's weight shape (out, in); without a model, the default network's, built
+    on the meta device (no memory, no time) so settings can check a rank before anything exists."""
+    if model is None:
+        with torch.device("meta"):
+            model = OversizedMLP()
+    return {name: tuple(layer.weight.shape) for name, layer in linear_layers(model).items()}
 
 
 def describe_layers(model: nn.Module) -> str:

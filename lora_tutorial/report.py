@@ -2,7 +2,7 @@
 
 A notebook's cell calls `publish(name, data, text)`: the reader sees `text`; the executed
 notebook also stores `data` under a media type of its own, which Jupyter does not render. The
-README's result tables are written from those stored results by `python -m lora_tutorial.readme`
+README's result tables are written from those stored results by `python -m lora_tutorial.tools.readme`
 (never typed), so a re-run notebook and the README cannot disagree unnoticed.
 """
 

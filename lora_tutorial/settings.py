@@ -10,13 +10,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .model import LAYER_SHAPES
-from .train import replay_count
+from .model import layer_shapes
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Part of every checkpoint's fingerprint: raise it when a change to the code would train
@@ -85,6 +85,11 @@ def parse_device(name: Any) -> str:
     if not ok:
         raise SettingsError(f"device={name!r} is not valid: expected {DEVICES}.")
     return text
+
+
+def replay_count(share: float, batch_size: int) -> int:
+    """How many images of each batch replay other digits: share x batch size, rounded half up."""
+    return math.floor(share * batch_size + 0.5)
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,8 @@ class Settings:
         targets = self.target_modules
         if isinstance(targets, str):  # `-p target_modules linear3`: one name
             targets = (targets,)
-        valid = list(LAYER_SHAPES)
+        shapes = layer_shapes()
+        valid = list(shapes)
         if targets is not None:
             names = list(targets) if isinstance(targets, (list, tuple)) else None
             unknown = [t for t in names or [] if t not in valid]
@@ -191,7 +197,7 @@ class Settings:
                                     f"a list of distinct layer names from {valid}, or None for all.")
             targets = tuple(names)
         for name in targets or valid:
-            out_features, in_features = LAYER_SHAPES[name]
+            out_features, in_features = shapes[name]
             limit = min(out_features, in_features)
             if self.rank > limit:
                 others = [n for n in targets or valid if n != name]

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .settings import replay_count
+
 PROGRESS_ENV = "LORA_TUTORIAL_PROGRESS"  # "text" forces plain-text bars (headless runs)
 
 
@@ -87,11 +89,6 @@ def cpu_speedups(device: torch.device | str) -> Iterator[None]:
 def _generator(seed: int | None) -> torch.Generator | None:
     """A generator seeded with `seed`; None means PyTorch's global one (the post's way)."""
     return None if seed is None else torch.Generator().manual_seed(seed)
-
-
-def replay_count(share: float, batch_size: int) -> int:
-    """How many images of each batch replay other digits: share x batch size, rounded half up."""
-    return math.floor(share * batch_size + 0.5)
 
 
 def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:

@@ -10,9 +10,9 @@ import torch
 from lora_tutorial import finetuned_model, lora_state_dict
 from lora_tutorial.data import split_images
 from lora_tutorial.evaluate import evaluate
-from lora_tutorial.explore import Explorer
 from lora_tutorial.settings import SettingsError
-from lora_tutorial.trial import Trial, check_scaling, run_trial, trial_of, trial_settings
+from lora_tutorial.studies.explore import Explorer
+from lora_tutorial.studies.trial import Trial, check_scaling, run_trial, trial_of, trial_settings
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -123,7 +123,7 @@ def test_the_panel_refuses_a_bad_rank_trains_with_the_button_disabled_and_redraw
 
 
 def test_a_run_that_fails_is_a_message_in_the_panel_not_a_traceback(small, monkeypatch):
-    import lora_tutorial.explore as explore
+    import lora_tutorial.studies.explore as explore
 
     settings, data, base = small
     explorer = Explorer(settings, data, base)

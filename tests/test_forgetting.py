@@ -8,7 +8,8 @@ from torch.nn.utils import parametrize
 
 from lora_tutorial import SettingsError, evaluate, merge_and_unload, separate_path
 from lora_tutorial.evaluate import from_confusion
-from lora_tutorial.forgetting import (
+from lora_tutorial.pipeline import finetuned_model
+from lora_tutorial.studies.forgetting import (
     SPLITS,
     break_even_points,
     cell,
@@ -32,15 +33,14 @@ from lora_tutorial.forgetting import (
     uneven_loss_text,
     winner_ranges,
 )
-from lora_tutorial.pipeline import finetuned_model
-from lora_tutorial.serving import (
+from lora_tutorial.studies.serving import (
     check_latency,
     forward_latency,
     profile_pass,
     profile_summary,
     serving_findings,
 )
-from lora_tutorial.stats import spread
+from lora_tutorial.studies.stats import spread
 
 
 def diagonal(correct, wrong_as=None):

@@ -1,6 +1,6 @@
 """JupyterLab in a real browser: the way readers actually run the tutorial.
 
-`python -m lora_tutorial.lab` starts JupyterLab on 127.0.0.1 with a token; Debian's Chromium,
+`python -m lora_tutorial.tools.lab` starts JupyterLab on 127.0.0.1 with a token; Debian's Chromium,
 driven by Playwright, opens 01_data and 06_compare, runs every cell from the Run menu, saves,
 and the test checks the page and the saved notebook: no error, the expected lines, a rendered
 plot, progress bars as widgets and no warnings. Screenshots go to outputs/browser/.
@@ -124,8 +124,8 @@ def lab(tmp_path_factory):
     env.pop(PROGRESS_ENV, None)  # a headless run in this process may have asked for text bars
     port = free_port()
     log = (root / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "lora_tutorial.lab", "--port", str(port), "--notebooks",
-                               str(folder), f"--IdentityProvider.token={TOKEN}"],
+    server = subprocess.Popen([sys.executable, "-m", "lora_tutorial.tools.lab", "--port", str(port),
+                               "--notebooks", str(folder), f"--IdentityProvider.token={TOKEN}"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

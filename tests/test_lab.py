@@ -1,11 +1,11 @@
-"""`python -m lora_tutorial.lab`: what it starts, and what it refuses (no browser needed)."""
+"""`python -m lora_tutorial.tools.lab`: what it starts, and what it refuses (no browser needed)."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from lora_tutorial import lab
+from lora_tutorial.tools import lab
 
 
 def test_jupyterlab_listens_on_localhost_with_its_token_in_the_notebooks_folder(tmp_path):

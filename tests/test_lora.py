@@ -228,11 +228,12 @@ def test_training_the_separate_path_trains_the_parametrized_model(images):
 
 
 def test_the_layer_shapes_settings_check_against_are_the_models():
-    """Settings check the rank against LAYER_SHAPES before a model exists: they must be the model's."""
-    from lora_tutorial.model import LAYER_SHAPES, linear_layers
+    """Settings read the shapes from a model built on the meta device: they must be a real model's."""
+    from lora_tutorial.model import layer_shapes, linear_layers
 
     layers = linear_layers(OversizedMLP())
-    assert LAYER_SHAPES == {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+    assert layer_shapes() == {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+    assert layer_shapes(OversizedMLP(hidden_size_1=7))["linear1"] == (7, 784)
 
 
 def test_rank_pattern_gives_a_layer_its_own_rank_and_alpha():

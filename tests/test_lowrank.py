@@ -13,7 +13,8 @@ import torch  # noqa: E402
 
 from lora_tutorial import OversizedMLP, Settings, SettingsError, add_lora, lora_modules  # noqa: E402
 from lora_tutorial.data import Mnist  # noqa: E402
-from lora_tutorial.lowrank import (  # noqa: E402
+from lora_tutorial.pipeline import finetune_key, pretrained_model, setup  # noqa: E402
+from lora_tutorial.studies.lowrank import (  # noqa: E402
     CHANCE,
     TENSORS,
     adam_state_bytes,
@@ -66,8 +67,7 @@ from lora_tutorial.lowrank import (  # noqa: E402
     weight_deltas,
     with_deltas,
 )
-from lora_tutorial.pipeline import finetune_key, pretrained_model, setup  # noqa: E402
-from lora_tutorial.stats import spread  # noqa: E402
+from lora_tutorial.studies.stats import spread  # noqa: E402
 
 PARAMETERS = 2_807_010
 

@@ -9,7 +9,8 @@ import torch
 
 from lora_tutorial import Evaluation, lora_modules, pretrained_model, setup
 from lora_tutorial.data import fit_subset
-from lora_tutorial.many_adapters import (
+from lora_tutorial.settings import SettingsError
+from lora_tutorial.studies.many_adapters import (
     LOAD_ADAPTER,
     LOAD_NETWORK,
     SWAP,
@@ -31,8 +32,7 @@ from lora_tutorial.many_adapters import (
     verdict_lines,
     weakest_digits,
 )
-from lora_tutorial.settings import SettingsError
-from lora_tutorial.stats import Spread
+from lora_tutorial.studies.stats import Spread
 
 
 def evaluation(wrong: list[int], per_digit: int = 100) -> Evaluation:

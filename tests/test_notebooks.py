@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lora_tutorial.run import STEPS, check_trends, main, run, summary
+from lora_tutorial.tools.run import STEPS, check_trends, main, run, summary
 
 
 def errors_in(path):
@@ -120,7 +120,7 @@ def test_trend_check():
 
 
 def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path, capsys):
-    """`python -m lora_tutorial.run -p rank 0` (its main, in this process): exit 2, one sentence."""
+    """`python -m lora_tutorial.tools.run -p rank 0` (its main, in this process): exit 2, one sentence."""
     out, empty = tmp_path / "out", tmp_path / "empty"
     empty.mkdir()
     assert main(["--out", str(out), "-p", "rank", "0"]) == 2
@@ -133,7 +133,7 @@ def test_a_bad_parameter_stops_the_runner_before_any_notebook(tmp_path, capsys):
 
 
 def test_folder_parameters_are_taken_from_where_the_command_runs(tmp_path, monkeypatch):
-    from lora_tutorial.run import absolute_paths
+    from lora_tutorial.tools.run import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     given = {"output_dir": "outs/a", "checkpoint_dir": "~/ck", "data_dir": None, "rank": 2, "device": "cpu"}
@@ -162,7 +162,7 @@ def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, m
     that kernel and the one started ahead are shut down, and the error names the cell."""
     from jupyter_core.utils import run_sync
 
-    import lora_tutorial.run as run_module
+    import lora_tutorial.tools.run as run_module
 
     folder = tmp_path / "notebooks"
     folder.mkdir()
@@ -190,7 +190,7 @@ def test_each_kernel_is_started_ahead_and_none_outlives_a_failed_run(tmp_path, m
 def test_an_old_results_file_is_never_reported_as_this_runs(tmp_path, monkeypatch):
     """06 ran but wrote nothing (here: a stand-in that does nothing); the results.json left by an
     earlier run must not be read as this run's."""
-    import lora_tutorial.run as run_module
+    import lora_tutorial.tools.run as run_module
 
     folder = tmp_path / "notebooks"
     folder.mkdir()
@@ -211,7 +211,7 @@ def execute(name, out, parameters):
     """One notebook through papermill, as docs/papermill.md's command line does; returns the output copy."""
     import papermill
 
-    from lora_tutorial.run import notebooks_dir
+    from lora_tutorial.tools.run import notebooks_dir
 
     target = out / f"{name}.ipynb"
     papermill.execute_notebook(str(notebooks_dir() / f"{name}.ipynb"), str(target), parameters=parameters,
@@ -269,7 +269,7 @@ def test_why_low_rank_in_small_settings(quick_run, tmp_path):
 def test_forgetting_in_small_settings(quick_run, tmp_path):
     """09 with two remedies over five seeds and a short timing: per-seed rows on both splits, the
     choice read off the validation summaries, replay at share 0 the plain run, merged and cached exact."""
-    from lora_tutorial.forgetting import SPLITS, choose_setting
+    from lora_tutorial.studies.forgetting import SPLITS, choose_setting
 
     root, results = quick_run
     parameters = {"train_samples": 2000, "finetune_steps": 10, "output_dir": str(root / "out"),
@@ -333,7 +333,7 @@ def test_peft_and_many_adapters_in_small_settings(quick_run, tmp_path):
     # digit 9 alone with seed 0 is 05's run (its seed is the pre-training seed, 0): 06's wrong answers
     first = report["rows"][0]
     assert first["wrong"][str(digits[0])] == results["target_wrong_after"]
-    from lora_tutorial.many_adapters import LOAD_ADAPTER, LOAD_NETWORK, SWAP, SWITCH, SWITCH_TWO
+    from lora_tutorial.studies.many_adapters import LOAD_ADAPTER, LOAD_NETWORK, SWAP, SWITCH, SWITCH_TWO
 
     assert list(report["seconds"]) == [SWITCH, SWITCH_TWO, SWAP, LOAD_ADAPTER, LOAD_NETWORK]
     assert 25_000 < report["bytes"]["adapter (the tutorial's file)"] < 30_000

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lora_tutorial import LoRAParametrization, OversizedMLP, Settings
-from lora_tutorial import rank_study as study
 from lora_tutorial.data import Mnist
 from lora_tutorial.settings import SettingsError
+from lora_tutorial.studies import rank_study as study
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
@@ -282,7 +282,7 @@ def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints):
     and writes its JSON."""
     import papermill
 
-    from lora_tutorial.run import notebooks_dir
+    from lora_tutorial.tools.run import notebooks_dir
 
     out = tmp_path / "out"
     parameters = {"train_samples": 2000, "finetune_steps": 10, "ranks": [1, 2], "seeds": [0, 1, 2, 3, 4],

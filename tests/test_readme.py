@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_tutorial import readme
-from lora_tutorial.readme import (
+from lora_tutorial.settings import project_root
+from lora_tutorial.tools import readme
+from lora_tutorial.tools.readme import (
     BLOCK,
     FIGURES,
     documents,
@@ -17,7 +18,6 @@ from lora_tutorial.readme import (
     notebook_results,
     render,
 )
-from lora_tutorial.settings import project_root
 
 
 def test_the_readme_tables_match_the_committed_notebooks(capsys):

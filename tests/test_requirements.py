@@ -72,6 +72,6 @@ def test_environment_yml_installs_requirements_txt_on_the_locks_python():
 
 
 def test_the_ray_hint_names_pyprojects_range():
-    from lora_tutorial.engines import RAY_REQUIREMENT
+    from lora_tutorial.tools.engines import RAY_REQUIREMENT
 
     assert [RAY_REQUIREMENT] == EXTRAS["ray"]

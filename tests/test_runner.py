@@ -3,9 +3,9 @@ every notebook takes (where to run, the folders, 02's recipe)."""
 
 import pytest
 
-import lora_tutorial.run as run_module
-from lora_tutorial.run import notebook_parameters, notebooks_dir, split_parameters
+import lora_tutorial.tools.run as run_module
 from lora_tutorial.settings import SettingsError
+from lora_tutorial.tools.run import notebook_parameters, notebooks_dir, split_parameters
 
 
 def test_each_notebook_declares_only_what_it_uses():

@@ -16,10 +16,10 @@ import pytest
 from raycluster import LocalRayCluster, free_port
 
 from lora_tutorial import OversizedMLP, linear_layers
-from lora_tutorial import sweep as sweep_module
-from lora_tutorial.engines import GRACE_SECONDS, Place, run_process
 from lora_tutorial.settings import SettingsError
-from lora_tutorial.sweep import COLUMNS, Config, configurations, finished, main, sweep
+from lora_tutorial.tools import sweep as sweep_module
+from lora_tutorial.tools.engines import GRACE_SECONDS, Place, run_process
+from lora_tutorial.tools.sweep import COLUMNS, Config, configurations, finished, main, sweep
 
 SMALL = {"train_samples": 2000}
 LAYERS = [(m.in_features, m.out_features) for m in linear_layers(OversizedMLP()).values()]
@@ -60,7 +60,7 @@ def ray_cluster():
 
 def ray_sweep(address: str, out, *args: str) -> tuple[subprocess.CompletedProcess, int]:
     """The small sweep of `swept` (ranks 1 and 4, digit 9, 10 steps) on Ray; returns the driver's pid too."""
-    command = [sys.executable, "-m", "lora_tutorial.sweep", "--engine", "ray", "--address", address,
+    command = [sys.executable, "-m", "lora_tutorial.tools.sweep", "--engine", "ray", "--address", address,
                "--ranks", "1", "4", "--digits", "9", "--iterations", "10", "-p", "train_samples", "2000",
                "--out", str(out), *args]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

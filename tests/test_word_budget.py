@@ -1,10 +1,10 @@
-"""The word budgets: what a reader reads, counted by `lora_tutorial.words`."""
+"""The word budgets: what a reader reads, counted by `lora_tutorial.tools.words`."""
 
 import json
 
 import nbformat
 
-from lora_tutorial.words import (
+from lora_tutorial.tools.words import (
     BUDGET_POST_TOTAL,
     MEAN_SENTENCE,
     counts,
@@ -50,7 +50,7 @@ def test_a_long_winded_readme_fails_the_check(tmp_path, monkeypatch, capsys):
     (tmp_path / "notebooks").mkdir()
     sentence = " ".join(["word"] * (MEAN_SENTENCE + 5)) + ". "
     (tmp_path / "README.md").write_text(sentence * 10)
-    monkeypatch.setattr("lora_tutorial.words.project_root", lambda: tmp_path)
+    monkeypatch.setattr("lora_tutorial.tools.words.project_root", lambda: tmp_path)
     assert main([]) == 1
     assert "README.md" in capsys.readouterr().out and "OVER" in report(counts(tmp_path))
     (tmp_path / "README.md").write_text("A short README. It says what it is.\n")

@@ -1,4 +1,4 @@
-"""Sweep LoRA's rank (and alpha, digit, seed, steps) with papermill: `python -m lora_tutorial.sweep`.
+"""Sweep LoRA's rank (and alpha, digit, seed, steps) with papermill: `python -m lora_tutorial.tools.sweep`.
 
 Each configuration runs 06_compare (which fine-tunes the adapter it needs) through papermill
 into `--out/<name>/`, all sharing one pre-trained checkpoint in `--out/checkpoints/`. Results
@@ -22,11 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import atomic_write, write_json
-from .engines import LocalEngine, Place, RayEngine, engine_summary, run_process
-from .evaluate import from_confusion
-from .run import absolute_paths, notebook_parameters, notebooks_dir, parse_value
-from .settings import (
+from ..checkpoints import atomic_write, write_json
+from ..evaluate import from_confusion
+from ..settings import (
     ACCEPTED_EVERYWHERE,
     WORST,
     Settings,
@@ -35,7 +33,9 @@ from .settings import (
     project_root,
     shown_path,
 )
-from .train import progress_bar
+from ..train import progress_bar
+from .engines import LocalEngine, Place, RayEngine, engine_summary, run_process
+from .run import absolute_paths, notebook_parameters, notebooks_dir, parse_value
 
 NOTEBOOK = "06_compare"
 COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", "lora_parameters",
@@ -270,8 +270,8 @@ def pretrain_once(out: Path, extra: dict[str, Any], place: Place) -> None:
 def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
     """Whether the sweep's pre-trained network is saved already: then no kernel is started just to
     load it (each configuration loads it itself)."""
-    from .data import load_mnist
-    from .pipeline import pretrained_path
+    from ..data import load_mnist
+    from ..pipeline import pretrained_path
 
     settings = Settings.from_mapping(pretrain_parameters(out, extra))
     data = load_mnist(settings.data_dir, download=settings.download, verbose=False)
@@ -343,7 +343,7 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
     if any(r["status"] == "done" for r in rows):
         import matplotlib.pyplot as plt
 
-        from .plots import plot_sweep
+        from ..plots import plot_sweep
 
         for name, fig in plot_sweep(rows).items():
             atomic_write(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
@@ -352,7 +352,7 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="ranks to try (default 1 2 4 8; the last layer has 10 outputs, so at most 10)")
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = configurations(args.ranks, args.alphas, args.alpha_equals_rank, args.digits, args.seeds,
                                  args.iterations, extra)
         check_same_parameters(configs, out, extra)  # before --dry-run's folders, and before any work
-        from .pipeline import preflight
+        from ..pipeline import preflight
 
         # GPU (here, when it runs here), folders, data
         preflight(Settings.from_mapping(pretrain_parameters(out, extra)), check_device=args.engine == "local")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import ShortError, shown_path
-from .train import PROGRESS_ENV
+from ..settings import ShortError, shown_path
+from ..train import PROGRESS_ENV
 
 DEVICE_VARIABLES = ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
 RAY_REQUIREMENT = "ray>=2.40,<3"  # as in pyproject.toml's [ray] extra

@@ -1,6 +1,6 @@
 """Write the README's results table and pictures from what the committed notebooks hold.
 
-`python -m lora_tutorial.readme` rewrites every block between `<!-- begin generated: NAME -->` and
+`python -m lora_tutorial.tools.readme` rewrites every block between `<!-- begin generated: NAME -->` and
 `<!-- end generated: NAME -->` in README.md and in the pages under docs/ from the notebooks'
 published results (see `report.py`). It copies the figures the README shows (FIGURES) out of the
 notebooks' outputs into docs/. `--check` only compares, and exits 1 when a block or a picture
@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import atomic_write
-from .report import published
-from .settings import project_root
+from ..checkpoints import atomic_write
+from ..report import published
+from ..settings import project_root
 
 BLOCK = re.compile(r"(<!-- begin generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)"
                    r"(<!-- end generated: (?P=name) -->)", re.DOTALL)
@@ -68,7 +68,7 @@ def shown_location(location: str, root: Path) -> str:
 
 
 def run_summary(found: dict[str, dict[str, Any]]) -> str:
-    """The summary `python -m lora_tutorial.run` prints, for the committed run's results."""
+    """The summary `python -m lora_tutorial.tools.run` prints, for the committed run's results."""
     from .run import summary
 
     results = found["06_compare"]["results"]
@@ -122,7 +122,7 @@ def documents(root: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.readme", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.readme", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 when a block differs")
     args = parser.parse_args(argv)
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         stale += [p.name for p, png in pictures.items() if not p.is_file() or p.read_bytes() != png]
         if stale:
             print(f"Generated tables or pictures ({', '.join(stale)}) differ from the committed notebooks: "
-                  "run `python -m lora_tutorial.readme` and commit README.md and docs/.", file=sys.stderr)
+                  "run `python -m lora_tutorial.tools.readme` and commit README.md and docs/.",
+                  file=sys.stderr)
             return 1
         print("The generated tables and pictures in README.md and docs/ match the committed notebooks.")
         return 0

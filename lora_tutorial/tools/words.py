@@ -1,6 +1,6 @@
 """How much a reader reads: words per notebook and in the README, against the budgets.
 
-`python -m lora_tutorial.words` prints one row per document and exits 1 when one is over its
+`python -m lora_tutorial.tools.words` prints one row per document and exits 1 when one is over its
 budget (a test runs it). A notebook's words are its markdown cells plus the prose its cells
 display: Markdown outputs, and printed lines that read as sentences (tables of numbers and
 progress bars do not count). Words are whitespace-separated tokens, as `wc -w` counts them.
@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import project_root
+from ..settings import project_root
 
 POST_PATH = ("01", "02", "03", "04", "05", "06")  # the post's six steps
 BUDGET_POST_EACH, BUDGET_POST_TOTAL = 900, 4_000

@@ -27,17 +27,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoints import save_adapter
-from .data import Mnist, fit_subset
-from .evaluate import evaluate, from_predictions, predict
-from .lora import LoRAParametrization, lora_modules, lora_rank, separate_path
-from .model import LAYER_SHAPES, linear_layers
-from .pipeline import finetune_key, lora_model, train_on_target
-from .settings import Settings, SettingsError, check_whole_numbers
+from ..checkpoints import save_adapter
+from ..data import Mnist, fit_subset
+from ..evaluate import evaluate, from_predictions, predict
+from ..lora import LoRAParametrization, lora_modules, lora_rank, separate_path
+from ..model import layer_shapes, linear_layers
+from ..pipeline import finetune_key, lora_model, train_on_target
+from ..settings import Settings, SettingsError, check_whole_numbers
 from .stats import Spread, spread
 
 # LoRA here adapts all three layers; linear3's weight (10 x 2000) holds a rank of at most 10.
-MAX_LORA_RANK = min(min(shape) for shape in LAYER_SHAPES.values())
+MAX_LORA_RANK = min(min(shape) for shape in layer_shapes().values())
 MEASURES = ("target_wrong", "others_accuracy", "accuracy")
 
 
@@ -368,7 +368,7 @@ def adam_state_bytes(model: nn.Module) -> int:
     Adam holds two running averages per trained number (and a step count per tensor): memory that
     plain fine-tuning pays for every weight of the network, and LoRA only for A and B.
     """
-    from .train import make_adam
+    from ..train import make_adam
 
     shadows = [torch.zeros_like(p, requires_grad=True) for p in model.parameters() if p.requires_grad]
     optimizer = make_adam(shadows, lr=1e-3)
@@ -406,7 +406,7 @@ def step_times(models: dict[str, nn.Module], images: torch.Tensor, labels: torch
     hit them alike; the medians are returned. LoRA models run through the separate path, and on a
     CPU on one thread with denormals flushed, as `train` fine-tunes.
     """
-    from .train import make_adam
+    from ..train import make_adam
 
     runs = {}
     for name, model in models.items():
@@ -579,7 +579,7 @@ def data_size_runs(settings: Settings, data: Mnist, base: nn.Module, counts: Seq
     images of the target digit, per count and seed: the same subset and batch order for both ways,
     the settings' steps and batch size. Each row: the way, the count, the seed, the learning rate
     and the test results."""
-    from .train import train
+    from ..train import train
 
     images, labels = fit_subset(data, settings.target_digit)
     rows = []
@@ -641,7 +641,7 @@ def plot_seeds(groups: dict[str, Sequence[dict]], before: dict, digit: int, titl
                colors: Sequence[str] | None = None):
     """Wrong answers on the digit and the other digits' accuracy on the test images: one column of
     points per group (one point per seed), a bar at their mean, the pre-trained network dashed."""
-    from .plots import legend_below, new_figure, seed_column
+    from ..plots import legend_below, new_figure, seed_column
 
     colors = list(colors or [f"C{i}" for i in range(len(groups))])
     fig, axes = new_figure(1, len(PANELS), figsize=(5.4 * len(PANELS), 4.4), squeeze=False)
@@ -663,7 +663,7 @@ def plot_seeds(groups: dict[str, Sequence[dict]], before: dict, digit: int, titl
 def plot_rates(grids: dict[str, Sequence[dict]], tuned: dict[str, Tuned]):
     """Each full fine-tune's validation score against the learning rate: one point per seed, a line
     through the means, the tuned rate ringed."""
-    from .plots import new_figure
+    from ..plots import new_figure
 
     fig, ax = new_figure(figsize=(7.5, 4.2))
     for i, (name, rows) in enumerate(grids.items()):
@@ -689,7 +689,7 @@ def plot_rates(grids: dict[str, Sequence[dict]], tuned: dict[str, Tuned]):
 def plot_energy(runs: dict[str, list[dict]], random: dict[str, torch.Tensor], most: int = 64):
     """One panel per layer: the share of delta W's energy in its top r directions against r, one thin
     curve per seed for each run, and a random matrix of the layer's shape dashed."""
-    from .plots import new_figure
+    from ..plots import new_figure
 
     layers = list(random)
     fig, axes = new_figure(1, len(layers), figsize=(4.3 * len(layers), 3.9), squeeze=False)
@@ -726,7 +726,7 @@ def by_count(rows: Sequence[dict]) -> dict[tuple[int, str], list[dict]]:
 def plot_data_sizes(rows: Sequence[dict], before: dict, digit: int):
     """Test results against the number of images fine-tuned on (log scale): one point per seed for
     each way, a line through the means, the pre-trained network dashed."""
-    from .plots import new_figure
+    from ..plots import new_figure
 
     groups = by_count(rows)
     ways = list(dict.fromkeys(way for _, way in groups))

@@ -1,4 +1,4 @@
-"""Start JupyterLab for the tutorial: `python -m lora_tutorial.lab`.
+"""Start JupyterLab for the tutorial: `python -m lora_tutorial.tools.lab`.
 
 It registers this environment's Python as the Jupyter kernel "Python (lora-tutorial)" (so a
 JupyterLab started from another environment, a JupyterHub say, can run the notebooks too), then
@@ -51,7 +51,7 @@ def tunnel_hint(port: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.lab", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8888, help="port on this machine (default 8888)")
     parser.add_argument("--ip", default="127.0.0.1",

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .data import SPLITS, Mnist, split_images
-from .evaluate import Evaluation, evaluate
-from .pipeline import adapter_path, finetuned_model
-from .plots import new_figure
-from .settings import Settings, SettingsError
+from ..data import SPLITS, Mnist, split_images
+from ..evaluate import Evaluation, evaluate
+from ..pipeline import adapter_path, finetuned_model
+from ..plots import new_figure
+from ..settings import Settings, SettingsError
 from .stats import Spread, check_seeds, spread
 
 # What a remedy may change: the fine-tuning step only. The pre-trained network, the target digit

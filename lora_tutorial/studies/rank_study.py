@@ -27,14 +27,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import SPLITS, Mnist, split_images
-from .evaluate import Evaluation, evaluate, from_confusion
-from .lora import base_weight, lora_modules, separate_path
-from .model import LAYER_NAMES, OversizedMLP
-from .pipeline import lora_copy, train_on_target
-from .settings import Settings, SettingsError, check_whole_numbers
+from ..data import SPLITS, Mnist, split_images
+from ..evaluate import Evaluation, evaluate, from_confusion
+from ..lora import base_weight, lora_modules, separate_path
+from ..model import LAYER_NAMES, OversizedMLP
+from ..pipeline import lora_copy, train_on_target
+from ..settings import Settings, SettingsError, check_whole_numbers
+from ..train import progress_bar
 from .stats import Spread, spread
-from .train import progress_bar
 
 # Each rule gives, for a rank r and the base alpha, the alpha LoRA is built with and whether the
 # factor is alpha / sqrt(r) (PEFT's use_rslora) instead of alpha / r.
@@ -464,7 +464,7 @@ def plot_seeds(groups: dict[str, Sequence[dict]], digit: int, splits: Sequence[s
                before: dict | None = None, title: str = "", xlabel: str = "configuration"):
     """One panel per measure (`PANELS`), one column of points per group (a configuration's per-seed
     rows), one point per seed and a bar at their mean; the pre-trained network's value dashed."""
-    from .plots import legend_below, new_figure, seed_column
+    from ..plots import legend_below, new_figure, seed_column
 
     fig, axes = new_figure(1, len(PANELS), figsize=(4.3 * len(PANELS), 3.9), squeeze=False)
     for ax, (metric, label, scale) in zip(axes[0], PANELS, strict=True):
@@ -488,7 +488,7 @@ def plot_seeds(groups: dict[str, Sequence[dict]], digit: int, splits: Sequence[s
 def plot_learning_rates(rows: Sequence[dict], tuned: Sequence[Tuned], title: str = ""):
     """Each rule's validation score against the learning rate, one point per seed, a line through
     the means, the tuned rate ringed."""
-    from .plots import SCALING_STYLE, new_figure
+    from ..plots import SCALING_STYLE, new_figure
 
     fig, ax = new_figure(figsize=(7.5, 4.2))
     for t in tuned:

@@ -24,11 +24,11 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from .data import Mnist, split_images
-from .evaluate import Evaluation, evaluate
-from .model import LAYER_NAMES
-from .plots import plot_trial
-from .settings import Settings
+from ..data import Mnist, split_images
+from ..evaluate import Evaluation, evaluate
+from ..model import LAYER_NAMES
+from ..plots import plot_trial
+from ..settings import Settings
 from .trial import SCALING_RULES, Trial, TrialResult, run_trial, trial_of, trial_settings, warm_up
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)

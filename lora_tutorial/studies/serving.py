@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora import lora_modules
-from .settings import SettingsError, check_whole_numbers
+from ..lora import lora_modules
+from ..settings import SettingsError, check_whole_numbers
 
 
 def check_latency(batches: object, repeats: object) -> tuple[list[int], int]:

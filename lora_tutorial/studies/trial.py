@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Mnist
-from .evaluate import Evaluation, evaluate
-from .lora import lora_parameter_counts, separate_path
-from .model import LAYER_NAMES
-from .pipeline import lora_copy, train_on_target
+from ..data import Mnist
+from ..evaluate import Evaluation, evaluate
+from ..lora import lora_parameter_counts, separate_path
+from ..model import LAYER_NAMES
+from ..pipeline import lora_copy, train_on_target
+from ..settings import Settings, SettingsError
+from ..train import make_adam
 from .rank_study import SCALINGS, lora_arguments, scale_of
-from .settings import Settings, SettingsError
 from .stats import spread
-from .train import make_adam
 
 # The factor in front of B @ A under each scaling rule, as the explorer labels it (07 compares them).
 SCALING_RULES = {"alpha fixed": "alpha / r", "alpha = r": "alpha", "rsLoRA": "alpha / sqrt(r)"}

@@ -1,4 +1,4 @@
-"""Run the whole tutorial headless: `python -m lora_tutorial.run`.
+"""Run the whole tutorial headless: `python -m lora_tutorial.tools.run`.
 
 Executes the six notebooks in order with papermill, each into an executed copy under --out,
 all with the same parameters, then prints a short summary of the results. With --check it
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .pipeline import describe_target
-from .settings import (
+from ..pipeline import describe_target
+from ..settings import (
     ACCEPTED_EVERYWHERE,
     Settings,
     SettingsError,
@@ -26,7 +26,7 @@ from .settings import (
     project_root,
     shown_path,
 )
-from .train import text_progress_bars
+from ..train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
 # beyond the post: run them with --only
@@ -125,7 +125,7 @@ def _tidy(path: Path) -> tuple[float, float]:
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
-    from .checkpoints import atomic_write
+    from ..checkpoints import atomic_write
 
     nb = nbformat.read(path, as_version=4)
     nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
@@ -193,7 +193,7 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from .pipeline import preflight
+    from ..pipeline import preflight
 
     parameters = absolute_paths(parameters)
     shares = split_parameters(parameters, steps)  # a name no notebook takes fails here
@@ -248,7 +248,7 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "run",
                         help="folder for the executed notebooks (default: outputs/run)")

@@ -7,8 +7,13 @@ ranges overlap are called a tie: the seeds alone move each of them that far.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,37 @@ def spread(values: Sequence[float]) -> Spread:
     return Spread(sum(values) / len(values), min(values), max(values), len(values))
 
 
+def best_and_ties(spreads: dict[K, Spread], higher_is_better: bool) -> tuple[K, list[K]]:
+    """The one choice rule of the studies: the key with the best mean, and the other keys whose
+    range overlaps it (the seeds cannot tell them apart). Ties in the mean go to the first key."""
+    if not spreads:
+        raise ValueError("best_and_ties needs at least one result.")
+    sign = 1 if higher_is_better else -1
+    best = max(spreads, key=lambda k: sign * spreads[k].mean)
+    return best, [k for k in spreads if k != best and spreads[k].overlaps(spreads[best])]
+
+
+def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+                        ) -> dict[str, Spread]:
+    """The one timing helper: seconds per call of each function over `repeats` rounds in which the
+    functions take turns (after `warmup` untimed rounds), so the machine's ups and downs hit them
+    alike. `mean` holds the median. Compare the ratios, not the seconds. A call that runs on a GPU
+    must wait for it (see `synchronize`)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not valid: expected a whole number >= 1.")
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: Spread(statistics.median(v), min(v), max(v), len(v)) for name, v in times.items()}
+
+
 def check_seeds(values: object, at_least: int = 1) -> list[int]:
     """A notebook's list of fine-tuning seeds: distinct whole numbers >= 0, checked before any work."""
-    from .settings import SettingsError
+    from ..settings import SettingsError
 
     ok = isinstance(values, (list, tuple)) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)

@@ -18,15 +18,15 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoints import load_adapter, save_adapter
-from .data import Mnist, fit_subset
-from .evaluate import Evaluation
+from ..checkpoints import load_adapter, save_adapter
+from ..data import Mnist, fit_subset
+from ..evaluate import Evaluation
+from ..lora import separate_path
+from ..pipeline import adapter_path, finetune_key, finetuned_model, lora_copy
+from ..settings import Settings, SettingsError, fingerprint
+from ..train import train
 from .forgetting import share_answering
-from .lora import separate_path
-from .pipeline import adapter_path, finetune_key, finetuned_model, lora_copy
-from .settings import Settings, SettingsError, fingerprint
 from .stats import Spread, spread
-from .train import train
 
 
 def check_adapter_digits(value: object) -> int | list[int]:
@@ -244,7 +244,7 @@ def plot_combinations(rows: Sequence[dict], before: dict, digits: Sequence[int],
     """One column per adapter or combination (`labels`: row name -> tick label, in order), one point
     per seed: wrong answers on each chosen digit (left, a colour per digit, symlog axis) and the
     other digits' mean accuracy (right); a bar at each mean, the pre-trained network dashed."""
-    from .plots import new_figure, seed_column
+    from ..plots import new_figure, seed_column
 
     names = list(labels)
     missing = [n for n in names if not any(r["name"] == n for r in rows)]
