@@ -6,6 +6,7 @@ import json
 import math
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 
@@ -48,53 +49,53 @@ def fake_row(config, seed, validation, test, norm=1.0, learning_rate=1e-3):
 SEEDS = range(5)
 
 
+def scalings_configs(ranks):
+    return [study.Config(rule, r) for rule in study.SCALINGS for r in ranks]
+
+
 def test_the_summary_has_every_seed_and_the_spread_of_each_column():
-    configs = study.configurations([1, 2], study.SCALINGS)
-    rows = [fake_row(c, seed, (10 + seed + c.rank, 0.90), (20 - seed, 0.89), norm=seed + 1.0)
-            for c in {c.run_as() for c in configs} for seed in SEEDS]
-    entries = study.summary(rows, configs)
-    assert [e["name"] for e in entries] == [c.name for c in configs]
-    for e in entries:
-        assert e["seeds"] == [0, 1, 2, 3, 4]
-        low = 10 + e["rank"]
-        assert e["validation_target_wrong"] == {"mean": low + 2, "low": low, "high": low + 4}
-        assert e["test_target_wrong"] == {"mean": 18, "low": 16, "high": 20}
-        assert e["delta_norm_linear2"] == {"mean": 3.0, "low": 1.0, "high": 5.0}
-    rank1 = [e for e in entries if e["rank"] == 1]
-    assert len(rank1) == 3 and all(e["validation_target_wrong"] == rank1[0]["validation_target_wrong"]
-                                   for e in rank1)  # the shared rank-1 run
-    assert study.mean_norms(study.rows_of(rows, configs[0])) == {"linear1": 3.0, "linear2": 3.0,
-                                                                 "linear3": 3.0}
-    table = study.seed_table({"rank 2": study.rows_of(rows, study.Config("alpha fixed", 2))}, 9, "test")
-    assert list(table.columns) == ["scale", "learning rate", "seeds", "digit 9 wrong", "other digits %",
-                                   "score %"]
-    assert table.loc["rank 2", "digit 9 wrong"] == "18.0 (16.0-20.0)"  # mean (min-max)
-    assert table.loc["rank 2", "scale"] == "0.5" and table.loc["rank 2", "seeds"] == 5
+    configs = scalings_configs([1, 2])
+    runs = pd.DataFrame([fake_row(c, seed, (10 + seed + c.rank, 0.90), (20 - seed, 0.89), norm=seed + 1.0)
+                         for c in {c.run_as() for c in configs} for seed in SEEDS])
+    table = study.summary(runs, configs).set_index(["name", "measure"])
+    assert list(table.index.unique("name")) == [c.name for c in configs]
+    assert (table.seeds == 5).all()
+    for c in configs:
+        low = 10 + c.rank
+        assert table.loc[(c.name, "validation_target_wrong"), ["mean", "low", "high"]].tolist() == [
+            low + 2, low, low + 4]
+        assert table.loc[(c.name, "test_target_wrong"), ["mean", "low", "high"]].tolist() == [18, 16, 20]
+        assert table.loc[(c.name, "delta_norm_linear2"), ["mean", "low", "high"]].tolist() == [3, 1, 5]
+    rank1 = [table.loc[c.name] for c in configs if c.rank == 1]
+    assert len(rank1) == 3 and all(r.equals(rank1[0]) for r in rank1)  # the one shared rank-1 run
 
 
 def test_runs_at_several_learning_rates_are_kept_apart():
     config = study.Config("rsLoRA", 2)
-    rows = [fake_row(config, seed, (5, 0.9), (5, 0.9), learning_rate=lr)
-            for lr in (1e-3, 3e-3) for seed in SEEDS]
-    fast = study.rows_of(rows, study.Config("rsLoRA", 2, learning_rate=3e-3))
-    assert [r["seed"] for r in fast] == list(SEEDS) and {r["learning_rate"] for r in fast} == {3e-3}
+    runs = pd.DataFrame([fake_row(config, seed, (5, 0.9), (5, 0.9), learning_rate=lr)
+                         for lr in (1e-3, 3e-3) for seed in SEEDS])
+    fast = study.runs_of(runs, study.Config("rsLoRA", 2, learning_rate=3e-3))
+    assert list(fast.seed) == list(SEEDS) and set(fast.learning_rate) == {3e-3}
     with pytest.raises(ValueError, match="several learning rates"):
-        study.rows_of(rows, config)  # which rate is meant is ambiguous: refused, not mixed
-    assert study.Config("rsLoRA", 2).at(Settings(learning_rate=2e-3)).learning_rate == 2e-3
-    assert study.Config("rsLoRA", 2, learning_rate=3e-4).at(Settings()).learning_rate == 3e-4
-    assert study.Config("alpha = r", 1, learning_rate=3e-4).key == ("alpha fixed", 1, "normal", 3e-4)
+        study.runs_of(runs, config)  # which rate is meant is ambiguous: refused, not mixed
+    with pytest.raises(ValueError, match="No runs of rsLoRA, rank 2, lr 0.01"):
+        study.runs_of(runs, study.Config("rsLoRA", 2, learning_rate=1e-2))
 
 
-def rank_rows(table: dict) -> list[dict]:
-    """Per-seed rows of "alpha fixed" ranks from {rank: (validation per seed, test per seed)}, each a
+def rank_runs(table: dict) -> pd.DataFrame:
+    """Per-seed runs of "alpha fixed" ranks from {rank: (validation per seed, test per seed)}, each a
     list of (target wrong, other digits' accuracy)."""
-    return [fake_row(study.Config("alpha fixed", rank), seed, v, t)
-            for rank, (validation, test) in table.items()
-            for seed, (v, t) in enumerate(zip(validation, test, strict=True))]
+    return pd.DataFrame([fake_row(study.Config("alpha fixed", rank), seed, v, t)
+                         for rank, (validation, test) in table.items()
+                         for seed, (v, t) in enumerate(zip(validation, test, strict=True))])
 
 
-def strip_test(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("test_")} for r in rows]
+def strip_test(runs):
+    return runs.drop(columns=[c for c in runs if c.startswith("test_")])
+
+
+def rank_configs(ranks):
+    return [study.Config("alpha fixed", r, "normal", 1e-3) for r in ranks]
 
 
 def test_the_rank_is_chosen_on_the_validation_images_alone():
@@ -102,10 +103,11 @@ def test_the_rank_is_chosen_on_the_validation_images_alone():
     table = {1: ([(30, 0.93)] * 5, [(30, 0.93)] * 5),
              2: ([(5, 0.93), (6, 0.93), (7, 0.93), (6, 0.93), (5, 0.93)], [(40, 0.90)] * 5),
              4: ([(20, 0.93)] * 5, [(1, 0.95)] * 5)}
-    rows, configs = rank_rows(table), study.configurations([1, 2, 4])
-    choice = study.choose_rank(rows, configs)
-    assert (choice.rank, choice.best) == (2, 2) and "highest mean validation score" in choice.reason
-    assert study.choose_rank(strip_test(rows), configs) == choice  # the test columns are never read
+    runs, configs = rank_runs(table), rank_configs([1, 2, 4])
+    choice = study.choose_rank(runs, configs)
+    assert (choice.rank, choice.best) == (2, 2)
+    assert choice.scores[2].mean == pytest.approx(100 * (1 - 0.0058 + 0.93) / 2)
+    assert study.choose_rank(strip_test(runs), configs) == choice  # the test columns are never read
 
 
 def test_a_smaller_rank_whose_scores_overlap_the_best_is_kept():
@@ -113,43 +115,34 @@ def test_a_smaller_rank_whose_scores_overlap_the_best_is_kept():
              2: ([(9, 0.93), (10, 0.92), (11, 0.94), (10, 0.93), (10, 0.93)], [(0, 0)] * 5),
              4: ([(8, 0.93), (9, 0.935), (10, 0.94), (9, 0.93), (9, 0.93)], [(0, 0)] * 5),  # best mean
              8: ([(1, 0.80)] * 5, [(0, 0)] * 5)}  # fixes the digit, forgets far more: a low score
-    choice = study.choose_rank(rank_rows(table), study.configurations([1, 2, 4, 8]))
-    assert (choice.rank, choice.best) == (2, 4) and "overlaps that of rank 4" in choice.reason
-    assert "rank 4 is higher on average" in choice.reason and "on 5 of 5 seeds" in choice.reason
+    choice = study.choose_rank(rank_runs(table), rank_configs([8, 4, 2, 1]))  # any order
+    assert (choice.rank, choice.best, choice.wins, choice.shared) == (2, 4, 5, 5)
 
 
 def test_the_learning_rate_is_tuned_on_the_validation_score_alone():
     config = study.Config("alpha = r", 4)
     # validation: 3e-4 best; test: 1e-3 would be
     per_rate = {1e-4: ((30, 0.95), (30, 0.95)), 3e-4: ((5, 0.95), (20, 0.95)), 1e-3: ((5, 0.80), (0, 0.99))}
-    rows = [fake_row(config, seed, (v[0] + seed, v[1]), t, learning_rate=lr)
-            for lr, (v, t) in per_rate.items() for seed in SEEDS]
-    tuned = study.tune_learning_rate(rows, "alpha = r", 4, [1e-3, 1e-4, 3e-4])
-    assert tuned.learning_rate == 3e-4 and not tuned.at_edge
-    assert list(tuned.means) == [1e-4, 3e-4, 1e-3]
+    runs = pd.DataFrame([fake_row(config, seed, (v[0] + seed, v[1]), t, learning_rate=lr)
+                         for lr, (v, t) in per_rate.items() for seed in SEEDS])
+    tuned = study.tune_learning_rate(runs, "alpha = r", 4, [1e-3, 1e-4, 3e-4])
+    assert tuned.learning_rate == 3e-4 and list(tuned.means) == [1e-4, 3e-4, 1e-3]
     assert tuned.means[3e-4] == pytest.approx(100 * (1 - 0.007 + 0.95) / 2)  # mean of 5-9 wrong: 7
     assert tuned.config == study.Config("alpha = r", 4, "normal", 3e-4)
-    assert study.tune_learning_rate(strip_test(rows), "alpha = r", 4, [1e-4, 3e-4, 1e-3]) == tuned
-    edge = study.tune_learning_rate(rows, "alpha = r", 4, [1e-4, 3e-4])
-    assert edge.learning_rate == 3e-4 and edge.at_edge  # best at an end of the grid: said so
-    with pytest.raises(ValueError, match="No runs of alpha = r, rank 4 at learning rate 0.003"):
-        study.tune_learning_rate(rows, "alpha = r", 4, [1e-3, 3e-3])
+    assert study.tune_learning_rate(strip_test(runs), "alpha = r", 4, [1e-4, 3e-4, 1e-3]) == tuned
+    with pytest.raises(ValueError, match="No runs of alpha = r, rank 4, lr 0.003"):
+        study.tune_learning_rate(runs, "alpha = r", 4, [1e-3, 3e-3])
 
 
-def test_the_verdict_says_no_difference_when_the_ranges_overlap():
-    a = [fake_row(study.Config("rsLoRA", 2), s, (0, 0), (10 + s, 0.90)) for s in SEEDS]
-    b = [fake_row(study.Config("alpha = r", 2), s, (0, 0), (12 + s, 0.90)) for s in SEEDS]
-    c = [fake_row(study.Config("alpha = r", 2), s, (0, 0), (10 + s, 0.80)) for s in SEEDS]
-    assert study.verdict(a, b, ("A", "B")).startswith("no difference detected at 5 seeds (A 94.")
-    assert study.verdict(c, a, ("C", "A")).startswith("A higher than C, the ranges over 5 seeds apart (C 89.")
-    assert study.verdict(a, b, ("A", "B"), "test_target_wrong") == (
-        "no difference detected at 5 seeds (A 12.0 (10.0-14.0), B 14.0 (12.0-16.0))")  # a count, not %
-    assert study.verdicts(c, a, ("C", "A"), 9) == (
-        "score: A higher than C, the ranges over 5 seeds apart; digit 9 wrong: no difference detected at "
-        "5 seeds; other digits: A higher than C, the ranges over 5 seeds apart")
+def test_seeds_are_paired_when_one_configuration_is_higher_on():
+    runs = rank_runs({1: ([(10, 0.9), (10, 0.9), (10, 0.9)], [(0, 0)] * 3),
+                      2: ([(9, 0.9), (11, 0.9), (8, 0.9)], [(0, 0)] * 3)})
+    assert study.higher_on(runs, *rank_configs([2, 1])) == (2, 3)  # seeds 0 and 2
+    assert study.higher_on(runs, *rank_configs([1, 2])) == (1, 3)
 
 
-def test_the_plots_show_every_seed_and_follow_the_figure_rules():
+def test_the_notebooks_figures_show_every_seed_and_follow_the_figure_rules():
+    """07's figure and table helpers (one cell of the notebook), run on sample runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,21 +150,31 @@ def test_the_plots_show_every_seed_and_follow_the_figure_rules():
     from matplotlib.collections import PathCollection
     from test_figure_rules import figure_problems
 
-    rows = rank_rows({1: ([(9 + s, 0.9) for s in SEEDS], [(8 + s, 0.9) for s in SEEDS]),
+    from lora_tutorial.tools.run import notebooks_dir
+
+    cell = next(c.source for c in nbformat.read(notebooks_dir() / "07_rank_sweep.ipynb", as_version=4).cells
+                if "def plot_seeds" in c.source)
+    runs = rank_runs({1: ([(9 + s, 0.9) for s in SEEDS], [(8 + s, 0.9) for s in SEEDS]),
                       2: ([(5 + s, 0.9) for s in SEEDS], [(4 + s, 0.9) for s in SEEDS])})
-    groups = {f"rank {r}": study.rows_of(rows, study.Config("alpha fixed", r)) for r in (1, 2)}
-    before = {f"{s}_{m}": 0.5 for s in ("validation", "test") for m in study.METRICS}
-    fig = study.plot_seeds(groups, 9, before=before, title="t", xlabel="rank")
+    before = pd.Series({f"{s}_{m}": 0.5 for s in ("validation", "test")
+                        for m in ("score", "target_wrong", "others_accuracy")})
+    space = {"digit": 9, "before": before, "study": study}
+    exec(cell, space)
+    groups = {f"rank {r}": study.runs_of(runs, c) for r, c in zip((1, 2), rank_configs([1, 2]), strict=True)}
+    fig = space["plot_seeds"](groups, "t", "rank")
     assert figure_problems(fig) == []
     points = [len(c.get_offsets()) for c in fig.axes[0].collections if isinstance(c, PathCollection)]
     assert points == [5, 5, 5, 5]  # two splits x two ranks, one point per seed
-    grid = [fake_row(study.Config(rule, 4), s, (5 + s, 0.9), (0, 0), learning_rate=lr)
-            for rule in study.SCALINGS for lr in (1e-3, 3e-3) for s in SEEDS]
+    grid = pd.DataFrame([fake_row(study.Config(rule, 4), s, (5 + s, 0.9), (0, 0), learning_rate=lr)
+                         for rule in study.SCALINGS for lr in (1e-3, 3e-3) for s in SEEDS])
     tuned = [study.tune_learning_rate(grid, rule, 4, [1e-3, 3e-3]) for rule in study.SCALINGS]
-    fig = study.plot_learning_rates(grid, tuned, "t")
+    fig = space["plot_learning_rates"](grid, tuned, "t")
     assert figure_problems(fig) == []
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 3 * 2 * 5 + 3  # seeds, rings
     plt.close("all")
+    table = space["seed_table"]({"rank 2": groups["rank 2"]})
+    assert table.loc["rank 2", "digit 9 wrong"] == "6.0 (4.0-8.0)"  # mean (min-max), test images
+    assert table.loc["rank 2", "scale"] == "0.5" and table.loc["rank 2", "seeds"] == 5
 
 
 def id_coded_mnist(count: int = 600) -> Mnist:
@@ -204,7 +207,8 @@ def test_fine_tuning_never_sees_the_validation_or_test_images(monkeypatch):
     monkeypatch.setattr(study.Judge, "__init__", spy_judge)
     settings = Settings(target_digit=9, finetune_steps=3, download=False)
     torch.manual_seed(0)
-    row = study.run_one(settings, data, OversizedMLP(), study.Config("rsLoRA", 2), seed=1)
+    runs = study.run_study(settings, data, OversizedMLP(), [study.Config("rsLoRA", 2)], [1], progress=False)
+    row = runs.iloc[0]
     validation = set(data.validation.nonzero().flatten().tolist())
     fit = set(range(len(data.train_labels))) - validation
     nines = {i for i in range(len(data.train_labels)) if i % 10 == 9}
@@ -214,7 +218,7 @@ def test_fine_tuning_never_sees_the_validation_or_test_images(monkeypatch):
     assert list(judged) == ["validation", "test"]
     assert sorted(judged["validation"]) == sorted(validation)  # judged on exactly the validation images...
     assert judged["test"] == list(range(10_000, 10_100))  # ... and on the test images
-    assert row["seed"] == 1 and row["use_rslora"] and row["scale"] == pytest.approx(1 / math.sqrt(2))
+    assert len(runs) == 1 and row["seed"] == 1 and row["scale"] == pytest.approx(1 / math.sqrt(2))
     assert row["learning_rate"] == settings.learning_rate
     for split in ("validation", "test"):
         assert row[f"{split}_score"] == pytest.approx(
@@ -242,22 +246,34 @@ def test_the_judge_predicts_what_evaluate_predicts(targets):
         assert torch.equal(judge.predict(model, split), predict(model, x))
         changed += int((predict(model, x) != predict(base, x)).sum())
     assert changed > 50  # the adapter does change the answers: the test would see a judge that ignored it
-    assert judge.measure(model, 9) == study.measure(model, 9, images)
+    assert judge.measure(model, 9) == study.measure(model, 9, images).to_dict()
+
+
+def refusal(check, *args) -> str:
+    with pytest.raises(SettingsError) as refused:
+        check(*args)
+    return str(refused.value)
 
 
 def test_ranks_are_checked_before_any_work():
     assert study.check_ranks(Settings(), [8, 1, 2, 2]) == [1, 2, 8]
-    with pytest.raises(SettingsError, match=r"rank=16 is too large for layer linear3 \(10 x 2000 weight\)"):
-        study.check_ranks(Settings(), [1, 16])
+    msg = refusal(study.check_ranks, Settings(), [1, 16])  # the settings' own check, per rank
+    assert "ranks=[1, 16]" in msg and "rank=16" in msg and "<= 10" in msg and "target_modules=" in msg
     assert study.check_ranks(Settings(target_modules=["linear1", "linear2"]), [1, 16]) == [1, 16]
-    with pytest.raises(SettingsError, match="ranks="):
-        study.check_ranks(Settings(), "1 2")
-    with pytest.raises(SettingsError, match="at least two different ranks"):
-        study.check_ranks(Settings(), [4, 4])
+    assert "ranks='1 2'" in refusal(study.check_ranks, Settings(), "1 2")
+    msg = refusal(study.check_ranks, Settings(), [4, 4])
+    assert "ranks=[4, 4]" in msg and "two different ranks" in msg and "[1, 8]" in msg
     assert study.check_learning_rates([1e-3, 3e-4, 1e-3]) == [3e-4, 1e-3]
-    for bad in ([1e-3], [0, 1e-3], [1e-3, "3e-3"], "1e-3 3e-3", [True, 1e-3]):
-        with pytest.raises(SettingsError, match="learning_rates="):
-            study.check_learning_rates(bad)
+    for bad in ([1e-3], [0, 1e-3], [1e-3, "3e-3"], "1e-3 3e-3", [True, 1e-3], [1e-3, 1.0]):
+        msg = refusal(study.check_learning_rates, bad)
+        assert f"learning_rates={bad!r}" in msg and "between 0 and 1" in msg and "[3e-4, 1e-3, 3e-3]" in msg
+
+
+def test_a_scaling_rule_is_one_of_three():
+    msg = refusal(study.check_scaling, "alpha / r")
+    assert "scaling='alpha / r'" in msg and "'rsLoRA'" in msg
+    with pytest.raises(SettingsError, match="scaling=None"):
+        study.lora_arguments(None, 2)  # every use of a rule checks it
 
 
 def test_run_study_reuses_what_it_has_and_runs_each_learning_rate(monkeypatch):
@@ -265,15 +281,17 @@ def test_run_study_reuses_what_it_has_and_runs_each_learning_rate(monkeypatch):
     settings = Settings(target_digit=9, finetune_steps=2, download=False)
     torch.manual_seed(0)
     base = OversizedMLP()
-    configs = study.configurations([1, 2], study.SCALINGS, learning_rates=[1e-3, 3e-3])
-    rows = study.run_study(settings, data, base, configs, [0, 1], progress=False)
+    configs = [study.Config(rule, r, "normal", lr) for rule in study.SCALINGS for r in (1, 2)
+               for lr in (1e-3, 3e-3)]
+    runs = study.run_study(settings, data, base, configs, [0, 1], progress=False)
     # rank 1 once per rate, rank 2 under three rules per rate; two seeds each
-    assert len(rows) == 2 * (1 + 3) * 2
-    assert {r["learning_rate"] for r in rows} == {1e-3, 3e-3}
-    made = []
-    monkeypatch.setattr(study, "train_one", lambda *a: made.append(a) or pytest.fail("re-ran a run"))
-    again = study.run_study(settings, data, base, configs, [0, 1], done=rows, progress=False)
-    assert again == rows and not made
+    assert len(runs) == 2 * (1 + 3) * 2
+    assert set(runs.learning_rate) == {1e-3, 3e-3} and runs.validation_target_wrong.dtype.kind == "i"
+    monkeypatch.setattr(study, "train_one", lambda *a: pytest.fail("re-ran a run"))
+    again = study.run_study(settings, data, base, configs, [0, 1], done=runs, progress=False)
+    pd.testing.assert_frame_equal(again, runs)
+    with pytest.raises(pytest.fail.Exception):  # a seed not yet run is run
+        study.run_study(settings, data, base, configs, [0, 1, 2], done=runs, progress=False)
 
 
 @pytest.mark.slow
@@ -297,18 +315,18 @@ def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints):
     report = json.loads((out / "rank_study.json").read_text())
     assert report["ranks"] == [1, 2] and report["seeds"] == [0, 1, 2, 3, 4]
     assert report["learning_rates"] == [1e-3, 3e-3]
-    runs = {study.row_key(r) for r in report["rows"]}
+    runs = {(r["scaling"], r["rank"], r["init"], r["learning_rate"]) for r in report["runs"]}
     chosen = report["choice"]["rank"]
     assert runs == {("alpha fixed", 1, "normal", 1e-3), ("alpha fixed", chosen, "kaiming", 1e-3),
                     *{(rule, 2, "normal", lr) for rule in study.SCALINGS for lr in (1e-3, 3e-3)}}
-    assert len(report["rows"]) == 5 * len(runs)  # every run with every seed, each once
+    assert len(report["runs"]) == 5 * len(runs)  # every run with every seed, each once
     assert {t["scaling"]: t["learning_rate"] in (1e-3, 3e-3) for t in report["tuned"]} == dict.fromkeys(
         study.SCALINGS, True)
-    for row in report["rows"]:
+    for row in report["runs"]:
         assert {"validation_score", "test_score", "delta_norm_linear1", "seconds"} <= set(row)
     for entry in report["summary"]["main"] + report["summary"]["scaling"] + report["summary"]["init"]:
-        assert entry["seeds"] == [0, 1, 2, 3, 4]
-        assert {"mean", "low", "high"} == set(entry["validation_target_wrong"])
+        assert entry["seeds"] == 5 and entry["low"] <= entry["mean"] <= entry["high"]
+    assert {e["measure"] for e in report["summary"]["init"]} >= {"validation_score", "test_target_wrong"}
     assert chosen in (1, 2)
     # one in six of each digit's images among the 2,000 training images; the test set whole (the
     # offline sample's has 1,000 images, MNIST's 10,000)
