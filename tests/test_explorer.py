@@ -68,7 +68,8 @@ def test_the_first_press_is_05s_run_and_judged_on_the_validation_images(small):
     assert result.trainable == 6_794 and result.trial.factor == 1.0
     digit, table = settings.target_digit, result.table()
     wrong = [before.wrong_counts[digit], result.after.wrong_counts[digit]]
-    assert table[f"wrong on {digit}"].tolist() == [*wrong, wrong[1] - wrong[0]]  # before, after, change
+    # before, after, change
+    assert table[f"wrong answers on digit {digit}"].tolist() == [*wrong, wrong[1] - wrong[0]]
     assert table.loc["fine-tuned", "all digits %"] == pytest.approx(100 * result.after.accuracy)
     text = report(result)
     assert f"On the {before.total:,} validation images" in text and "6,794 trained numbers" in text

@@ -82,8 +82,8 @@ class TrialResult:
         before, after = ([e.wrong_counts[digit], 100 * e.mean_accuracy_except(digit), 100 * e.accuracy]
                          for e in (self.before, self.after))
         return pd.DataFrame([before, after, [a - b for a, b in zip(after, before, strict=True)]],
-                            ["pre-trained", "fine-tuned", "change"], [f"wrong on {digit}", "other digits %",
-                                                                      "all digits %"])
+                            ["pre-trained", "fine-tuned", "change"],
+                            [f"wrong answers on digit {digit}", "other digits %", "all digits %"])
 
 
 def run_trial(settings: Settings, data: Mnist, base: nn.Module, trial: Trial, before: Evaluation,
