@@ -1,13 +1,5 @@
-"""The lesson's code, taken from the notebook cells that teach it.
-
-02's training loop, 03's LoRA class and 05's fine-tuning loop are written in notebook cells, and
-that code is what runs: a later notebook, or a study, that needs the pre-trained network or 05's
-adapter takes the code from those cells (`lesson`). The code's fingerprint is part of every
-checkpoint's and adapter's name (`code_fingerprint`), so a cell edited and saved trains afresh, and
-a file the old code made is never picked up again.
-"""
-
-from __future__ import annotations
+"""The lesson's code (02's loop, 03's LoRA class, 05's loop), taken from the notebook cells that teach
+it; its fingerprint names every checkpoint and adapter, so an edited cell trains afresh."""
 
 import ast
 import hashlib
@@ -20,13 +12,14 @@ from typing import Any
 
 from .settings import ShortError, project_root
 
-# name -> (notebook, tag of the cell that defines it)
-LESSONS = {
+LESSONS = {  # name -> (notebook, tag of the cell that defines it)
     "pretrain": ("02_pretrain", "pretrain-loop"),
     "LoRAParametrization": ("03_parametrize", "lora-class"),
     "finetune_lora": ("05_finetune", "finetune-loop"),
 }
 _loaded: dict[tuple[str, str], dict[str, Any]] = {}  # (notebook, source) -> the namespace it made
+_NOT_CODE = {"__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__",
+             "__static_attributes__"}
 
 
 class LessonError(ShortError, RuntimeError):
@@ -54,8 +47,7 @@ def lesson_source(notebook: str, tag: str, folder: Path | None = None) -> str:
 
 def available(name: str, folder: Path | None = None) -> bool:
     """Whether the notebook holding `name` is here (a clone, not an installed wheel)."""
-    notebook, _ = LESSONS[name]
-    return ((folder or notebooks_folder()) / f"{notebook}.ipynb").is_file()
+    return ((folder or notebooks_folder()) / f"{LESSONS[name][0]}.ipynb").is_file()
 
 
 def lesson(name: str, folder: Path | None = None) -> Any:
@@ -67,9 +59,7 @@ def lesson(name: str, folder: Path | None = None) -> Any:
         filename = f"<{notebook}.ipynb, cell {tag}>"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks
         namespace: dict[str, Any] = {"__name__": f"lesson_{notebook}"}
-        try:
-            # One statement at a time, as IPython runs a cell: the compiler then makes the same
-            # code as in a notebook's kernel, and the fingerprints agree.
+        try:  # one statement at a time, as IPython runs a cell: the same code, the same fingerprint
             for statement in ast.parse(source, filename).body:
                 module = ast.Module(body=[statement], type_ignores=[])
                 exec(compile(module, filename, "exec", dont_inherit=True), namespace)
@@ -83,22 +73,18 @@ def lesson(name: str, folder: Path | None = None) -> Any:
     return _loaded[key][name]
 
 
-def _code_parts(code: types.CodeType) -> list[str]:
-    """What a code object computes, without where it was written (file, line numbers)."""
-    parts = [code.co_code.hex(), repr(code.co_names), repr(code.co_varnames), repr(code.co_freevars)]
-    parts += [_constant(c) for c in code.co_consts]
-    return parts
-
-
-def _function_parts(function: Callable) -> list[str]:
-    """A function's code and its default arguments (which live outside the code)."""
-    defaults = [_constant(function.__defaults__ or ()), repr(sorted((function.__kwdefaults__ or {}).items()))]
-    return [*_code_parts(function.__code__), *defaults]
+def _parts(obj: Any) -> list[str]:
+    """What a code object or function computes, without where it was written (file, lines)."""
+    if isinstance(obj, types.CodeType):
+        return [obj.co_code.hex(), repr(obj.co_names), repr(obj.co_varnames), repr(obj.co_freevars),
+                *(_constant(c) for c in obj.co_consts)]
+    kwdefaults = repr(sorted((obj.__kwdefaults__ or {}).items()))  # defaults live outside the code
+    return [*_parts(obj.__code__), _constant(obj.__defaults__ or ()), kwdefaults]
 
 
 def _constant(value: Any) -> str:
     if isinstance(value, types.CodeType):
-        return "code(" + ",".join(_code_parts(value)) + ")"
+        return "code(" + ",".join(_parts(value)) + ")"
     if isinstance(value, frozenset):  # its order changes with the hash seed
         return "frozenset(" + ",".join(sorted(_constant(v) for v in value)) + ")"
     if isinstance(value, tuple):
@@ -107,21 +93,17 @@ def _constant(value: Any) -> str:
 
 
 def code_fingerprint(obj: Callable | type) -> str:
-    """A short hash of what a function or class computes: equal for the same code, whether it was
-    defined in a notebook's kernel or read from the notebook file by `lesson`; comments and
-    blank lines do not count."""
+    """A short hash of what a function or class computes: the same in a notebook's kernel and from
+    the file through `lesson`; comments and blank lines do not count."""
     if isinstance(obj, type):
         parts = [obj.__name__, *(base.__name__ for base in obj.__bases__)]
         for attr, value in sorted(vars(obj).items()):
-            if attr in ("__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__",
-                        "__static_attributes__"):
-                continue
-            function = getattr(value, "__func__", value)
-            body = (_function_parts(function) if hasattr(function, "__code__") else [repr(value)])
-            parts.append(f"{attr}:{','.join(body)}")
+            if attr not in _NOT_CODE:
+                function = getattr(value, "__func__", value)
+                body = _parts(function) if hasattr(function, "__code__") else [repr(value)]
+                parts.append(f"{attr}:{','.join(body)}")
+    elif getattr(obj, "__code__", None) is None:
+        raise TypeError(f"{obj!r} is not a Python function or class: no code to fingerprint.")
     else:
-        code = getattr(obj, "__code__", None)
-        if code is None:
-            raise TypeError(f"{obj!r} is not a Python function or class: no code to fingerprint.")
-        parts = [obj.__name__, *_function_parts(obj)]
+        parts = [obj.__name__, *_parts(obj)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]

@@ -1,17 +1,9 @@
 """LoRA in one file: a weight parametrization W' = W + (alpha / r) * B @ A, and its helpers.
 
-`torch.nn.utils.parametrize` lets us wrap a Linear layer's `weight` without touching the
-layer: every time the layer reads `weight`, PyTorch calls our module on the frozen original W
-and uses what it returns. Only A and B are new parameters.
-
-Shapes follow `nn.Linear`, whose weight is (out_features, in_features): A is (r, in), B is
-(out, r), so B @ A has the weight's shape. B starts at zero, so at step 0 the adapted model is
-exactly the pre-trained one (LoRA paper, section 4.1). Names follow PEFT and loralib where the
-function does the same job: `mark_only_lora_as_trainable`, `lora_state_dict`,
-`disable_adapter`, `merge_and_unload`, `print_trainable_parameters`.
+`torch.nn.utils.parametrize` computes a layer's `weight` from the frozen W through our module, so
+only A (r, in) and B (out, r) are new; B starts at zero, so step 0 is the pre-trained model. Names
+follow PEFT and loralib where the function does the same job.
 """
-
-from __future__ import annotations
 
 import copy
 import math
@@ -38,13 +30,12 @@ class LoRAParametrization(nn.Module):
             raise ValueError(f"init={init!r} is not valid: expected one of {INITS}.")
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        if init == "normal":  # the blog post's choice, N(0, 1)
+        if init == "normal":  # the blog post's N(0, 1)
             nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
-        else:  # PEFT's and loralib's choice, the same as nn.Linear's own weights
+        else:  # PEFT's and loralib's, as nn.Linear's own weights
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
-        # alpha / r (the paper); rsLoRA (Kalajdzievski, 2023; PEFT's use_rslora) uses alpha / sqrt(r)
-        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank  # rsLoRA: alpha / sqrt(r)
         self.enabled = True
 
     def delta_weight(self) -> torch.Tensor:
@@ -60,32 +51,42 @@ class LoRAParametrization(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, enabled={self.enabled}"
 
 
+def lora_rank(lora: nn.Module) -> int:
+    return int(lora.lora_A.shape[0])
+
+
+def lora_alpha(lora: nn.Module) -> float:
+    """alpha as given, or worked back from scale = alpha / r (03's class keeps only the scale)."""
+    try:
+        return float(object.__getattribute__(lora, "alpha"))
+    except AttributeError:
+        return round(float(lora.scale) * lora_rank(lora), 12)
+
+
+def uses_rslora(lora: nn.Module) -> bool:
+    return bool(getattr(lora, "use_rslora", False))
+
+
 class LessonHelpers:
-    """What the package's helpers read from a LoRA module (`rank`, `alpha`, `use_rslora`,
-    `delta_weight()`), worked out for a class that keeps only lora_A, lora_B and scale, as 03's
-    does. Only a name the class itself lacks is answered here."""
+    """Answers what the package asks of a LoRA module (rank, alpha, use_rslora, delta_weight) for a
+    class that keeps only lora_A, lora_B and scale, as 03's does; names the class has win."""
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "rank":
-                return lora_rank(self)
-            if name == "alpha":
-                return round(float(self.scale) * lora_rank(self), 12)
-            if name == "use_rslora":
-                return False
-            if name == "delta_weight":
-                return lambda: (self.lora_B @ self.lora_A) * self.scale
-            raise
+            derived = {"rank": lora_rank, "alpha": lora_alpha, "use_rslora": lambda m: False,
+                       "delta_weight": lambda m: lambda: (m.lora_B @ m.lora_A) * m.scale}
+            if name not in derived:
+                raise
+            return derived[name](self)
 
 
 _with_helpers: dict[type, type] = {}
 
 
 def with_helpers(cls: type) -> type:
-    """`cls` with `LessonHelpers` added (the same class object for the same `cls`); the original is
-    kept as `lesson_class`, whose code names the files the class trains."""
+    """`cls` with `LessonHelpers` added (one class per `cls`), the original kept as `lesson_class`."""
     if cls not in _with_helpers:
         _with_helpers[cls] = type(cls.__name__, (LessonHelpers, cls), {"lesson_class": cls})
     return _with_helpers[cls]
@@ -95,13 +96,8 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
              target_modules: Iterable[str] | None = None, init: str = "normal",
              rank_pattern: dict[str, int] | None = None,
              alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False) -> nn.Module:
-    """Register a LoRA parametrization on the weight of each targeted Linear layer (all by default).
-
-    `rank_pattern` and `alpha_pattern` (PEFT's names) give some layers their own rank or alpha,
-    e.g. `rank=16, rank_pattern={"linear3": 10}`: a 10 x 2000 weight has rank at most 10.
-    `use_rslora` scales the update by alpha / sqrt(r) instead of alpha / r (PEFT's name).
-    Biases are left alone, as in the LoRA paper. Works in place and returns the model.
-    """
+    """LoRA on the weight of each targeted Linear layer (all by default), in place; biases are left
+    alone. `rank_pattern`/`alpha_pattern` (PEFT's names) give some layers their own rank or alpha."""
     layers = linear_layers(model)
     targets = list(layers) if target_modules is None else list(target_modules)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
@@ -114,13 +110,11 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
         raise ValueError(f"rank_pattern/alpha_pattern name {stray}, which LoRA does not adapt here: "
                          f"name only layers among target_modules={targets}.")
     for name in targets:
-        layer = layers[name]
+        layer, r = layers[name], rank_pattern.get(name, rank)
         limit = min(layer.in_features, layer.out_features)
-        r = rank_pattern.get(name, rank)
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
-            raise ValueError(f"rank={r!r} is not valid for layer {name} "
-                             f"({layer.out_features} x {layer.in_features}): expected an integer "
-                             f"from 1 to {limit}.")
+            raise ValueError(f"rank={r!r} is not valid for layer {name} ({layer.out_features} x "
+                             f"{layer.in_features}): expected an integer from 1 to {limit}.")
         if parametrize.is_parametrized(layer, "weight"):
             raise ValueError(f"Layer {name} already has a parametrization: call add_lora once.")
     for name in targets:
@@ -133,35 +127,15 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
 
 
 def is_lora(module: nn.Module) -> bool:
-    """A LoRA parametrization: this package's class, or any with `lora_A`, `lora_B` and `scale`
-    (03's class, written in the notebook, is one)."""
+    """This package's class, or any with `lora_A`, `lora_B` and `scale` (03's)."""
     return all(hasattr(module, name) for name in ("lora_A", "lora_B", "scale"))
-
-
-def lora_rank(lora: nn.Module) -> int:
-    return int(lora.lora_A.shape[0])
-
-
-def lora_alpha(lora: nn.Module) -> float:
-    """alpha as given, or worked back from the scale alpha / r for a class that keeps only that."""
-    if hasattr(lora, "alpha"):
-        return float(lora.alpha)
-    return round(float(lora.scale) * lora_rank(lora), 12)
-
-
-def uses_rslora(lora: nn.Module) -> bool:
-    return bool(getattr(lora, "use_rslora", False))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRAParametrization]:
     """The LoRA parametrizations of the model, by the name of the layer they adapt."""
-    found = {}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if is_lora(p):
-                    found[name] = p
-    return found
+    return {name: p for name, module in model.named_modules()
+            if parametrize.is_parametrized(module, "weight")
+            for p in module.parametrizations.weight if is_lora(p)}
 
 
 def _require_lora(model: nn.Module) -> dict[str, LoRAParametrization]:
@@ -181,13 +155,9 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
     """Freeze every parameter that is not LoRA's A or B; return the names frozen."""
     _require_lora(model)
-    frozen = []
     for name, param in model.named_parameters():
-        is_lora = "lora_" in name
-        param.requires_grad_(is_lora)
-        if not is_lora:
-            frozen.append(name)
-    return frozen
+        param.requires_grad_("lora_" in name)
+    return [name for name, _ in model.named_parameters() if "lora_" not in name]
 
 
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
@@ -199,21 +169,20 @@ def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
 @contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """`with disable_adapter(model):` runs the pre-trained model, then restores each layer's state."""
-    loras = _require_lora(model)
-    before = {name: lora.enabled for name, lora in loras.items()}
+    before = {lora: lora.enabled for lora in _require_lora(model).values()}
     try:
         set_adapter_enabled(model, False)
         yield model
     finally:
-        for name, lora in loras.items():
-            lora.enabled = before[name]
+        for lora, enabled in before.items():
+            lora.enabled = enabled
 
 
 def lora_parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(parameters of the base model, parameters LoRA adds)."""
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    return base, lora
+    named = list(model.named_parameters())
+    return (sum(p.numel() for n, p in named if "lora_" not in n),
+            sum(p.numel() for n, p in named if "lora_" in n))
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
@@ -226,21 +195,16 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 def describe_lora(model: nn.Module) -> str:
     """One line per adapted layer: W, bias, A and B shapes."""
-    lines = []
-    for name, lora in _require_lora(model).items():
-        layer = model.get_submodule(name)
-        lines.append(f"{name}: W {tuple(base_weight(layer).shape)} + bias {tuple(layer.bias.shape)}"
-                     f" + lora_A {tuple(lora.lora_A.shape)} + lora_B {tuple(lora.lora_B.shape)}")
-    return "\n".join(lines)
+    return "\n".join(
+        f"{name}: W {tuple(base_weight(layer).shape)} + bias {tuple(layer.bias.shape)} + lora_A "
+        f"{tuple(lora.lora_A.shape)} + lora_B {tuple(lora.lora_B.shape)}"
+        for name, lora in _require_lora(model).items() for layer in [model.get_submodule(name)])
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's own tensors under their plain names (`linear1.weight`), LoRA or not."""
-    plain = {}
-    for key, value in model.state_dict().items():
-        if "lora_" not in key:
-            plain[key.replace(".parametrizations.weight.original", ".weight")] = value
-    return plain
+    return {key.replace(".parametrizations.weight.original", ".weight"): value
+            for key, value in model.state_dict().items() if "lora_" not in key}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -249,14 +213,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold scale * B @ A into each weight and drop the parametrizations, in place.
-
-    The result is a plain model whose weights equal the parametrization's W' exactly, and
-    which runs as fast as the original: nothing is added to the forward pass any more.
-    Merge the model itself, not a `copy.deepcopy` of it: a deep copy of a parametrized module
-    shares its class with the original, and removing the parametrization from one breaks both
-    (a PyTorch limitation). To keep the adapter, reload it onto the base model afterwards.
-    """
+    """Fold scale * B @ A into each weight and drop the parametrizations, in place: a plain model as
+    fast as the original. Merge the model, not a deep copy: the copy shares the parametrized class,
+    and removing it from one breaks both (a PyTorch limitation)."""
     for name in _require_lora(model):
         layer = model.get_submodule(name)
         layer.parametrizations.weight[0].enabled = True
@@ -264,21 +223,23 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-class LoRALinear(nn.Module):
-    """A LoRA layer computed as W x + b + scale * B (A x): the low-rank path kept separate.
+def unload(model: nn.Module) -> nn.Module:
+    """Drop the parametrizations without merging: back to the base model, in place."""
+    for name in _require_lora(model):
+        parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=False)
+    return model
 
-    The parametrization rebuilds the full W + scale * B @ A at every forward and backward pass;
-    this computes the same output from the two thin products instead, which is several times
-    cheaper when training. It holds no tensors of its own: it reads the frozen W, the bias and
-    the LoRA module (A, B, scale, enabled) of a parametrized layer, so training it trains them.
-    """
+
+class LoRALinear(nn.Module):
+    """W x + b + scale * B (A x): the same output from two thin products instead of rebuilding
+    W + scale * B @ A every pass (several times cheaper to train). It reads a parametrized layer's
+    W, bias and LoRA module, holding no tensors of its own, so training it trains them."""
 
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
         if not parametrize.is_parametrized(layer, "weight"):
             raise ValueError("LoRALinear wraps a layer that add_lora has parametrized.")
-        self.weight = layer.parametrizations.weight.original
-        self.bias = layer.bias
+        self.weight, self.bias = layer.parametrizations.weight.original, layer.bias
         self.lora = layer.parametrizations.weight[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,12 +250,8 @@ class LoRALinear(nn.Module):
 
 
 def separate_path(model: nn.Module) -> nn.Module:
-    """The same model, sharing every parameter, with each LoRA layer computed as a LoRALinear.
-
-    Train this view for speed; the parametrized model sees every update, because both hold the
-    same tensors. Outputs agree with the parametrization to float rounding (about 1e-6), not
-    bit for bit: (x A^T) B^T and x (B A)^T add the same numbers in a different order.
-    """
+    """The same model, sharing every parameter, with each LoRA layer a LoRALinear: train this view
+    for speed. Outputs agree with the parametrization to float rounding (~1e-6), not bit for bit."""
     loras = _require_lora(model)
     shared = {id(t): t for t in [*model.parameters(), *model.buffers(), *loras.values()]}
     view = copy.deepcopy(model, memo=shared)
@@ -303,11 +260,3 @@ def separate_path(model: nn.Module) -> nn.Module:
         parent = view.get_submodule(parent_name) if parent_name else view
         setattr(parent, child, LoRALinear(model.get_submodule(name)))
     return view
-
-
-def unload(model: nn.Module) -> nn.Module:
-    """Drop the parametrizations without merging: back to the base model, in place."""
-    for name in _require_lora(model):
-        parametrize.remove_parametrizations(model.get_submodule(name), "weight",
-                                            leave_parametrized=False)
-    return model

@@ -1,12 +1,5 @@
-"""The deliberately over-sized MLP that the tutorial pre-trains and then adapts with LoRA.
-
-784 -> 1000 -> 2000 -> 10 is far more than MNIST needs (a tenth of it reaches 97 %); the
-size is the point: big weight matrices make LoRA's savings easy to see. The blog post calls
-it `RichBoyNet` (a network whose owner does not care what it costs); that name is kept as
-an alias so readers can match the post's code to ours.
-"""
-
-from __future__ import annotations
+"""The deliberately over-sized MLP the tutorial pre-trains and adapts: 784 -> 1000 -> 2000 -> 10 is far
+more than MNIST needs, and big weight matrices make LoRA's savings easy to see."""
 
 import torch
 from torch import nn
@@ -23,13 +16,11 @@ class OversizedMLP(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.reshape(-1, 28 * 28)
-        x = self.relu(self.linear1(x))
-        x = self.relu(self.linear2(x))
-        return self.linear3(x)
+        x = self.relu(self.linear1(images.reshape(-1, 28 * 28)))
+        return self.linear3(self.relu(self.linear2(x)))
 
 
-RichBoyNet = OversizedMLP  # the blog post's name for the same network
+RichBoyNet = OversizedMLP  # the blog post's name (its owner does not care what it costs)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -38,8 +29,8 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
-    """Each Linear layer's weight shape (out, in); without a model, the default network's, built
-    on the meta device (no memory, no time) so settings can check a rank before anything exists."""
+    """Each Linear weight's shape (out, in); without a model, the default network's, built on the meta
+    device (no memory, no time) so settings can check a rank before anything exists."""
     if model is None:
         with torch.device("meta"):
             model = OversizedMLP()
@@ -48,11 +39,9 @@ def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
 
 def describe_layers(model: nn.Module) -> str:
     """One line per Linear layer: weight and bias shapes, as (out_features, in_features)."""
-    lines = []
-    for name, layer in linear_layers(model).items():
-        w, b = tuple(layer.weight.shape), tuple(layer.bias.shape)
-        lines.append(f"{name}: weight {w} + bias {b} = {layer.weight.numel() + layer.bias.numel():,}")
-    return "\n".join(lines)
+    return "\n".join(f"{name}: weight {tuple(layer.weight.shape)} + bias {tuple(layer.bias.shape)} = "
+                     f"{layer.weight.numel() + layer.bias.numel():,}"
+                     for name, layer in linear_layers(model).items())
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,15 +1,5 @@
-"""The tutorial's steps as functions, so that every notebook can run alone or in order.
-
-A notebook asks for the model at the stage it teaches: `pretrained_model` loads the
-checkpoint written for these settings and 02's training loop, or pre-trains with that loop and
-writes it; `choose_target` decides the digit to fine-tune on from its errors on the training
-images; `lora_model` adds 03's LoRA class and freezes the rest; `save_finetuned` saves what 05's
-loop trained; `finetuned_model` loads that adapter, or fine-tunes with 05's loop when there is
-none. The lesson's code comes from the notebooks' cells (`lesson.py`), and its fingerprint is in
-every file's name, so a file made by other code is never found.
-"""
-
-from __future__ import annotations
+"""The tutorial's steps as functions, so that every notebook runs alone or in order. The lesson's
+code comes from the notebooks' cells (`lesson.py`) and its fingerprint names every file it makes."""
 
 import copy
 import math
@@ -43,9 +33,8 @@ Loop = Callable[[nn.Module, torch.Tensor, torch.Tensor, Settings], list[float]]
 
 
 def preflight(settings: Settings, check_device: bool = True) -> torch.device | None:
-    """What the settings need from this machine, checked before any work: the device is here
-    (unless the work runs elsewhere: `check_device=False`), the output folders can be written, a
-    data folder named explicitly holds MNIST's files. Returns the device."""
+    """Check before any work that the device is here (unless `check_device=False`), the output
+    folders can be written and a data folder named explicitly holds MNIST; return the device."""
     device = pick_device(settings.device) if check_device else None
     check_writable("output_dir", settings.output_path)
     check_writable("checkpoint_dir", settings.checkpoint_path)
@@ -56,8 +45,7 @@ def preflight(settings: Settings, check_device: bool = True) -> torch.device | N
 
 
 def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist]:
-    """Check the machine (`preflight`), load MNIST (the first `train_samples` images when set)
-    and move it to the device."""
+    """`preflight`, then MNIST (the first `train_samples` images when set) on the device."""
     device = preflight(settings)
     data = load_mnist(settings.data_dir, download=settings.download, verbose=verbose)
     if settings.train_samples is not None:
@@ -85,19 +73,6 @@ def post_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                                  desc="Pre-training (the post's loop)")
 
 
-def pretrain_loop(settings: Settings) -> Loop:
-    """The loop that pre-trains for these settings: 02's cell, or the post's own with
-    `pretrain_loop="post"` (or the package's copy of 02's, outside a clone of the project)."""
-    if settings.pretrain_loop == "post":
-        return post_pretrain
-    return lesson("pretrain") if available("pretrain") else package_pretrain
-
-
-def lora_class() -> type:
-    """The LoRA class 05 and 06 use: 03's cell (the package's own outside a clone)."""
-    return lesson("LoRAParametrization") if available("LoRAParametrization") else LoRAParametrization
-
-
 def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      settings: Settings) -> list[float]:
     """05's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
@@ -105,9 +80,20 @@ def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                  lr=settings.finetune_lr, seed=settings.lora_seed, progress=False)
 
 
+def pretrain_loop(settings: Settings) -> Loop:
+    """02's cell, or the post's loop (`pretrain_loop="post"`); the package's copy outside a clone."""
+    if settings.pretrain_loop == "post":
+        return post_pretrain
+    return lesson("pretrain") if available("pretrain") else package_pretrain
+
+
+def lora_class() -> type:
+    """03's cell (the package's own class outside a clone)."""
+    return lesson("LoRAParametrization") if available("LoRAParametrization") else LoRAParametrization
+
+
 def finetune_loop(settings: Settings) -> Loop | None:
-    """The loop that fine-tunes for these settings: 05's cell; None when the batches replay other
-    digits (`replay_share`, 09), which the package's `train_on_target` does."""
+    """05's cell; None when batches replay other digits (`replay_share`): `train_on_target` does that."""
     if settings.replay_share:
         return None
     return lesson("finetune_lora") if available("finetune_lora") else package_finetune
@@ -119,8 +105,7 @@ def pretrain_key(settings: Settings, data: Mnist, loop: Loop | None = None) -> d
 
 
 def finetune_key(settings: Settings, data: Mnist, lora: type | None = None, loop: Loop | None = None) -> dict:
-    """The settings, the data, and the code that decide an adapter: the LoRA class and the loop
-    (by default 03's and 05's cells; the package's `train_on_target` when batches replay)."""
+    """The settings, the data and the code (LoRA class, loops) that decide an adapter."""
     lora = lora or lora_class()
     loop = loop or finetune_loop(settings) or train_on_target
     return {**settings.finetune_key(), "data": data.identity, "pretrain_loop_code": code_fingerprint(
@@ -128,14 +113,18 @@ def finetune_key(settings: Settings, data: Mnist, lora: type | None = None, loop
 
 
 def pretrained_path(settings: Settings, data: Mnist, loop: Loop | None = None) -> Path:
-    key = pretrain_key(settings, data, loop)
-    name = f"pretrained-{fingerprint(key, data.identity)}.pt"
+    name = f"pretrained-{fingerprint(pretrain_key(settings, data, loop), data.identity)}.pt"
     return settings.checkpoint_path / name
 
 
 def adapter_path(settings: Settings, data: Mnist, lora: type | None = None, loop: Loop | None = None) -> Path:
     name = f"lora-{fingerprint(finetune_key(settings, data, lora, loop), data.identity)}.safetensors"
     return settings.output_path / "adapters" / name
+
+
+def _check_finite(losses: list[float], what: str, fix: str) -> None:
+    if not all(math.isfinite(float(x)) for x in losses):
+        raise FloatingPointError(f"{what} diverged (the loss became {losses[-1]}): {fix}")
 
 
 @dataclass
@@ -150,16 +139,11 @@ class Pretrained:
 
 def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop: Loop | None = None,
                      retrain: bool = False, verbose: bool = True) -> Pretrained:
-    """The pre-trained network for these settings: from its checkpoint, or trained and saved.
-
-    `loop` trains it: 02 passes the loop its cell defines; elsewhere it is read from 02's cell
-    (`pretrain_loop`). The checkpoint's name includes the loop's code, so an edited loop trains
-    afresh.
-    """
+    """The pre-trained network for these settings: from its checkpoint, or trained with `loop`
+    (02's cell by default) and saved under a name that includes the loop's code."""
     if settings.pretrain_loop == "post" or loop is None:
         loop = pretrain_loop(settings)
-    path = pretrained_path(settings, data, loop)
-    key = pretrain_key(settings, data, loop)
+    path, key = pretrained_path(settings, data, loop), pretrain_key(settings, data, loop)
     loaded = path.exists() and not retrain
     if loaded:
         payload = load_pretrained(path, key)
@@ -171,31 +155,23 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop
         if verbose:
             print(f"Loaded the pre-trained weights for these settings from {shown_path(path)}.")
     else:
-        # The post's seeding: one manual_seed, then the initial weights and the batch order are
-        # drawn from the global generator in that order, so the run follows the post's on a CPU.
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(settings.seed)  # the post's seeding: weights, then batch order, from it
         model = OversizedMLP().to(device)
         losses = [float(x) for x in loop(model, data.train_images, data.train_labels, settings)]
-        if not all(map(math.isfinite, losses)):
-            raise FloatingPointError(f"Pre-training diverged (the loss became {losses[-1]}): lower the "
-                                     f"learning rate (learning_rate={settings.learning_rate:g}).")
+        _check_finite(losses, "Pre-training",
+                      f"lower the learning rate (learning_rate={settings.learning_rate:g}).")
         training = evaluate(model, data.train_images, data.train_labels)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_pretrained(path, state, key, {"losses": losses, "training_confusion": training.confusion})
         if verbose:
             print(f"Saved the pre-trained weights to {shown_path(path)}.")
-    return Pretrained(model, losses, evaluate(model, data.test_images, data.test_labels), training, path,
-                      loaded)
+    test = evaluate(model, data.test_images, data.test_labels)
+    return Pretrained(model, losses, test, training, path, loaded)
 
 
 def choose_target(settings: Settings, pretrained: Pretrained, verbose: bool = True) -> Settings:
-    """The settings with the digit to fine-tune on decided, and said in one line.
-
-    A digit given as a number stays. "worst" (the default) becomes the digit the pre-trained
-    network gets wrong most on its training images, as the post chose 9 from its own run. The
-    test images are not looked at: a choice made on them would flatter the results reported on
-    them. Checkpoints and adapters are keyed on the digit itself.
-    """
+    """The settings with the target digit decided: "worst" becomes the digit most often wrong on the
+    training images (never the test images, which would flatter the results reported on them)."""
     if settings.target_digit != WORST:
         if verbose:
             print(f"Target digit: {settings.target_digit} (given)")
@@ -209,15 +185,11 @@ def choose_target(settings: Settings, pretrained: Pretrained, verbose: bool = Tr
 
 
 def describe_target(digit: int, rule: str | None) -> str:
-    """'9 (the worst)' or '9 (given)': the target digit and how it was decided, for summaries."""
     return f"{digit} (the worst)" if rule == WORST else f"{digit} (given)"
 
 
 def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
-    """A copy of `base` with LoRA added (`add_lora`'s arguments) and everything else frozen.
-
-    LoRA's A is drawn at random right after seeding with `seed`, so the same seed gives the same A.
-    """
+    """A copy of `base` with `add_lora(**lora_args)` (A drawn right after seeding) and the rest frozen."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     add_lora(model, **lora_args)
@@ -226,9 +198,8 @@ def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
 
 
 def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
-    """A copy of `base` with 03's LoRA class on the target layers (all by default), A drawn right
-    after seeding with the fine-tuning seed, and everything else frozen (04)."""
-    lora = with_helpers(lora_class())  # answers what the package's helpers ask of a LoRA module
+    """`lora_copy` with 03's class on the target layers (all by default), as 04 freezes it."""
+    lora = with_helpers(lora_class())
     model = copy.deepcopy(base)
     torch.manual_seed(settings.lora_seed)
     layers = linear_layers(model)
@@ -260,15 +231,9 @@ def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str
 
 def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True,
              fast_path: bool = True) -> list[float]:
-    """Train the LoRA adapter on the target digit with the package's loop; save it; return the losses.
-
-    With `fast_path` the steps run through `separate_path(model)`, which trains the very same
-    A and B without rebuilding W + scale * B @ A at every step; `fast_path=False` trains
-    through the parametrization itself (slower; results equal up to float rounding). The file's
-    name records the package's loop, so 06 does not mistake it for what 05's loop made.
-    """
-    trained = separate_path(model) if fast_path else model
-    losses = train_on_target(settings, data, trained, verbose=verbose)
+    """Fine-tune with the package's loop (through `separate_path` unless `fast_path=False`), save the
+    adapter under that loop's name (06 never mistakes it for 05's) and return the losses."""
+    losses = train_on_target(settings, data, separate_path(model) if fast_path else model, verbose=verbose)
     _save(settings, data, model, train_on_target, verbose)
     return losses
 
@@ -285,36 +250,32 @@ def _save(settings: Settings, data: Mnist, model: nn.Module, loop: Callable, ver
 
 def save_finetuned(settings: Settings, data: Mnist, model: nn.Module, loop: Loop, losses: list[float],
                    verbose: bool = True) -> Path:
-    """Save what `loop` (05's cell) trained, named by the settings and by the code of the loop and
-    of the LoRA class, so that 06 finds it only while that code is unchanged. A run whose loss
-    stopped being finite is refused, not saved."""
-    if not all(math.isfinite(float(x)) for x in losses):
-        raise FloatingPointError(f"Fine-tuning diverged (the loss became {losses[-1]}): nothing was "
-                                 f"saved. Lower finetune_learning_rate={settings.finetune_lr:g} or "
-                                 f"alpha={settings.alpha:g}.")
+    """Save what `loop` (05's cell) trained, keyed by its code and the LoRA class's; refuse a run
+    whose loss stopped being finite."""
+    _check_finite(losses, "Fine-tuning", f"nothing was saved. Lower finetune_learning_rate="
+                  f"{settings.finetune_lr:g} or alpha={settings.alpha:g}.")
     return _save(settings, data, model, loop, verbose)
 
 
 def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: bool = True) -> nn.Module:
-    """The fine-tuned LoRA model: the adapter 05's loop saved for these settings on `base`, or
-    fine-tuned now with 05's loop (read from its cell) if there is none.
-    `model.finetune_seconds` says how long fine-tuning took, or None when the adapter was loaded."""
+    """The adapter 05's loop saved for these settings on `base`, or fine-tuned now with 05's loop;
+    `model.finetune_seconds` is None when it was loaded."""
     model = lora_model(settings, base)
     loop = finetune_loop(settings)
     path = adapter_path(settings, data)
-    model.finetune_seconds = None  # fine-tuning time; None when the adapter was loaded from its file
-    if not path.exists():
-        started = time.perf_counter()
-        if loop is None:  # batches that replay other digits: the package's loop
-            losses = train_on_target(settings, data, model, verbose=verbose)
-        else:
-            losses = loop(model, *fit_subset(data, settings.target_digit), settings)
-        save_finetuned(settings, data, model, loop or train_on_target, losses, verbose)
-        model.finetune_seconds = time.perf_counter() - started
+    model.finetune_seconds = None
+    if path.exists():
+        load_adapter(model, path, finetune_key(settings, data))
+        if verbose:
+            print(f"Loaded the LoRA adapter for these settings from {shown_path(path)}.")
         return model
-    load_adapter(model, path, finetune_key(settings, data))
-    if verbose:
-        print(f"Loaded the LoRA adapter for these settings from {shown_path(path)}.")
+    started = time.perf_counter()
+    if loop is None:
+        losses = train_on_target(settings, data, model, verbose=verbose)
+    else:
+        losses = loop(model, *fit_subset(data, settings.target_digit), settings)
+    save_finetuned(settings, data, model, loop or train_on_target, losses, verbose)
+    model.finetune_seconds = time.perf_counter() - started
     return model
 
 
@@ -328,19 +289,14 @@ def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on:
         "data": {"source": data.source, "location": data.location, "identity": data.identity,
                  "train_images": len(data.train_labels), "test_images": len(data.test_labels),
                  "validation_images": int(data.validation.sum())},
-        "base_parameters": base_parameters,
-        "lora_parameters": lora_parameters,
+        "base_parameters": base_parameters, "lora_parameters": lora_parameters,
         "lora_share_percent": 100 * lora_parameters / base_parameters,
         "worst_digit_pretrained": pretrained.worst_digit(),
-        "target_digit": digit,
-        "target_rule": settings.target_rule,  # "worst": chosen on the training images
+        "target_digit": digit, "target_rule": settings.target_rule,
         "target_wrong_before": pretrained.wrong_counts[digit],
         "target_wrong_after": lora_on.wrong_counts[digit],
         "other_digits_accuracy_before": pretrained.mean_accuracy_except(digit),
         "other_digits_accuracy_after": lora_on.mean_accuracy_except(digit),
-        "lora_off_equals_pretrained": lora_off == pretrained,
-        "finetune_seconds": finetune_seconds,
-        "pretrained": pretrained.as_dict(),
-        "lora_on": lora_on.as_dict(),
-        "lora_off": lora_off.as_dict(),
+        "lora_off_equals_pretrained": lora_off == pretrained, "finetune_seconds": finetune_seconds,
+        "pretrained": pretrained.as_dict(), "lora_on": lora_on.as_dict(), "lora_off": lora_off.as_dict(),
     }

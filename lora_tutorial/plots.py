@@ -1,7 +1,5 @@
 """Every figure the notebooks show. Each function returns the matplotlib Figure."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -11,9 +9,10 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullForm
 
 from .data import MEAN, STD
 
-# Jupyter's inline backend draws figures on a transparent background, which leaves black text on
-# JupyterLab's dark theme unreadable: every figure here gets an opaque white one.
-BACKGROUND = "white"
+BACKGROUND = "white"  # opaque: Jupyter's transparent default is unreadable on a dark theme
+# 07's scaling rules: colour, and the factor in front of B @ A
+SCALING_STYLE = {"alpha fixed": ("tab:blue", "alpha / r"), "alpha = r": ("tab:red", "1"),
+                 "rsLoRA": ("tab:green", "alpha / sqrt(r)")}
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[plt.Figure, object]:
@@ -40,13 +39,17 @@ def legend_below(fig: plt.Figure, ax, title: str, bottom: float) -> None:
     fig.tight_layout(rect=(0, bottom, 1, 1))
 
 
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    return (images.detach().cpu() * STD + MEAN).clamp(0, 1)  # undo the normalisation
+
+
 def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, columns: int = 8,
                 title: str = "MNIST samples") -> plt.Figure:
     """A grid of the first `count` images, each titled with its label."""
     count = min(count, len(images))
     rows = -(-count // columns)
     fig, axes = new_figure(rows, columns, figsize=(columns * 1.1, rows * 1.3))
-    pixels = (images[:count].detach().cpu() * STD + MEAN).clamp(0, 1).numpy()  # undo the normalisation
+    pixels = _pixels(images[:count]).numpy()
     for i, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
         if i < count:
@@ -76,40 +79,58 @@ def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-trai
     return fig
 
 
+def _mark_target(ax, digit: int) -> None:
+    ax.axvspan(digit - 0.5, digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
+               label=f"target digit {digit}")
+
+
 def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit: int,
                       labels: tuple[str, str] = ("pre-trained", "with LoRA")) -> plt.Figure:
     """Wrong answers per digit, two bars each; the target digit's pair is highlighted."""
-    digits = np.arange(10)
     fig, ax = new_figure(figsize=(8, 3.8))
-    ax.bar(digits - 0.2, before, width=0.4, label=labels[0], color="tab:gray")
-    ax.bar(digits + 0.2, after, width=0.4, label=labels[1], color="tab:orange")
-    ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
-               label=f"target digit {target_digit}")
-    for x, (b, a) in enumerate(zip(before, after, strict=True)):
-        ax.text(x - 0.2, b, str(b), ha="center", va="bottom", fontsize=8)
-        ax.text(x + 0.2, a, str(a), ha="center", va="bottom", fontsize=8)
-    ax.set(xticks=digits, xlabel="true digit", ylabel="wrong answers (test set)",
+    for shift, counts, label, color in ((-0.2, before, labels[0], "tab:gray"),
+                                        (0.2, after, labels[1], "tab:orange")):
+        ax.bar(np.arange(10) + shift, counts, width=0.4, label=label, color=color)
+        for x, count in enumerate(counts):
+            ax.text(x + shift, count, str(count), ha="center", va="bottom", fontsize=8)
+    _mark_target(ax, target_digit)
+    ax.set(xticks=np.arange(10), xlabel="true digit", ylabel="wrong answers (test set)",
            title="Wrong answers per digit")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
+def _mean_and_bars(groups: Sequence[Sequence[float]]) -> tuple[list[float], list[list[float]]]:
+    """Each group's mean, and matplotlib's error bars down to its minimum and up to its maximum."""
+    means = [sum(g) / len(g) for g in groups]
+    return means, [[m - min(g) for m, g in zip(means, groups, strict=True)],
+                   [max(g) - m for m, g in zip(means, groups, strict=True)]]
+
+
+def _count_axis(ax, which: str) -> None:
+    """Symlog for counts (linear below 1), so 0 wrong answers and the pre-trained tens both fit."""
+    getattr(ax, f"set_{which}scale")("symlog", linthresh=1)
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(FixedLocator([0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    axis.set_minor_formatter(NullFormatter())
+    getattr(ax, f"set_{which}lim")(-0.3, max(getattr(ax, f"get_{which}lim")()[1], 1) * 1.4)
+
+
 def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
-    """The papermill sweep's table drawn two ways: the target digit's wrong answers and the other
-    digits' accuracy against the rank (`sweep_rank.png`), and the two against each other, one
-    point per configuration (`sweep_tradeoff.png`); with several seeds, the mean and min-max bars."""
+    """The sweep's table against the rank (`sweep_rank.png`: the target digit's wrong answers, the
+    other digits' accuracy) and as a trade-off (`sweep_tradeoff.png`); mean and min-max over seeds."""
     done = [r for r in rows if r["status"] == "done"]
     series: dict[tuple, dict[int, list[dict]]] = {}
     for r in done:  # one series per alpha rule ("rank": alpha = r), digit and step count
-        rule = "rank" if r["alpha"] == r["rank"] != 1 else r["alpha"]
-        key = (rule, r["target_digit"], r["finetune_steps"])
+        key = ("rank" if r["alpha"] == r["rank"] != 1 else r["alpha"], r["target_digit"], r["finetune_steps"])
         series.setdefault(key, {}).setdefault(r["rank"], []).append(r)
     for (rule, digit, steps), by_rank in list(series.items()):  # rank 1 with alpha 1 is also alpha = r
         shared = series.get((1.0, digit, steps), {})
         if rule == "rank" and 1 in shared and 1 not in by_rank:
             by_rank[1] = shared[1]
-            if set(shared) == {1}:  # that series held nothing else
+            if set(shared) == {1}:
                 del series[(1.0, digit, steps)]
     rank_fig, (left, right) = new_figure(1, 2, figsize=(11, 4))
     trade_fig, trade = new_figure(figsize=(8, 4.8))
@@ -117,89 +138,47 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
     for (alpha, digit, steps), by_rank in sorted(series.items(), key=str):
         ranks = sorted(by_rank)
         label = f"alpha={'r' if alpha == 'rank' else f'{alpha:g}'}, digit {digit}, {steps} steps"
-        wrong = [_spread_cell([r["target_wrong_after"] for r in by_rank[k]]) for k in ranks]
-        others = [_spread_cell([100 * r["other_digits_accuracy_after"] for r in by_rank[k]]) for k in ranks]
-        line = left.errorbar(ranks, *_mean_and_bars(wrong), fmt="o-", capsize=3, label=label)
-        color = line[0].get_color()
-        right.errorbar(ranks, *_mean_and_bars(others), fmt="s--", capsize=3, color=color, label=label)
-        (wx, wxerr), (oy, oyerr) = _mean_and_bars(wrong), _mean_and_bars(others)
+        wx, wxerr = _mean_and_bars([[r["target_wrong_after"] for r in by_rank[k]] for k in ranks])
+        oy, oyerr = _mean_and_bars([[100 * r["other_digits_accuracy_after"] for r in by_rank[k]]
+                                    for k in ranks])
+        color = left.errorbar(ranks, wx, wxerr, fmt="o-", capsize=3, label=label)[0].get_color()
+        right.errorbar(ranks, oy, oyerr, fmt="s--", capsize=3, color=color, label=label)
         trade.errorbar(wx, oy, xerr=wxerr, yerr=oyerr, fmt="o", capsize=3, color=color, label=label)
         for x, y, k in zip(wx, oy, ranks, strict=True):
             trade.annotate(f"r={k}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        first = by_rank[ranks[0]][0]
         if digit not in before_shown:  # the pre-trained network's values for this digit
             before_shown.add(digit)
-            wrong_before = first["target_wrong_before"]
-            others_before = 100 * first["other_digits_accuracy_before"]
-            left.axhline(wrong_before, color="gray", linestyle=":", linewidth=0.9,
-                         label=f"pre-trained (digit {digit})")
-            right.axhline(others_before, color="gray", linestyle=":", linewidth=0.9,
-                          label=f"pre-trained (digit {digit})")
-            trade.scatter([wrong_before], [others_before], marker="x", color="gray", zorder=3,
-                          label=f"pre-trained (digit {digit})")
-    all_ranks = sorted({r["rank"] for r in done}) or [1]
+            first, before = by_rank[ranks[0]][0], f"pre-trained (digit {digit})"
+            wrong, others = first["target_wrong_before"], 100 * first["other_digits_accuracy_before"]
+            left.axhline(wrong, color="gray", linestyle=":", linewidth=0.9, label=before)
+            right.axhline(others, color="gray", linestyle=":", linewidth=0.9, label=before)
+            trade.scatter([wrong], [others], marker="x", color="gray", zorder=3, label=before)
     for ax in (left, right):
-        _rank_axis(ax, all_ranks)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["rank"] for r in done}) or [1])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     _count_axis(left, "y")
+    others_label = "mean accuracy, the other nine digits (%)"
     left.set(xlabel="LoRA rank r", ylabel="wrong answers on the target digit (test images)",
              title="Target digit (symlog scale)")
-    right.set(xlabel="LoRA rank r", ylabel="mean accuracy, the other nine digits (%)",
-              title="The other digits")
+    right.set(xlabel="LoRA rank r", ylabel=others_label, title="The other digits")
     left.legend(fontsize=8)
     rank_fig.suptitle("What LoRA's rank buys (mean and min-max over the seeds)")
     rank_fig.tight_layout()
     _count_axis(trade, "x")
     trade.set(xlabel="wrong answers on the target digit, test images (fewer is better; symlog scale)",
-              ylabel="mean accuracy, the other nine digits (%)",
-              title="Fixing the target digit against keeping the others")
+              ylabel=others_label, title="Fixing the target digit against keeping the others")
     trade.legend(fontsize=8)
     trade.grid(alpha=0.3)
     trade_fig.tight_layout()
     return {"sweep_rank.png": rank_fig, "sweep_tradeoff.png": trade_fig}
 
 
-# 07's rank study ---------------------------------------------------------------------------
-
-# How each scaling rule is drawn: its colour and the factor in front of B @ A.
-SCALING_STYLE = {"alpha fixed": ("tab:blue", "alpha / r"), "alpha = r": ("tab:red", "1"),
-                 "rsLoRA": ("tab:green", "alpha / sqrt(r)")}
-
-
-def _spread_cell(values: Sequence[float]) -> dict:
-    return {"mean": sum(values) / len(values), "low": min(values), "high": max(values)}
-
-
-def _mean_and_bars(cells: Sequence[dict], factor: float = 1.0) -> tuple[list[float], list[list[float]]]:
-    """Means, and the distances down to the minimum and up to the maximum (matplotlib's bars)."""
-    means = [factor * c["mean"] for c in cells]
-    return means, [[m - factor * c["low"] for m, c in zip(means, cells, strict=True)],
-                   [factor * c["high"] - m for m, c in zip(means, cells, strict=True)]]
-
-
-def _rank_axis(ax, ranks: Sequence[int]) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ranks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _count_axis(ax, which: str) -> None:
-    """A symlog axis for counts: linear from 0 to 1, logarithmic above, so that 0 wrong answers
-    and the pre-trained network's tens both fit and the small counts stay readable."""
-    (ax.set_yscale if which == "y" else ax.set_xscale)("symlog", linthresh=1)
-    axis = ax.yaxis if which == "y" else ax.xaxis
-    axis.set_major_locator(FixedLocator([0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    axis.set_minor_formatter(NullFormatter())
-    low, high = ax.get_ylim() if which == "y" else ax.get_xlim()
-    (ax.set_ylim if which == "y" else ax.set_xlim)(-0.3, max(high, 1) * 1.4)  # room above the largest
-
-
 def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
                             target_digit: int, images: str = "test images") -> plt.Figure:
-    """Each digit's accuracy after fine-tuning (bars from zero: the mean over runs, with their
-    min-max), the pre-trained accuracy as a reference mark on each bar, and the mean change in
-    points written above it. `after` is one run's ten accuracies, or one list per seed."""
+    """Each digit's accuracy after fine-tuning (one run, or one list per seed: mean and min-max bars),
+    the pre-trained accuracy marked on each bar and the mean change in points above it."""
     fig, ax = new_figure(figsize=(8, 3.8))
     _per_digit_bars(ax, before, after, target_digit, images)
     ax.set_title("Accuracy per digit after fine-tuning (numbers: mean change in points)")
@@ -207,19 +186,15 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Se
     return fig
 
 
-def _per_digit_bars(ax, before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
-                    target_digit: int, images: str) -> None:
-    digits = np.arange(10)
-    before = 100 * np.asarray(before, dtype=float)
+def _per_digit_bars(ax, before, after, target_digit: int, images: str) -> None:
+    digits, before = np.arange(10), 100 * np.asarray(before, dtype=float)
     runs = 100 * np.atleast_2d(np.asarray(after, dtype=float))
-    mean, low, high = runs.mean(axis=0), runs.min(axis=0), runs.max(axis=0)
-    what = f"after LoRA fine-tuning (mean of {len(runs)} seeds, min-max)" if len(runs) > 1 else \
-        "after LoRA fine-tuning"
-    ax.bar(digits, mean, width=0.6, color="tab:orange", label=what,
-           yerr=np.clip([mean - low, high - mean], 0, None) if len(runs) > 1 else None, capsize=3)
+    mean, several = runs.mean(axis=0), len(runs) > 1
+    what = "after LoRA fine-tuning" + (f" (mean of {len(runs)} seeds, min-max)" if several else "")
+    ax.bar(digits, mean, width=0.6, color="tab:orange", label=what, capsize=3,
+           yerr=np.clip([mean - runs.min(axis=0), runs.max(axis=0) - mean], 0, None) if several else None)
     ax.hlines(before, digits - 0.38, digits + 0.38, color="black", linewidth=2, label="pre-trained", zorder=3)
-    ax.axvspan(target_digit - 0.5, target_digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
-               label=f"target digit {target_digit}")
+    _mark_target(ax, target_digit)
     for x, (b, a) in enumerate(zip(before, mean, strict=True)):
         ax.text(x, max(a, b) + 1.5, f"{a - b:+.1f}", ha="center", va="bottom", fontsize=8)
     ax.set(xticks=digits, xlabel="true digit", ylabel=f"accuracy on the {images} (%)", ylim=(0, 112))
@@ -228,13 +203,11 @@ def _per_digit_bars(ax, before: Sequence[float], after: Sequence[float] | Sequen
 
 def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence[float], target_digit: int,
                title: str, images: str = "validation images") -> plt.Figure:
-    """The explorer's figure for one fine-tuning run: each digit's accuracy before and after (as
-    `plot_per_digit_accuracy`) beside the loss of every fine-tuning step and its running mean."""
+    """The explorer's run: `plot_per_digit_accuracy`'s bars beside every step's loss and its running mean."""
     fig, (bars, curve) = new_figure(1, 2, figsize=(11, 3.9), gridspec_kw={"width_ratios": [3, 2]})
     _per_digit_bars(bars, before, after, target_digit, images)
     bars.set_title("Accuracy per digit (numbers: change in points)", fontsize=10)
-    steps = np.arange(1, len(losses) + 1)
-    window = max(1, min(20, len(losses) // 5))
+    steps, window = np.arange(1, len(losses) + 1), max(1, min(20, len(losses) // 5))
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     curve.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="one batch")
     curve.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=2, label=f"mean of {window} steps")
@@ -247,9 +220,8 @@ def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence
     return fig
 
 
-def _as_pixels(direction: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
-    """A 784-long direction as a 28 x 28 image of unit length, its sign turned to agree with
-    `reference` (a direction's sign means nothing, so the pictures are made comparable)."""
+def _unit_image(direction: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
+    """A 784-long direction as a unit-length 28 x 28 image, its (meaningless) sign matched to `reference`."""
     unit = direction.detach().double().cpu().flatten()
     unit = unit / unit.norm()
     if reference is not None and float(unit @ reference) < 0:
@@ -259,26 +231,22 @@ def _as_pixels(direction: torch.Tensor, reference: torch.Tensor | None) -> np.nd
 
 def plot_input_directions(rows: dict[str, torch.Tensor], title: str,
                           captions: dict[str, list[str]] | None = None) -> plt.Figure:
-    """Directions in the 784-pixel input space as 28 x 28 images: one row of images per entry of
-    `rows` (a (k, 784) tensor: A's rows, or singular vectors as rows), each scaled to unit length,
-    on one shared colour scale with a colour bar. Signs are matched to the first image of the
-    first row, so that the same direction looks the same wherever it appears (for a direction
-    unrelated to it the sign is arbitrary). `captions` gives a row's images their own titles."""
+    """Input-space directions ((k, 784) tensors: A's rows, singular vectors) as unit-length images, a
+    row per entry, on one colour scale; signs matched to the first image so the same direction looks
+    the same everywhere. `captions` gives a row's images their own titles."""
     columns = max(len(t) for t in rows.values())
     fig, axes = new_figure(len(rows), columns, figsize=(1.9 * columns + 1.6, 2.0 * len(rows) + 0.6),
                            squeeze=False)
-    reference = torch.from_numpy(_as_pixels(next(iter(rows.values()))[0], None).flatten())
-    pictures = {name: [_as_pixels(d, reference) for d in t] for name, t in rows.items()}
+    reference = torch.from_numpy(_unit_image(next(iter(rows.values()))[0], None).flatten())
+    pictures = {name: [_unit_image(d, reference) for d in t] for name, t in rows.items()}
     limit = max(float(np.abs(p).max()) for ps in pictures.values() for p in ps)
-    shown = None
     for r, (name, images) in enumerate(pictures.items()):
         for c in range(columns):
-            ax = axes[r, c]
-            ax.axis("off")
+            axes[r, c].axis("off")
             if c < len(images):
-                shown = ax.imshow(images[c], cmap="RdBu_r", vmin=-limit, vmax=limit)
+                shown = axes[r, c].imshow(images[c], cmap="RdBu_r", vmin=-limit, vmax=limit)
                 caption = (captions or {}).get(name, [f"direction {i + 1}" for i in range(len(images))])[c]
-                ax.set_title(f"{name}\n{caption}" if c == 0 else caption, fontsize=8, loc="left")
+                axes[r, c].set_title(f"{name}\n{caption}" if c == 0 else caption, fontsize=8, loc="left")
     bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8)
     bar.set_label("pixel weight in a unit-length direction (no unit; 1/28 = 0.036 if spread evenly)")
     fig.suptitle(title)
@@ -288,22 +256,19 @@ def plot_input_directions(rows: dict[str, torch.Tensor], title: str,
 def show_changed_predictions(images: torch.Tensor, labels: torch.Tensor, before: torch.Tensor,
                              after: torch.Tensor, count: int = 8,
                              title: str = "Test images whose prediction changed") -> plt.Figure:
-    """Two rows of test images whose predicted digit changed: fixed (wrong before, right after)
-    and broken (right before, wrong after), the first `count` of each, titled 'before -> after'."""
+    """The first `count` test images fixed (wrong before, right after) and broken (the reverse)."""
     fixed = ((before != labels) & (after == labels)).nonzero().flatten()[:count]
     broken = ((before == labels) & (after != labels)).nonzero().flatten()[:count]
     fig, axes = new_figure(2, count, figsize=(1.15 * count, 3.2), squeeze=False)
-    pixels = (images.detach().cpu() * STD + MEAN).clamp(0, 1)
-    for r, (name, picked) in enumerate((("fixed", fixed), ("broken", broken))):
+    pixels = _pixels(images)
+    for r, (name, picked, color) in enumerate((("fixed", fixed, "tab:green"), ("broken", broken, "tab:red"))):
         for c in range(count):
-            ax = axes[r, c]
-            ax.axis("off")
+            axes[r, c].axis("off")
             if c < len(picked):
                 i = int(picked[c])
-                ax.imshow(pixels[i].reshape(28, 28).numpy(), cmap="gray_r")
-                ax.set_title(f"{name}: {int(before[i])} -> {int(after[i])}" if c == 0
-                             else f"{int(before[i])} -> {int(after[i])}", fontsize=8,
-                             color="tab:green" if name == "fixed" else "tab:red")
+                axes[r, c].imshow(pixels[i].reshape(28, 28).numpy(), cmap="gray_r")
+                change = f"{int(before[i])} -> {int(after[i])}"
+                axes[r, c].set_title(f"{name}: {change}" if c == 0 else change, fontsize=8, color=color)
     fig.suptitle(title + " (predicted before -> with LoRA)")
     fig.tight_layout()
     return fig

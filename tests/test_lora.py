@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from lora_tutorial import (
-    LoRALinear,
     LoRAParametrization,
     OversizedMLP,
     add_lora,
@@ -21,8 +20,8 @@ from lora_tutorial import (
     print_trainable_parameters,
     separate_path,
     set_adapter_enabled,
-    unload,
 )
+from lora_tutorial.lora import LoRALinear, unload
 
 
 def lora_net(rank=1, alpha=1.0, seed=0, **kwargs):
