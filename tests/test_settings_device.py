@@ -222,3 +222,11 @@ def test_an_empty_or_missing_data_folder_is_refused_before_any_work(tmp_path):
         preflight(settings)
     with pytest.raises(MnistError, match=r"The MNIST folder .*nowhere \(data_dir\) does not exist"):
         preflight(Settings(data_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "out")))
+
+
+def test_a_gpu_index_beyond_the_visible_ones_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto").type == "cuda" and pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(SettingsError, match=r"device='cuda:2'.* only 2 GPU\(s\) .*cuda:0 to cuda:1"):
+        pick_device("cuda:2")
