@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_tutorial.report import published
 from lora_tutorial.settings import project_root
 from lora_tutorial.tools import readme
 from lora_tutorial.tools.readme import (
@@ -15,7 +16,6 @@ from lora_tutorial.tools.readme import (
     figures,
     main,
     notebook_figure,
-    notebook_results,
     render,
 )
 
@@ -27,7 +27,7 @@ def test_the_readme_tables_match_the_committed_notebooks(capsys):
 def test_a_number_edited_by_hand_in_a_table_is_caught():
     root = project_root()
     readme = (root / "README.md").read_text()
-    found = notebook_results(root / "notebooks")
+    found = published(root / "notebooks" / "06_compare.ipynb")["results"]
     blocks = {m.group("name") for m in BLOCK.finditer(readme)}
     assert blocks == {"results"}
     assert {m.group("name") for m in BLOCK.finditer((root / "docs" / "running.md").read_text())} == {

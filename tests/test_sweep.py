@@ -29,8 +29,8 @@ LAYERS = [(m.in_features, m.out_features) for m in linear_layers(OversizedMLP())
 def swept(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     configs = configurations([1, 4], None, False, [9], [0], [10], SMALL)
-    rows = sweep(configs, out, SMALL, jobs=2, progress=False)
-    return out, configs, rows
+    table = sweep(configs, out, SMALL, jobs=2, progress=False)
+    return out, configs, table
 
 
 # -- the Ray engine ------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class TestOnARayCluster:
         assert re.search(r"Pre-trained it in \d+ s on .+ \((\w{8})\)", done.stdout)[1] in {
             r["node"][:8] for r in rows}
         # the same numbers as the local engine for the same configurations (CPU runs are deterministic)
-        local_rows = swept[2]
+        local_rows = swept[2].to_dict("records")
         ignore = {*sweep_module.WHERE, "finetune_seconds"}
         assert [{k: v for k, v in r.items() if k not in ignore} for r in rows] == [
             {k: v for k, v in r.items() if k not in ignore} for r in local_rows]
@@ -103,7 +103,7 @@ class TestOnARayCluster:
         before = files(out)
         again, _ = ray_sweep(ray_cluster.address, out)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert "All 2 configuration(s) had finished already: nothing to run." in again.stdout
+        assert "All 2 configuration(s) had finished already" in again.stdout
         assert files(out) == before, "a second run re-ran finished work"
         assert json.loads((out / "sweep.json").read_text()) == rows
 
@@ -125,10 +125,12 @@ class TestOnARayCluster:
 
 @pytest.mark.slow
 def test_table_columns_and_values(swept):
-    out, configs, rows = swept
+    out, configs, table = swept
+    rows = table.to_dict("records")
     with (out / "sweep.csv").open() as f:
-        table = list(csv.DictReader(f))
-    assert list(table[0]) == COLUMNS and json.loads((out / "sweep.json").read_text()) == rows
+        written = list(csv.DictReader(f))
+    assert list(written[0]) == COLUMNS and json.loads((out / "sweep.json").read_text()) == rows
+    assert int(written[0]["lora_parameters"]) == rows[0]["lora_parameters"]  # whole numbers stay whole
     for r, rank in zip(rows, (1, 4), strict=True):
         assert r["status"] == "done" and r["rank"] == rank and r["alpha"] == 1.0  # fixed while r varies
         assert r["lora_parameters"] == rank * sum(i + o for i, o in LAYERS)
@@ -142,17 +144,17 @@ def test_table_columns_and_values(swept):
 
 @pytest.mark.slow
 def test_a_second_run_reruns_nothing(swept, monkeypatch):
-    out, configs, rows = swept
+    out, configs, table = swept
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("finished work was run again"))
-    monkeypatch.setattr(sweep_module, "pretrain_once", lambda *a: pytest.fail("pre-trained again"))
-    assert sweep(configs, out, SMALL, progress=False) == rows
+    monkeypatch.setattr(sweep_module, "prepare", lambda *a: pytest.fail("pre-trained again"))
+    assert sweep(configs, out, SMALL, progress=False).equals(table)
 
 
 def test_a_folder_of_runs_with_other_parameters_is_refused_before_anything_runs(swept, monkeypatch, capsys):
     out, configs, _ = swept
     before = {c.name: (out / c.name / "results.json").read_bytes() for c in configs}
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("a configuration was run"))
-    monkeypatch.setattr(sweep_module, "pretrain_once", lambda *a: pytest.fail("pre-trained"))
+    monkeypatch.setattr(sweep_module, "prepare", lambda *a: pytest.fail("pre-trained"))
     other = r"holds a run made with other parameters \(replay_share=0.0 there, 0.3 now\)"
     with pytest.raises(SettingsError, match=other):
         sweep(configs, out, {**SMALL, "replay_share": 0.3}, progress=False)
@@ -221,11 +223,11 @@ def test_an_interrupted_sweep_keeps_what_finished_and_resumes_the_rest(swept, mo
     assert finished(configs[1], out) and not finished(configs[2], out)
 
     ran.clear()
-    monkeypatch.setattr(sweep_module, "run_one", lambda config, *a: ran.append(config.rank) or {
-        "status": "failed", "error": "not run in this test"})
-    rows = sweep(configs, out, SMALL, jobs=1, progress=False)
+    monkeypatch.setattr(sweep_module, "run_one", lambda config, *a: ran.append(config.rank) or
+                        sweep_module.row(config, error="not run in this test"))
+    table = sweep(configs, out, SMALL, jobs=1, progress=False)
     assert ran == [3], "only the interrupted configuration runs again"
-    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert list(table.status) == ["done", "done", "failed"]
     assert (out / configs[0].name / "results.json").read_bytes() == before
 
 
@@ -244,8 +246,8 @@ def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch)
     # 'worst' is decided in the run, on the training images; the table holds the digit it chose
     assert results["target_rule"] == "worst" and results["target_digit"] in range(10)
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("the scheduler's result was rerun"))
-    rows = sweep([config], out, SMALL, progress=False)  # collecting only
-    assert rows[0]["status"] == "done" and rows[0]["target_digit"] == results["target_digit"]
+    table = sweep([config], out, SMALL, progress=False)  # collecting only
+    assert table.status[0] == "done" and table.target_digit[0] == results["target_digit"]
 
 
 def test_bad_values_are_refused_before_anything_runs(tmp_path, capsys):
@@ -331,7 +333,7 @@ def test_each_place_says_which_devices_it_was_given():
     assert Place(hidden, own_session=True, node="n").devices == "none"
     assert Place({}, own_session=False, node="local").devices == ""
     where = Place({}, own_session=False, node="local").where(1.23)
-    assert where["pid"] == os.getpid() and where["seconds"] == 1.2 and where["node"] == "local"
+    assert where.pid == os.getpid() and where.seconds == 1.2 and where.node == "local"
 
 
 def test_relative_folders_are_where_the_command_runs(tmp_path, monkeypatch, capsys):

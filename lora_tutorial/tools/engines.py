@@ -1,20 +1,19 @@
-"""Where the sweep's configurations run: threads on this machine, or Ray tasks on a cluster.
-
-An engine runs one function once (the shared pre-training) and then over a list of items (the
-configurations), yielding each item's result as it finishes; the grid, resume, table and plots
-stay in `sweep.py`. The function is given a `Place`: the environment for the processes it starts
-and where it runs. Only this module knows Ray.
-"""
+"""Where the sweep's work runs: threads on this machine, or Ray tasks on a cluster. An engine's
+`submit(fn, *args)` calls fn(*args, place) there and returns a Future. Only this module knows Ray."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,132 +27,99 @@ GRACE_SECONDS = 5  # a cancelled run's processes get this long to stop before th
 
 
 @dataclass(frozen=True)
-class Place:
-    """Where a piece of work runs, and how it starts processes there."""
+class Where:  # where and how long a piece of work ran
+    host: str
+    node: str
+    pid: int
+    devices: str
+    seconds: float
 
-    env: dict[str, str]  # the environment for the processes it starts (papermill, the kernel)
-    own_session: bool  # start them in a session of their own, so that a cancel can stop them all
-    node: str  # Ray's node id, or "local"
+
+@dataclass(frozen=True)
+class Place:
+    """Where work runs: its processes' environment, whether they get a session of their own (a
+    cancel stops them all), and Ray's node id (or "local")."""
+
+    env: dict[str, str]
+    own_session: bool
+    node: str
 
     @property
     def devices(self) -> str:
-        """The visible-devices setting the work was given: '' when none was set, 'none' when the
-        GPUs were hidden from it (a Ray task that asked for no GPU)."""
+        """'' when no device variable was set, 'none' when the GPUs were hidden (a Ray task without one)."""
         given = {k: self.env[k] for k in DEVICE_VARIABLES if k in self.env}
         if given and not any(given.values()):
             return "none"
         return " ".join(f"{k}={v}" for k, v in given.items() if v)
 
-    def where(self, seconds: float) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "node": self.node, "pid": os.getpid(),
-                "devices": self.devices, "seconds": round(seconds, 1)}
+    def where(self, seconds: float) -> Where:
+        return Where(socket.gethostname(), self.node, os.getpid(), self.devices, round(seconds, 1))
 
 
-def run_process(command: list[str], place: Place) -> subprocess.CompletedProcess:
-    """Run a command to its end with the place's environment; its output is captured.
-
-    In its own session (Ray), an interrupt (Ray's cancel raises KeyboardInterrupt here) stops the
-    whole process group; the notebook kernel, which papermill starts in a session of its own,
-    shuts itself down within a second of losing papermill, its parent.
-    """
-    process = subprocess.Popen(command, env=place.env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=place.own_session)
+def run_process(command: list[str], place: Place) -> tuple[subprocess.CompletedProcess, Where]:
+    """Run a command to its end with the place's environment (output captured); return it and where
+    and how long it ran. In its own session (Ray), an interrupt (Ray's cancel) stops its whole group;
+    papermill's kernel stops itself within a second of losing papermill."""
+    start = time.monotonic()
+    process = subprocess.Popen(command, env=place.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=place.own_session)
     try:
         while True:
-            try:  # in short waits: Ray's cancel interrupts only between Python steps
+            with contextlib.suppress(subprocess.TimeoutExpired):  # short waits: Ray's cancel gets in
                 stdout, stderr = process.communicate(timeout=0.5)
                 break
-            except subprocess.TimeoutExpired:
-                continue
     except BaseException:
-        if place.own_session:
-            _stop_group(process)
+        with contextlib.suppress(ProcessLookupError):
+            if place.own_session:  # the whole group: SIGTERM, and SIGKILL after GRACE_SECONDS
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
         raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(GRACE_SECONDS)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return done, place.where(time.monotonic() - start)
 
 
 class LocalEngine:
-    """Configurations in threads on this machine, `jobs` at once (each runs its own processes)."""
+    """Work in threads on this machine, `jobs` at once (each runs its own processes)."""
 
     def __init__(self, jobs: int = 1):
-        self.jobs = jobs
-        self._pool: ThreadPoolExecutor | None = None
+        self.jobs, self._pool = jobs, ThreadPoolExecutor(max_workers=jobs)
+
+    def submit(self, fn: Callable, *args: Any, slot: int = 0) -> Future:
+        import torch
+
+        threads = str(max(1, (os.cpu_count() or 1) // self.jobs))  # a CPU's threads divided between jobs
+        env = dict(os.environ, **{PROGRESS_ENV: "text"}, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus > 1 and self.jobs > 1:  # one GPU per job where several are visible
+            env[DEVICE_VARIABLES[0] if torch.version.hip else DEVICE_VARIABLES[1]] = str(slot % gpus)
+        return self._pool.submit(fn, *args, Place(env, own_session=False, node="local"))
+
+    def failure(self, err: BaseException) -> str:
+        raise err  # here, a failure that fn did not record is the sweep's own
 
     def check_folder(self, out: Path) -> None:
-        """Nothing to check: this machine writes its own folder."""
+        pass  # this machine writes its own folder
 
-    def call(self, fn: Callable, *args: Any) -> Any:
-        return fn(*args, self.place(0))
-
-    def map(self, fn: Callable, items: list, *args: Any) -> Iterator[tuple[Any, Any, str | None]]:
-        """Yield (item, fn's result, None) as each item finishes (fn reports its own failures)."""
-        self._pool = ThreadPoolExecutor(max_workers=self.jobs)
-        futures = {self._pool.submit(fn, item, *args, self.place(i % self.jobs)): item
-                   for i, item in enumerate(items)}
-        for future in as_completed(futures):
-            yield futures[future], future.result(), None
-        self._pool.shutdown()
-
-    def cancel(self) -> None:
-        """Start nothing new; the running papermill processes got Ctrl-C from the terminal too."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+    def cancel(self) -> None:  # start nothing new; running papermills got Ctrl-C from the terminal too
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        pass
-
-    def place(self, slot: int) -> Place:
-        """Threads divided between jobs on a CPU; one GPU per job where several are visible."""
-        env = dict(os.environ, **{PROGRESS_ENV: "text"})
-        threads = max(1, (os.cpu_count() or 1) // self.jobs)
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        gpus = _visible_gpus()
-        if gpus > 1 and self.jobs > 1:
-            env[_device_variable()] = str(slot % gpus)
-        return Place(env, own_session=False, node="local")
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _device_variable() -> str:
-    import torch
-
-    return "HIP_VISIBLE_DEVICES" if torch.version.hip else "CUDA_VISIBLE_DEVICES"
+        self._pool.shutdown()
 
 
 class RayEngine:
-    """One Ray task per configuration on an existing cluster (Ray Core; never a cluster of its own).
-
-    Each task asks for `cpus` CPUs and `gpus` GPUs; Ray gives it its own devices through
-    CUDA_VISIBLE_DEVICES or HIP_VISIBLE_DEVICES. Tasks are not retried: running the sweep again is
-    the retry. Results go to a folder every node must be able to read and write.
-    """
+    """A Ray task per piece of work, on an existing cluster (never one of its own), asking for `cpus`
+    CPUs and `gpus` GPUs. Tasks are not retried: running the sweep again is the retry."""
 
     def __init__(self, address: str | None, gpus: float | None = None, cpus: float = 1.0):
         self.address = address or os.environ.get("RAY_ADDRESS") or ""
-        self.gpus = gpus
-        self.cpus = cpus
-        self._refs: dict = {}
+        self.gpus, self.cpus = gpus, cpus
+        self._refs: list = []
         self._ray = None
 
-    # -- refusals, before any work ------------------------------------------------------------
     def connect(self) -> None:
         """Check Ray, the address, the cluster and the resources one configuration asks for."""
         if not self.address:
@@ -167,11 +133,27 @@ class RayEngine:
         if self.gpus is not None and (self.gpus < 0 or (self.gpus > 1 and self.gpus != int(self.gpus))):
             raise ShortError(f"--gpus-per-config={self.gpus:g}: give 0, a fraction up to 1, or a whole "
                              "number of GPUs.")
-        ray = require_ray()
-        if self.address != "auto":
-            check_listening(self.address)
-        import logging
-
+        rocr = os.environ.get("ROCR_VISIBLE_DEVICES")
+        if rocr and not os.environ.get("HIP_VISIBLE_DEVICES"):
+            raise ShortError(f"ROCR_VISIBLE_DEVICES={rocr} is set (Slurm sets it on AMD nodes) and Ray "
+                             "refuses to start with it: run export HIP_VISIBLE_DEVICES=$ROCR_VISIBLE_DEVICES;"
+                             " unset ROCR_VISIBLE_DEVICES, here and before `ray start` on every node.")
+        try:
+            import ray
+        except ImportError:
+            raise ShortError(f"--engine ray needs Ray, which is not installed here: pip install -e '.[ray]' "
+                             f"(or pip install '{RAY_REQUIREMENT}'), on every node of the cluster.") from None
+        host, _, port = self.address.rpartition(":")
+        if self.address != "auto" and (not host or not port.isdigit()):
+            raise ShortError(f"--address {self.address!r}: expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray "
+                             "start --head` prints it.")
+        try:  # a closed HOST:PORT is refused at once, before Ray would retry for a minute
+            if self.address != "auto":
+                socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as err:
+            raise ShortError(f"--address {self.address}: no Ray cluster answers there "
+                             f"({err.strerror or err}). Start one first (docs/sweeps.md); the sweep never "
+                             "starts a cluster of its own.") from None
         try:
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False)
@@ -180,35 +162,27 @@ class RayEngine:
                              "The sweep never starts a cluster of its own: start one "
                              "(docs/sweeps.md).") from None
         self._ray = ray
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        most_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
-        most_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+        alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         if self.gpus is None:
-            self.gpus = 1 if most_gpus else 0
-        if self.gpus > most_gpus:
-            self.close()
-            raise ShortError(f"--gpus-per-config={self.gpus:g}: no node of the cluster at {self.address} "
-                             f"has that many GPUs (the most on one node is {most_gpus:g}), so the tasks "
-                             f"would wait forever; give --gpus-per-config {most_gpus:g} or fewer.")
-        if self.cpus > most_cpus:
-            self.close()
-            raise ShortError(f"--cpus-per-config={self.cpus:g}: no node of the cluster at {self.address} "
-                             f"has that many CPUs (the most on one node is {most_cpus:g}), so the tasks "
-                             f"would wait forever; give --cpus-per-config {most_cpus:g} or fewer.")
+            self.gpus = 1 if any(r.get("GPU", 0) for r in alive) else 0
+        for option, kind, asked in (("gpus", "GPU", self.gpus), ("cpus", "CPU", self.cpus)):
+            most = max((r.get(kind, 0) for r in alive), default=0)
+            if asked > most:
+                self.close()
+                raise ShortError(f"--{option}-per-config={asked:g}: no node of the cluster at {self.address} "
+                                 f"has that many {kind}s (the most on one node is {most:g}), so the tasks "
+                                 f"would wait forever; give --{option}-per-config {most:g} or fewer.")
 
-    def nodes(self) -> list[dict]:
-        """The live nodes that can hold one configuration."""
+    def nodes(self) -> list[dict]:  # the live nodes that can hold one configuration
         return [n for n in self._ray.nodes() if n["Alive"]
                 and n["Resources"].get("CPU", 0) >= self.cpus and n["Resources"].get("GPU", 0) >= self.gpus]
 
     def describe(self) -> str:
-        nodes = self.nodes()
-        return (f"on the Ray cluster at {self.address}: {len(nodes)} node(s) can take a configuration, "
-                f"each asking for {self.cpus:g} CPU(s) and {self.gpus:g} GPU(s)")
+        return (f"on the Ray cluster at {self.address}: {len(self.nodes())} node(s) can take a "
+                f"configuration, each asking for {self.cpus:g} CPU(s) and {self.gpus:g} GPU(s)")
 
     def check_folder(self, out: Path) -> None:
-        """Every node that may run a configuration must read and write `out` (a shared file system)
-        and have the project's notebooks: one small task pinned to each node checks."""
+        """One task pinned to each node checks that it reads and writes `out` and has the notebooks."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         token = uuid.uuid4().hex
@@ -237,104 +211,45 @@ class RayEngine:
         if not nodes:
             raise ShortError(f"no live node of the cluster at {self.address} can take a configuration.")
 
-    # -- work -------------------------------------------------------------------------------
-    def _remote(self):
-        return self._ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_in_task)
+    def submit(self, fn: Callable, *args: Any, slot: int = 0) -> Future:
+        remote = self._ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_in_task)
+        self._refs.append(remote.remote(fn, args))
+        return self._refs[-1].future()
 
-    def call(self, fn: Callable, *args: Any) -> Any:
-        ref = self._remote().remote(fn, args)
-        self._refs = {ref: None}
-        for _, result, error in self._wait():
-            if error:
-                raise ShortError(error)
-            return result
-
-    def map(self, fn: Callable, items: list, *args: Any) -> Iterator[tuple[Any, Any, str | None]]:
-        remote = self._remote()
-        self._refs = {remote.remote(fn, (item, *args)): item for item in items}
-        yield from self._wait()
-
-    def _wait(self) -> Iterator[tuple[Any, Any, str | None]]:
-        ray = self._ray
-        while self._refs:
-            done, _ = ray.wait(list(self._refs), num_returns=1, timeout=1.0)  # a second: Ctrl-C gets in
-            for ref in done:
-                item = self._refs.pop(ref)
-                try:
-                    yield item, ray.get(ref), None
-                except ray.exceptions.RayError as err:  # the task raised, or its worker died
-                    cause = getattr(err, "cause", None)
-                    yield item, None, (str(cause) if isinstance(cause, ShortError)
-                                       else f"the Ray task failed: {_last_line(err)}")
+    def failure(self, err: BaseException) -> str:  # the task's own ShortError, else Ray's last line
+        cause = getattr(err, "cause", None)
+        return str(cause) if isinstance(cause, ShortError) else f"the Ray task failed: {_last_line(err)}"
 
     def cancel(self) -> None:
-        """Cancel what is pending or running (a running task stops its papermill and kernel) and
-        wait a little for the running ones to stop; what finished stays on disk."""
-        if not self._refs or self._ray is None:
-            return
-        for ref in self._refs:
-            self._ray.cancel(ref)
-        self._ray.wait(list(self._refs), num_returns=len(self._refs), timeout=2 * GRACE_SECONDS + 5)
-        self._refs = {}
+        """Cancel what is pending or running (a task stops its papermill and kernel); wait a little."""
+        if self._ray is not None and self._refs:
+            for ref in self._refs:
+                self._ray.cancel(ref)
+            self._ray.wait(self._refs, num_returns=len(self._refs), timeout=2 * GRACE_SECONDS + 5)
+            self._refs = []
 
     def close(self) -> None:
         if self._ray is not None and self._ray.is_initialized():
             self._ray.shutdown()
 
 
-def require_ray():
-    """Ray, imported; or one sentence on how to get it (or how to get past its ROCm check)."""
-    rocr = os.environ.get("ROCR_VISIBLE_DEVICES")
-    if rocr and not os.environ.get("HIP_VISIBLE_DEVICES"):
-        raise ShortError(f"ROCR_VISIBLE_DEVICES={rocr} is set (Slurm sets it on "
-                         "AMD nodes) and Ray refuses to start with it: run export HIP_VISIBLE_DEVICES="
-                         "$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES, here and before `ray start` on "
-                         "every node.")
-    try:
-        import ray
-    except ImportError:
-        raise ShortError(f"--engine ray needs Ray, which is not installed here: pip install -e '.[ray]' "
-                         f"(or pip install '{RAY_REQUIREMENT}'), on every node of the cluster.") from None
-    return ray
-
-
-def check_listening(address: str) -> None:
-    """A closed or unreachable HOST:PORT is refused at once, before Ray would retry for a minute."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ShortError(f"--address {address!r}: expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray start "
-                         "--head` prints it.")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as err:
-        raise ShortError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}). "
-                         "Start one first (docs/sweeps.md); the sweep never starts "
-                         "a cluster of its own.") from None
-
-
 def _in_task(fn: Callable, args: tuple) -> Any:
-    """Runs inside a Ray task: call fn with the task's place (the devices Ray gave it)."""
+    """Inside a Ray task: call fn with the task's place (the devices Ray gave it)."""
     import ray
 
+    context = ray.get_runtime_context()
     env = dict(os.environ, **{PROGRESS_ENV: "text"})
-    if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
-        for name in DEVICE_VARIABLES:  # no GPU asked for: the notebook must not take one
-            env[name] = ""
-    node = ray.get_runtime_context().get_node_id()
-    return fn(*args, Place(env, own_session=True, node=node))
+    if not context.get_accelerator_ids().get("GPU"):
+        env.update(dict.fromkeys(DEVICE_VARIABLES, ""))  # no GPU asked for: the notebook must not take one
+    return fn(*args, Place(env, own_session=True, node=context.get_node_id()))
 
 
 def _check_node(probe: str, token: str) -> str:
-    """Runs on one node: '' when it can read the driver's file, write beside it and find the
-    notebooks; else what is wrong."""
+    """On one node: '' when it reads the driver's file, writes beside it and finds the notebooks."""
     from .run import notebooks_dir
 
     path = Path(probe)
-    try:
-        seen = path.read_text()
-    except OSError:
-        seen = None
-    if seen != token:
+    if not (path.is_file() and path.read_text() == token):
         return (f"cannot read {shown_path(path.parent)}, the sweep's --out: results need a folder every "
                 "node can read and write (a shared file system such as NFS); give --out on one.")
     try:
@@ -347,18 +262,12 @@ def _check_node(probe: str, token: str) -> str:
     return ""
 
 
-def _last_line(err: BaseException) -> str:
-    """The exception's own message: the last line of what Ray prints (its traceback comes first)."""
+def _last_line(err: BaseException) -> str:  # the message: Ray prints its traceback first
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
 
 
-def engine_summary(rows: list[dict]) -> str:
-    """'ran on 2 node(s): host/abcd1234 x1, ...' from the table's where-it-ran columns."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        if r.get("node"):
-            key = f"{r['host']}/{str(r['node'])[:8]}"
-            counts[key] = counts.get(key, 0) + 1
+def engine_summary(nodes: Iterable[tuple[str, str]]) -> str:
+    """'ran on 2 node(s): host/abcd1234 x1, ...' from each configuration's (host, node)."""
+    counts = Counter(f"{host}/{node[:8]}" for host, node in nodes)
     return f"ran on {len(counts)} node(s): " + ", ".join(f"{k} x{v}" for k, v in counts.items())
-

@@ -1,10 +1,6 @@
-"""Start JupyterLab for the tutorial: `python -m lora_tutorial.tools.lab`.
-
-It registers this environment's Python as the Jupyter kernel "Python (lora-tutorial)" (so a
-JupyterLab started from another environment, a JupyterHub say, can run the notebooks too), then
-starts JupyterLab in the notebooks folder, bound to 127.0.0.1 with its token on, and prints the
-SSH line that reaches it from a laptop. Arguments it does not know go to `jupyter lab` as they are.
-"""
+"""`python -m lora_tutorial.tools.lab`: registers this Python as the kernel "Python (lora-tutorial)"
+(a JupyterLab from another environment can use it), starts JupyterLab in notebooks/ on 127.0.0.1 with
+its token on, and prints the SSH line that reaches it. Other arguments go to `jupyter lab`."""
 
 from __future__ import annotations
 
@@ -18,15 +14,12 @@ from pathlib import Path
 
 from .run import notebooks_dir
 
-KERNEL_NAME = "lora-tutorial"
-KERNEL_DISPLAY_NAME = "Python (lora-tutorial)"
+KERNEL_NAME, KERNEL_DISPLAY_NAME = "lora-tutorial", "Python (lora-tutorial)"
 
 
 def register_kernel() -> None:
-    """Install (or refresh) the kernelspec for this interpreter in the user's Jupyter folder."""
-    command = [sys.executable, "-m", "ipykernel", "install", "--user", "--name", KERNEL_NAME,
-               "--display-name", KERNEL_DISPLAY_NAME]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", KERNEL_NAME,
+                           "--display-name", KERNEL_DISPLAY_NAME], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"Could not register the Jupyter kernel ({done.stderr.strip()}); is ipykernel "
                          "installed? `python -m pip install -r requirements.txt` installs it.")
@@ -34,31 +27,19 @@ def register_kernel() -> None:
 
 
 def lab_command(ip: str, port: int, root: Path, extra: list[str]) -> list[str]:
-    """The `jupyter lab` command line: no browser on the server, the token left on.
-
-    As root (the usual user inside a container such as rocm/pytorch) JupyterLab refuses to start
-    without --allow-root; it is added then, and only then.
-    """
+    """`jupyter lab` with no browser and the token left on; --allow-root only as root (a container)."""
     root_user = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     return [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={ip}", f"--port={port}",
             f"--ServerApp.root_dir={root}", *root_user, *extra]
-
-
-def tunnel_hint(port: int) -> str:
-    login = f"{getpass.getuser()}@{socket.gethostname()}"
-    return (f"From your laptop: ssh -N -L {port}:localhost:{port} {login}\n"
-            f"then open the http://127.0.0.1:{port}/lab?token=... address JupyterLab prints below.")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8888, help="port on this machine (default 8888)")
-    parser.add_argument("--ip", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 only inside a container "
-                             "whose port is published to the host's 127.0.0.1)")
-    parser.add_argument("--notebooks", type=Path, default=None,
-                        help="folder JupyterLab opens (default: the project's notebooks/)")
+    parser.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 "
+                        "only in a container whose port is published to the host's 127.0.0.1)")
+    parser.add_argument("--notebooks", type=Path, help="folder JupyterLab opens (default: notebooks/)")
     parser.add_argument("--no-register", action="store_true", help="do not (re-)register the kernel")
     args, extra = parser.parse_known_args(argv)
     if not 1 <= args.port <= 65535:
@@ -73,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
                          "keep the token on")
     if not args.no_register:
         register_kernel()
-    print(tunnel_hint(args.port), flush=True)
+    login, port = f"{getpass.getuser()}@{socket.gethostname()}", args.port
+    print(f"From your laptop: ssh -N -L {port}:localhost:{port} {login}\nthen open the "
+          f"http://127.0.0.1:{port}/lab?token=... address JupyterLab prints below.", flush=True)
     command = lab_command(args.ip, args.port, root, extra)
     if os.name != "posix":
         return subprocess.call(command)
     os.execv(command[0], command)  # JupyterLab takes over this process: Ctrl-C stops it
-    return 0  # not reached
 
 
 if __name__ == "__main__":
