@@ -9,7 +9,6 @@ from .plots import new_figure
 
 FROZEN, TRAINED, SIGNAL = "#b8c2cc", "#f5a442", "#dbe9f6"  # untouched weights, trained ones, vectors
 
-
 def _shapes(o: int | None, i: int | None, r: int | None) -> dict[str, str]:
     """The drawing's labels: symbols, or one real layer's sizes (out, in, rank) with their counts."""
     if (o, i, r) == (None, None, None):
@@ -21,7 +20,6 @@ def _shapes(o: int | None, i: int | None, r: int | None) -> dict[str, str]:
         raise ValueError(f"rank={r} is larger than min(out, in) = {min(o, i)}.")
     return {"W": f"{o:,} × {i:,} = {o * i:,}", "A": f"{r} × {i:,} = {r * i:,}",
             "B": f"{o:,} × {r} = {o * r:,}", "x": f"{i:,}", "h": f"{o:,}", "r": f"{r}"}
-
 
 def lora_diagram(out_features: int | None = None, in_features: int | None = None, rank: int | None = None,
                  title: str | None = None) -> plt.Figure:

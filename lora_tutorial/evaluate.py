@@ -1,5 +1,4 @@
-"""Accuracy, wrong answers per digit and the confusion matrix, predicted in large batches: the same
-argmax of the same logits as the post's one-image-at-a-time loop, in a fraction of the time."""
+"""Accuracy, wrong answers per digit and the confusion matrix, in big batches (the post's argmax, faster)."""
 
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -23,30 +22,24 @@ class Evaluation:
         return [row[d] / max(1, sum(row)) for d, row in enumerate(self.confusion)]
 
     def mean_accuracy_except(self, digit: int | Collection[int]) -> float:
-        """The other digits' mean accuracy: what fine-tuning on `digit` (one or several) costs them."""
-        left_out = {digit} if isinstance(digit, int) else set(digit)
+        left_out = {digit} if isinstance(digit, int) else set(digit)  # what fine-tuning on it costs the rest
         kept = [a for d, a in enumerate(self.per_digit_accuracy()) if d not in left_out]
         return sum(kept) / len(kept)
 
-    def digit_summary(self, digit: int) -> dict:
-        """What fine-tuning on `digit` is judged by (a row of 08's and 09's tables)."""
+    def digit_summary(self, digit: int) -> dict:  # what fine-tuning on `digit` is judged by (08, 09)
         return {"target_wrong": self.wrong_counts[digit], "others_accuracy": self.mean_accuracy_except(digit),
                 "accuracy": self.accuracy}
 
-    def worst_digit(self) -> int:
-        """The digit with the most wrong answers (the smallest such digit on a tie)."""
+    def worst_digit(self) -> int:  # the most wrong answers; on a tie, the smallest digit
         return max(range(10), key=lambda d: (self.wrong_counts[d], -d))
 
     def report(self) -> str:
         return "\n".join([f"Accuracy: {self.accuracy:.3f} ({self.correct:,} of {self.total:,} right)",
                           *(f"wrong counts for the digit {d}: {w}" for d, w in enumerate(self.wrong_counts))])
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
+    as_dict = asdict  # what the results JSON holds
 
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
-    """The predicted digit of every image, computed `batch_size` images at a time."""
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
     try:
@@ -57,16 +50,13 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 10_000) ->
         model.train(was_training)
     return torch.cat(chunks).cpu()
 
-
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 10_000) -> Evaluation:
     return from_predictions(predict(model, images, batch_size), labels)
 
-
 def from_predictions(predicted: torch.Tensor, labels: torch.Tensor) -> Evaluation:
     confusion = torch.bincount(labels.cpu() * 10 + predicted.cpu(), minlength=100).reshape(10, 10)
     return from_confusion(confusion.tolist())
-
 
 def from_confusion(confusion: list[list[int]]) -> Evaluation:
     """Accuracy and wrong counts per digit, read off a confusion matrix [true][predicted]."""
@@ -74,12 +64,10 @@ def from_confusion(confusion: list[list[int]]) -> Evaluation:
     wrong = [sum(row) - row[d] for d, row in enumerate(confusion)]
     return Evaluation(correct / total, correct, total, wrong, confusion)
 
-
 def evaluate_like_the_post(model: nn.Module, dataset: torch.utils.data.Dataset,
                            batch_size: int = 10) -> Evaluation:
     """The post's test loop (a DataLoader, then one image at a time), to show `evaluate` agrees."""
-    device = next(model.parameters()).device
-    confusion = [[0] * 10 for _ in range(10)]
+    device, confusion = next(model.parameters()).device, [[0] * 10 for _ in range(10)]
     with torch.no_grad():
         for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
             for row, label in zip(model(x.to(device).view(-1, 28 * 28)), y, strict=True):

@@ -18,17 +18,13 @@ LESSONS = {  # name -> (notebook, tag of the cell that defines it)
     "finetune_lora": ("05_finetune", "finetune-loop"),
 }
 _loaded: dict[tuple[str, str], dict[str, Any]] = {}  # (notebook, source) -> the namespace it made
-_NOT_CODE = {"__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__",
-             "__static_attributes__"}
-
+_SKIP = {"__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__", "__static_attributes__"}
 
 class LessonError(ShortError, RuntimeError):
     """A lesson cell is missing, or its code does not run."""
 
-
 def notebooks_folder() -> Path:
     return project_root() / "notebooks"
-
 
 def lesson_source(notebook: str, tag: str, folder: Path | None = None) -> str:
     """The source of the cell tagged `tag` in `notebook` (as saved on disk)."""
@@ -44,11 +40,9 @@ def lesson_source(notebook: str, tag: str, folder: Path | None = None) -> str:
     source = tagged[0]["source"]
     return source if isinstance(source, str) else "".join(source)
 
-
 def available(name: str, folder: Path | None = None) -> bool:
     """Whether the notebook holding `name` is here (a clone, not an installed wheel)."""
     return ((folder or notebooks_folder()) / f"{LESSONS[name][0]}.ipynb").is_file()
-
 
 def lesson(name: str, folder: Path | None = None) -> Any:
     """The function or class `name` as its notebook cell defines it now (see LESSONS)."""
@@ -72,7 +66,6 @@ def lesson(name: str, folder: Path | None = None) -> Any:
                           "keep that name, the later notebooks call it.")
     return _loaded[key][name]
 
-
 def _parts(obj: Any) -> list[str]:
     """What a code object or function computes, without where it was written (file, lines)."""
     if isinstance(obj, types.CodeType):
@@ -80,7 +73,6 @@ def _parts(obj: Any) -> list[str]:
                 *(_constant(c) for c in obj.co_consts)]
     kwdefaults = repr(sorted((obj.__kwdefaults__ or {}).items()))  # defaults live outside the code
     return [*_parts(obj.__code__), _constant(obj.__defaults__ or ()), kwdefaults]
-
 
 def _constant(value: Any) -> str:
     if isinstance(value, types.CodeType):
@@ -91,14 +83,13 @@ def _constant(value: Any) -> str:
         return "(" + ",".join(_constant(v) for v in value) + ")"
     return repr(value)
 
-
 def code_fingerprint(obj: Callable | type) -> str:
     """A short hash of what a function or class computes: the same in a notebook's kernel and from
     the file through `lesson`; comments and blank lines do not count."""
     if isinstance(obj, type):
         parts = [obj.__name__, *(base.__name__ for base in obj.__bases__)]
         for attr, value in sorted(vars(obj).items()):
-            if attr not in _NOT_CODE:
+            if attr not in _SKIP:
                 function = getattr(value, "__func__", value)
                 body = _parts(function) if hasattr(function, "__code__") else [repr(value)]
                 parts.append(f"{attr}:{','.join(body)}")

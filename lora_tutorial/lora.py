@@ -19,7 +19,6 @@ from .model import linear_layers
 
 INITS = ("normal", "kaiming")
 
-
 class LoRAParametrization(nn.Module):
     """Returns W + scale * B @ A when enabled, W untouched when not."""
 
@@ -50,10 +49,8 @@ class LoRAParametrization(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, enabled={self.enabled}"
 
-
 def lora_rank(lora: nn.Module) -> int:
     return int(lora.lora_A.shape[0])
-
 
 def lora_alpha(lora: nn.Module) -> float:
     """alpha as given, or worked back from scale = alpha / r (03's class keeps only the scale)."""
@@ -62,10 +59,8 @@ def lora_alpha(lora: nn.Module) -> float:
     except AttributeError:
         return round(float(lora.scale) * lora_rank(lora), 12)
 
-
 def uses_rslora(lora: nn.Module) -> bool:
     return bool(getattr(lora, "use_rslora", False))
-
 
 class LessonHelpers:
     """Answers what the package asks of a LoRA module (rank, alpha, use_rslora, delta_weight) for a
@@ -81,9 +76,7 @@ class LessonHelpers:
                 raise
             return derived[name](self)
 
-
 _with_helpers: dict[type, type] = {}
-
 
 def with_helpers(cls: type) -> type:
     """`cls` with `LessonHelpers` added (one class per `cls`), the original kept as `lesson_class`."""
@@ -91,13 +84,14 @@ def with_helpers(cls: type) -> type:
         _with_helpers[cls] = type(cls.__name__, (LessonHelpers, cls), {"lesson_class": cls})
     return _with_helpers[cls]
 
-
 def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
              target_modules: Iterable[str] | None = None, init: str = "normal",
              rank_pattern: dict[str, int] | None = None,
-             alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False) -> nn.Module:
+             alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False,
+             cls: type | None = None) -> nn.Module:
     """LoRA on the weight of each targeted Linear layer (all by default), in place; biases are left
-    alone. `rank_pattern`/`alpha_pattern` (PEFT's names) give some layers their own rank or alpha."""
+    alone. `rank_pattern`/`alpha_pattern` (PEFT's names) give some layers their own rank or alpha;
+    `cls` is another LoRA class, built as cls(in, out, rank, alpha) (03's)."""
     layers = linear_layers(model)
     targets = list(layers) if target_modules is None else list(target_modules)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
@@ -118,18 +112,16 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
         if parametrize.is_parametrized(layer, "weight"):
             raise ValueError(f"Layer {name} already has a parametrization: call add_lora once.")
     for name in targets:
-        layer = layers[name]
-        lora = LoRAParametrization(layer.in_features, layer.out_features, rank_pattern.get(name, rank),
-                                   alpha_pattern.get(name, alpha), init, use_rslora)
+        layer, r, a = layers[name], rank_pattern.get(name, rank), alpha_pattern.get(name, alpha)
+        lora = (LoRAParametrization(layer.in_features, layer.out_features, r, a, init, use_rslora)
+                if cls is None else cls(layer.in_features, layer.out_features, r, a))
         lora.to(device=layer.weight.device, dtype=layer.weight.dtype)
         parametrize.register_parametrization(layer, "weight", lora)
     return model
 
-
 def is_lora(module: nn.Module) -> bool:
     """This package's class, or any with `lora_A`, `lora_B` and `scale` (03's)."""
     return all(hasattr(module, name) for name in ("lora_A", "lora_B", "scale"))
-
 
 def lora_modules(model: nn.Module) -> dict[str, LoRAParametrization]:
     """The LoRA parametrizations of the model, by the name of the layer they adapt."""
@@ -137,20 +129,17 @@ def lora_modules(model: nn.Module) -> dict[str, LoRAParametrization]:
             if parametrize.is_parametrized(module, "weight")
             for p in module.parametrizations.weight if is_lora(p)}
 
-
 def _require_lora(model: nn.Module) -> dict[str, LoRAParametrization]:
     found = lora_modules(model)
     if not found:
         raise ValueError("This model has no LoRA layers: call add_lora(model, ...) first.")
     return found
 
-
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The frozen original W of a layer, whether or not it carries LoRA."""
     if parametrize.is_parametrized(layer, "weight"):
         return layer.parametrizations.weight.original
     return layer.weight
-
 
 def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
     """Freeze every parameter that is not LoRA's A or B; return the names frozen."""
@@ -159,12 +148,10 @@ def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
         param.requires_grad_("lora_" in name)
     return [name for name, _ in model.named_parameters() if "lora_" not in name]
 
-
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every LoRA layer on (W + scale * B @ A) or off (W)."""
     for lora in _require_lora(model).values():
         lora.enabled = bool(enabled)
-
 
 @contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
@@ -177,13 +164,11 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         for lora, enabled in before.items():
             lora.enabled = enabled
 
-
 def lora_parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(parameters of the base model, parameters LoRA adds)."""
     named = list(model.named_parameters())
     return (sum(p.numel() for n, p in named if "lora_" not in n),
             sum(p.numel() for n, p in named if "lora_" in n))
-
 
 def print_trainable_parameters(model: nn.Module) -> None:
     """PEFT's one-line summary: trainable, all, and the trainable share."""
@@ -192,7 +177,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,} || all params: {total:,} || "
           f"trainable%: {100 * trainable / total:.4f}")
 
-
 def describe_lora(model: nn.Module) -> str:
     """One line per adapted layer: W, bias, A and B shapes."""
     return "\n".join(
@@ -200,17 +184,14 @@ def describe_lora(model: nn.Module) -> str:
         f"{tuple(lora.lora_A.shape)} + lora_B {tuple(lora.lora_B.shape)}"
         for name, lora in _require_lora(model).items() for layer in [model.get_submodule(name)])
 
-
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's own tensors under their plain names (`linear1.weight`), LoRA or not."""
     return {key.replace(".parametrizations.weight.original", ".weight"): value
             for key, value in model.state_dict().items() if "lora_" not in key}
 
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter's tensors (A and B of each layer): what fine-tuning produced."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold scale * B @ A into each weight and drop the parametrizations, in place: a plain model as
@@ -222,13 +203,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     return model
 
-
 def unload(model: nn.Module) -> nn.Module:
     """Drop the parametrizations without merging: back to the base model, in place."""
     for name in _require_lora(model):
         parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=False)
     return model
-
 
 class LoRALinear(nn.Module):
     """W x + b + scale * B (A x): the same output from two thin products instead of rebuilding
@@ -247,7 +226,6 @@ class LoRALinear(nn.Module):
         if self.lora.enabled:
             out = out + F.linear(F.linear(x, self.lora.lora_A), self.lora.lora_B) * self.lora.scale
         return out
-
 
 def separate_path(model: nn.Module) -> nn.Module:
     """The same model, sharing every parameter, with each LoRA layer a LoRALinear: train this view

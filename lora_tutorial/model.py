@@ -6,7 +6,6 @@ from torch import nn
 
 LAYER_NAMES = ("linear1", "linear2", "linear3")
 
-
 class OversizedMLP(nn.Module):
     def __init__(self, hidden_size_1: int = 1000, hidden_size_2: int = 2000) -> None:
         super().__init__()
@@ -19,14 +18,11 @@ class OversizedMLP(nn.Module):
         x = self.relu(self.linear1(images.reshape(-1, 28 * 28)))
         return self.linear3(self.relu(self.linear2(x)))
 
-
 RichBoyNet = OversizedMLP  # the blog post's name (its owner does not care what it costs)
-
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The model's Linear layers by name, in order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
 
 def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
     """Each Linear weight's shape (out, in); without a model, the default network's, built on the meta
@@ -36,13 +32,11 @@ def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
             model = OversizedMLP()
     return {name: tuple(layer.weight.shape) for name, layer in linear_layers(model).items()}
 
-
 def describe_layers(model: nn.Module) -> str:
     """One line per Linear layer: weight and bias shapes, as (out_features, in_features)."""
     return "\n".join(f"{name}: weight {tuple(layer.weight.shape)} + bias {tuple(layer.bias.shape)} = "
                      f"{layer.weight.numel() + layer.bias.numel():,}"
                      for name, layer in linear_layers(model).items())
-
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .checkpoints import load_adapter, load_pretrained, save_adapter, save_pretrained
 from .data import Mnist, check_raw_files, fit_subset, load_mnist, named_folder
@@ -25,24 +24,20 @@ from .lora import (
     separate_path,
     with_helpers,
 )
-from .model import OversizedMLP, linear_layers
+from .model import OversizedMLP
 from .settings import WORST, Settings, check_writable, fingerprint, shown_path
 from .train import train, train_with_dataloader
 
 Loop = Callable[[nn.Module, torch.Tensor, torch.Tensor, Settings], list[float]]
 
-
 def preflight(settings: Settings, check_device: bool = True) -> torch.device | None:
-    """Check before any work that the device is here (unless `check_device=False`), the output
-    folders can be written and a data folder named explicitly holds MNIST; return the device."""
+    """Before any work: the device (unless `check_device=False`), writable outputs, a named data folder."""
     device = pick_device(settings.device) if check_device else None
     check_writable("output_dir", settings.output_path)
     check_writable("checkpoint_dir", settings.checkpoint_path)
-    named = named_folder(settings.data_dir)
-    if named is not None:
+    if (named := named_folder(settings.data_dir)) is not None:
         check_raw_files(*named)
     return device
-
 
 def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist]:
     """`preflight`, then MNIST (the first `train_samples` images when set) on the device."""
@@ -56,13 +51,11 @@ def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist
         print(describe_device(device))
     return device, data.to(device)
 
-
 def package_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      settings: Settings) -> list[float]:
     """02's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
     return train(model, images, labels, epochs=settings.pretrain_epochs, batch_size=settings.batch_size,
                  lr=settings.learning_rate, seed=None, desc="Pre-training")
-
 
 def post_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   settings: Settings) -> list[float]:
@@ -72,13 +65,11 @@ def post_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                                  batch_size=settings.batch_size, lr=settings.learning_rate, seed=None,
                                  desc="Pre-training (the post's loop)")
 
-
 def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      settings: Settings) -> list[float]:
     """05's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
     return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,
                  lr=settings.finetune_lr, seed=settings.lora_seed, progress=False)
-
 
 def pretrain_loop(settings: Settings) -> Loop:
     """02's cell, or the post's loop (`pretrain_loop="post"`); the package's copy outside a clone."""
@@ -86,11 +77,9 @@ def pretrain_loop(settings: Settings) -> Loop:
         return post_pretrain
     return lesson("pretrain") if available("pretrain") else package_pretrain
 
-
 def lora_class() -> type:
     """03's cell (the package's own class outside a clone)."""
     return lesson("LoRAParametrization") if available("LoRAParametrization") else LoRAParametrization
-
 
 def finetune_loop(settings: Settings) -> Loop | None:
     """05's cell; None when batches replay other digits (`replay_share`): `train_on_target` does that."""
@@ -98,11 +87,9 @@ def finetune_loop(settings: Settings) -> Loop | None:
         return None
     return lesson("finetune_lora") if available("finetune_lora") else package_finetune
 
-
 def pretrain_key(settings: Settings, data: Mnist, loop: Loop | None = None) -> dict:
     loop = loop or pretrain_loop(settings)
     return {**settings.pretrain_key(), "data": data.identity, "loop_code": code_fingerprint(loop)}
-
 
 def finetune_key(settings: Settings, data: Mnist, lora: type | None = None, loop: Loop | None = None) -> dict:
     """The settings, the data and the code (LoRA class, loops) that decide an adapter."""
@@ -111,21 +98,17 @@ def finetune_key(settings: Settings, data: Mnist, lora: type | None = None, loop
     return {**settings.finetune_key(), "data": data.identity, "pretrain_loop_code": code_fingerprint(
         pretrain_loop(settings)), "lora_code": code_fingerprint(lora), "loop_code": code_fingerprint(loop)}
 
-
 def pretrained_path(settings: Settings, data: Mnist, loop: Loop | None = None) -> Path:
     name = f"pretrained-{fingerprint(pretrain_key(settings, data, loop), data.identity)}.pt"
     return settings.checkpoint_path / name
-
 
 def adapter_path(settings: Settings, data: Mnist, lora: type | None = None, loop: Loop | None = None) -> Path:
     name = f"lora-{fingerprint(finetune_key(settings, data, lora, loop), data.identity)}.safetensors"
     return settings.output_path / "adapters" / name
 
-
 def _check_finite(losses: list[float], what: str, fix: str) -> None:
     if not all(math.isfinite(float(x)) for x in losses):
         raise FloatingPointError(f"{what} diverged (the loss became {losses[-1]}): {fix}")
-
 
 @dataclass
 class Pretrained:
@@ -136,18 +119,14 @@ class Pretrained:
     path: Path
     loaded: bool  # True when read from an earlier run's checkpoint
 
-
 def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop: Loop | None = None,
                      retrain: bool = False, verbose: bool = True) -> Pretrained:
-    """The pre-trained network for these settings: from its checkpoint, or trained with `loop`
-    (02's cell by default) and saved under a name that includes the loop's code."""
-    if settings.pretrain_loop == "post" or loop is None:
-        loop = pretrain_loop(settings)
+    """The pre-trained network: from its checkpoint, or trained with `loop` (02's cell) and saved."""
+    loop = pretrain_loop(settings) if settings.pretrain_loop == "post" or loop is None else loop
     path, key = pretrained_path(settings, data, loop), pretrain_key(settings, data, loop)
     loaded = path.exists() and not retrain
     if loaded:
-        payload = load_pretrained(path, key)
-        model = OversizedMLP().to(device)
+        payload, model = load_pretrained(path, key), OversizedMLP().to(device)
         model.load_state_dict(payload["state_dict"])
         losses = payload["losses"]
         training = (from_confusion(payload["training_confusion"]) if "training_confusion" in payload
@@ -165,9 +144,8 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop
         save_pretrained(path, state, key, {"losses": losses, "training_confusion": training.confusion})
         if verbose:
             print(f"Saved the pre-trained weights to {shown_path(path)}.")
-    test = evaluate(model, data.test_images, data.test_labels)
-    return Pretrained(model, losses, test, training, path, loaded)
-
+    return Pretrained(model, losses, evaluate(model, data.test_images, data.test_labels), training, path,
+                      loaded)
 
 def choose_target(settings: Settings, pretrained: Pretrained, verbose: bool = True) -> Settings:
     """The settings with the target digit decided: "worst" becomes the digit most often wrong on the
@@ -176,17 +154,14 @@ def choose_target(settings: Settings, pretrained: Pretrained, verbose: bool = Tr
         if verbose:
             print(f"Target digit: {settings.target_digit} (given)")
         return settings
-    seen = pretrained.training
-    digit = seen.worst_digit()
+    seen, digit = pretrained.training, pretrained.training.worst_digit()
     if verbose:
         print(f"Target digit: {digit} (the worst: {seen.wrong_counts[digit]:,} of its "
               f"{seen.per_digit_totals()[digit]:,} training images wrong; per digit {seen.wrong_counts})")
     return replace(settings, target_digit=digit, target_rule=WORST)
 
-
 def describe_target(digit: int, rule: str | None) -> str:
     return f"{digit} (the worst)" if rule == WORST else f"{digit} (given)"
-
 
 def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
     """A copy of `base` with `add_lora(**lora_args)` (A drawn right after seeding) and the rest frozen."""
@@ -196,20 +171,10 @@ def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
     mark_only_lora_as_trainable(model)
     return model
 
-
 def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
-    """`lora_copy` with 03's class on the target layers (all by default), as 04 freezes it."""
-    lora = with_helpers(lora_class())
-    model = copy.deepcopy(base)
-    torch.manual_seed(settings.lora_seed)
-    layers = linear_layers(model)
-    for name in settings.target_modules or list(layers):
-        layer = layers[name]
-        module = lora(layer.in_features, layer.out_features, settings.rank, settings.alpha)
-        parametrize.register_parametrization(layer, "weight", module.to(layer.weight.device))
-    mark_only_lora_as_trainable(model)
-    return model
-
+    """`lora_copy` with 03's class (`with_helpers` answers what the package asks of it), as 04 freezes it."""
+    return lora_copy(base, settings.lora_seed, rank=settings.rank, alpha=settings.alpha,
+                     target_modules=settings.target_modules or None, cls=with_helpers(lora_class()))
 
 def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
                     verbose: bool = True, on_step: Callable[[int, int], None] | None = None) -> list[float]:
@@ -228,17 +193,19 @@ def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str
                  lr=settings.finetune_lr, seed=settings.lora_seed, desc=desc, progress=verbose,
                  replay=replay, replay_share=settings.replay_share, on_step=on_step)
 
-
 def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True,
              fast_path: bool = True) -> list[float]:
     """Fine-tune with the package's loop (through `separate_path` unless `fast_path=False`), save the
     adapter under that loop's name (06 never mistakes it for 05's) and return the losses."""
     losses = train_on_target(settings, data, separate_path(model) if fast_path else model, verbose=verbose)
-    _save(settings, data, model, train_on_target, verbose)
+    save_finetuned(settings, data, model, train_on_target, losses, verbose)
     return losses
 
-
-def _save(settings: Settings, data: Mnist, model: nn.Module, loop: Callable, verbose: bool) -> Path:
+def save_finetuned(settings: Settings, data: Mnist, model: nn.Module, loop: Loop, losses: list[float],
+                   verbose: bool = True) -> Path:
+    """Save what `loop` (05's cell) trained, keyed by its code and its LoRA class's; refuse a diverged run."""
+    _check_finite(losses, "Fine-tuning", f"nothing was saved. Lower finetune_learning_rate="
+                  f"{settings.finetune_lr:g} or alpha={settings.alpha:g}.")
     lora = type(next(iter(lora_modules(model).values())))
     lora = getattr(lora, "lesson_class", lora)
     path = adapter_path(settings, data, lora, loop)
@@ -247,22 +214,9 @@ def _save(settings: Settings, data: Mnist, model: nn.Module, loop: Callable, ver
         print(f"Saved the LoRA adapter ({path.stat().st_size / 1024:.1f} KiB) to {shown_path(path)}.")
     return path
 
-
-def save_finetuned(settings: Settings, data: Mnist, model: nn.Module, loop: Loop, losses: list[float],
-                   verbose: bool = True) -> Path:
-    """Save what `loop` (05's cell) trained, keyed by its code and the LoRA class's; refuse a run
-    whose loss stopped being finite."""
-    _check_finite(losses, "Fine-tuning", f"nothing was saved. Lower finetune_learning_rate="
-                  f"{settings.finetune_lr:g} or alpha={settings.alpha:g}.")
-    return _save(settings, data, model, loop, verbose)
-
-
 def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: bool = True) -> nn.Module:
-    """The adapter 05's loop saved for these settings on `base`, or fine-tuned now with 05's loop;
-    `model.finetune_seconds` is None when it was loaded."""
-    model = lora_model(settings, base)
-    loop = finetune_loop(settings)
-    path = adapter_path(settings, data)
+    """05's adapter for these settings on `base`, loaded (`finetune_seconds` None) or trained now."""
+    model, loop, path = lora_model(settings, base), finetune_loop(settings), adapter_path(settings, data)
     model.finetune_seconds = None
     if path.exists():
         load_adapter(model, path, finetune_key(settings, data))
@@ -270,33 +224,27 @@ def finetuned_model(settings: Settings, data: Mnist, base: nn.Module, verbose: b
             print(f"Loaded the LoRA adapter for these settings from {shown_path(path)}.")
         return model
     started = time.perf_counter()
-    if loop is None:
-        losses = train_on_target(settings, data, model, verbose=verbose)
-    else:
-        losses = loop(model, *fit_subset(data, settings.target_digit), settings)
+    losses = (train_on_target(settings, data, model, verbose=verbose) if loop is None
+              else loop(model, *fit_subset(data, settings.target_digit), settings))
     save_finetuned(settings, data, model, loop or train_on_target, losses, verbose)
     model.finetune_seconds = time.perf_counter() - started
     return model
-
 
 def comparison(settings: Settings, data: Mnist, pretrained: Evaluation, lora_on: Evaluation,
                lora_off: Evaluation, lora_parameters: int, base_parameters: int,
                finetune_seconds: float | None = None) -> dict:
     """The numbers a run reports, as plain data (the results JSON that `run` reads)."""
     digit = settings.target_digit
-    return {
-        "settings": settings.as_dict(),
-        "data": {"source": data.source, "location": data.location, "identity": data.identity,
-                 "train_images": len(data.train_labels), "test_images": len(data.test_labels),
-                 "validation_images": int(data.validation.sum())},
-        "base_parameters": base_parameters, "lora_parameters": lora_parameters,
-        "lora_share_percent": 100 * lora_parameters / base_parameters,
-        "worst_digit_pretrained": pretrained.worst_digit(),
-        "target_digit": digit, "target_rule": settings.target_rule,
-        "target_wrong_before": pretrained.wrong_counts[digit],
-        "target_wrong_after": lora_on.wrong_counts[digit],
-        "other_digits_accuracy_before": pretrained.mean_accuracy_except(digit),
-        "other_digits_accuracy_after": lora_on.mean_accuracy_except(digit),
-        "lora_off_equals_pretrained": lora_off == pretrained, "finetune_seconds": finetune_seconds,
-        "pretrained": pretrained.as_dict(), "lora_on": lora_on.as_dict(), "lora_off": lora_off.as_dict(),
-    }
+    return {"settings": settings.as_dict(),
+            "data": {"source": data.source, "location": data.location, "identity": data.identity,
+                     "train_images": len(data.train_labels), "test_images": len(data.test_labels),
+                     "validation_images": int(data.validation.sum())},
+            "base_parameters": base_parameters, "lora_parameters": lora_parameters,
+            "lora_share_percent": 100 * lora_parameters / base_parameters,
+            "worst_digit_pretrained": pretrained.worst_digit(), "target_digit": digit,
+            "target_rule": settings.target_rule, "target_wrong_before": pretrained.wrong_counts[digit],
+            "target_wrong_after": lora_on.wrong_counts[digit],
+            "other_digits_accuracy_before": pretrained.mean_accuracy_except(digit),
+            "other_digits_accuracy_after": lora_on.mean_accuracy_except(digit),
+            "lora_off_equals_pretrained": lora_off == pretrained, "finetune_seconds": finetune_seconds,
+            "pretrained": pretrained.as_dict(), "lora_on": lora_on.as_dict(), "lora_off": lora_off.as_dict()}

@@ -14,14 +14,17 @@ BACKGROUND = "white"  # opaque: Jupyter's transparent default is unreadable on a
 SCALING_STYLE = {"alpha fixed": ("tab:blue", "alpha / r"), "alpha = r": ("tab:red", "1"),
                  "rsLoRA": ("tab:green", "alpha / sqrt(r)")}
 
-
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[plt.Figure, object]:
     """`plt.subplots` with an opaque background, readable in JupyterLab's light and dark themes."""
     fig, axes = plt.subplots(nrows, ncols, **kwargs)
-    fig.patch.set_facecolor(BACKGROUND)
-    fig.patch.set_alpha(1.0)
+    fig.patch.set(facecolor=BACKGROUND, alpha=1.0)
     return fig, axes
 
+def _done(fig: plt.Figure, title: str | None = None, **kwargs) -> plt.Figure:
+    if title:
+        fig.suptitle(title, **kwargs)
+    fig.tight_layout()
+    return fig
 
 def seed_column(ax, x: float, ys: Sequence[float], color: str, step: float, half_width: float,
                 size: float = 20, label: str | None = None, mean_label: str | None = None) -> None:
@@ -30,7 +33,6 @@ def seed_column(ax, x: float, ys: Sequence[float], color: str, step: float, half
     ax.scatter(xs, ys, s=size, color=color, alpha=0.8, zorder=3, label=label)
     ax.hlines(sum(ys) / len(ys), x - half_width, x + half_width, color=color, lw=2, label=mean_label)
 
-
 def legend_below(fig: plt.Figure, ax, title: str, bottom: float) -> None:
     """One legend for every panel (`ax`'s labels) under the figure, and the title above it."""
     handles, names = ax.get_legend_handles_labels()
@@ -38,27 +40,29 @@ def legend_below(fig: plt.Figure, ax, title: str, bottom: float) -> None:
     fig.suptitle(title)
     fig.tight_layout(rect=(0, bottom, 1, 1))
 
+def _image_grid(rows: int, columns: int, figsize: tuple[float, float]) -> tuple[plt.Figure, np.ndarray]:
+    fig, axes = new_figure(rows, columns, figsize=figsize, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
 
-def _pixels(images: torch.Tensor) -> torch.Tensor:
-    return (images.detach().cpu() * STD + MEAN).clamp(0, 1)  # undo the normalisation
-
+def _pixels(images: torch.Tensor) -> np.ndarray:
+    """28 x 28 images with the normalisation undone."""
+    return (images.detach().cpu() * STD + MEAN).clamp(0, 1).reshape(-1, 28, 28).numpy()
 
 def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, columns: int = 8,
                 title: str = "MNIST samples") -> plt.Figure:
     """A grid of the first `count` images, each titled with its label."""
     count = min(count, len(images))
     rows = -(-count // columns)
-    fig, axes = new_figure(rows, columns, figsize=(columns * 1.1, rows * 1.3))
-    pixels = _pixels(images[:count]).numpy()
-    for i, ax in enumerate(np.ravel(axes)):
-        ax.axis("off")
-        if i < count:
-            ax.imshow(pixels[i].reshape(28, 28), cmap="gray_r")
-            ax.set_title(str(int(labels[i])), fontsize=10)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    fig, axes = _image_grid(rows, columns, (columns * 1.1, rows * 1.3))
+    for ax, pixels, label in zip(axes.flat, _pixels(images[:count]), labels, strict=False):
+        ax.imshow(pixels, cmap="gray_r")
+        ax.set_title(str(int(label)), fontsize=10)
+    return _done(fig, title)
 
+def _moving_mean(values: Sequence[float], window: int) -> np.ndarray:
+    return np.convolve(values, np.ones(window) / window, mode="valid")
 
 def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-training loss") -> plt.Figure:
     """Loss per step (faint) and its moving average over `window` steps."""
@@ -66,8 +70,7 @@ def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-trai
     fig, ax = new_figure(figsize=(7, 3.5))
     ax.plot(values, color="tab:blue", alpha=0.25, linewidth=0.6, label="per batch")
     if len(values) >= window:
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(window - 1, len(values)), smooth, color="tab:blue",
+        ax.plot(np.arange(window - 1, len(values)), _moving_mean(values, window), color="tab:blue",
                 label=f"mean of {window} batches")
     top = float(values.max()) if len(values) else 1.0
     if len(values) >= 1000 and float(np.percentile(values, 99)) < top:  # wild batches would hide the trend
@@ -75,14 +78,11 @@ def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-trai
         title += " (axis cut at the 99th percentile of the batches)"
     ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, ylim=(0, top * 1.02))
     ax.legend()
-    fig.tight_layout()
-    return fig
-
+    return _done(fig)
 
 def _mark_target(ax, digit: int) -> None:
     ax.axvspan(digit - 0.5, digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
                label=f"target digit {digit}")
-
 
 def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit: int,
                       labels: tuple[str, str] = ("pre-trained", "with LoRA")) -> plt.Figure:
@@ -97,16 +97,13 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
     ax.set(xticks=np.arange(10), xlabel="true digit", ylabel="wrong answers (test set)",
            title="Wrong answers per digit")
     ax.legend()
-    fig.tight_layout()
-    return fig
-
+    return _done(fig)
 
 def _mean_and_bars(groups: Sequence[Sequence[float]]) -> tuple[list[float], list[list[float]]]:
     """Each group's mean, and matplotlib's error bars down to its minimum and up to its maximum."""
     means = [sum(g) / len(g) for g in groups]
     return means, [[m - min(g) for m, g in zip(means, groups, strict=True)],
                    [max(g) - m for m, g in zip(means, groups, strict=True)]]
-
 
 def _count_axis(ax, which: str) -> None:
     """Symlog for counts (linear below 1), so 0 wrong answers and the pre-trained tens both fit."""
@@ -116,7 +113,6 @@ def _count_axis(ax, which: str) -> None:
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     axis.set_minor_formatter(NullFormatter())
     getattr(ax, f"set_{which}lim")(-0.3, max(getattr(ax, f"get_{which}lim")()[1], 1) * 1.4)
-
 
 def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
     """The sweep's table against the rank (`sweep_rank.png`: the target digit's wrong answers, the
@@ -159,21 +155,18 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
     _count_axis(left, "y")
+    _count_axis(trade, "x")
     others_label = "mean accuracy, the other nine digits (%)"
     left.set(xlabel="LoRA rank r", ylabel="wrong answers on the target digit (test images)",
              title="Target digit (symlog scale)")
     right.set(xlabel="LoRA rank r", ylabel=others_label, title="The other digits")
-    left.legend(fontsize=8)
-    rank_fig.suptitle("What LoRA's rank buys (mean and min-max over the seeds)")
-    rank_fig.tight_layout()
-    _count_axis(trade, "x")
     trade.set(xlabel="wrong answers on the target digit, test images (fewer is better; symlog scale)",
               ylabel=others_label, title="Fixing the target digit against keeping the others")
+    left.legend(fontsize=8)
     trade.legend(fontsize=8)
     trade.grid(alpha=0.3)
-    trade_fig.tight_layout()
-    return {"sweep_rank.png": rank_fig, "sweep_tradeoff.png": trade_fig}
-
+    return {"sweep_rank.png": _done(rank_fig, "What LoRA's rank buys (mean and min-max over the seeds)"),
+            "sweep_tradeoff.png": _done(trade_fig)}
 
 def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
                             target_digit: int, images: str = "test images") -> plt.Figure:
@@ -182,9 +175,7 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Se
     fig, ax = new_figure(figsize=(8, 3.8))
     _per_digit_bars(ax, before, after, target_digit, images)
     ax.set_title("Accuracy per digit after fine-tuning (numbers: mean change in points)")
-    fig.tight_layout()
-    return fig
-
+    return _done(fig)
 
 def _per_digit_bars(ax, before, after, target_digit: int, images: str) -> None:
     digits, before = np.arange(10), 100 * np.asarray(before, dtype=float)
@@ -200,7 +191,6 @@ def _per_digit_bars(ax, before, after, target_digit: int, images: str) -> None:
     ax.set(xticks=digits, xlabel="true digit", ylabel=f"accuracy on the {images} (%)", ylim=(0, 112))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
 
-
 def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence[float], target_digit: int,
                title: str, images: str = "validation images") -> plt.Figure:
     """The explorer's run: `plot_per_digit_accuracy`'s bars beside every step's loss and its running mean."""
@@ -208,17 +198,14 @@ def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence
     _per_digit_bars(bars, before, after, target_digit, images)
     bars.set_title("Accuracy per digit (numbers: change in points)", fontsize=10)
     steps, window = np.arange(1, len(losses) + 1), max(1, min(20, len(losses) // 5))
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     curve.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="one batch")
-    curve.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=2, label=f"mean of {window} steps")
+    curve.plot(steps[window - 1:], _moving_mean(losses, window), color="tab:blue", linewidth=2,
+               label=f"mean of {window} steps")
     curve.set(xlabel="fine-tuning step", ylabel="cross-entropy loss (per batch)", ylim=(0, None))
     curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     curve.set_title("Fine-tuning loss (axis starts at 0)", fontsize=10)
     curve.legend(fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
+    return _done(fig, title, fontsize=10)
 
 def _unit_image(direction: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
     """A 784-long direction as a unit-length 28 x 28 image, its (meaningless) sign matched to `reference`."""
@@ -228,30 +215,25 @@ def _unit_image(direction: torch.Tensor, reference: torch.Tensor | None) -> np.n
         unit = -unit
     return unit.reshape(28, 28).numpy()
 
-
 def plot_input_directions(rows: dict[str, torch.Tensor], title: str,
                           captions: dict[str, list[str]] | None = None) -> plt.Figure:
     """Input-space directions ((k, 784) tensors: A's rows, singular vectors) as unit-length images, a
     row per entry, on one colour scale; signs matched to the first image so the same direction looks
     the same everywhere. `captions` gives a row's images their own titles."""
     columns = max(len(t) for t in rows.values())
-    fig, axes = new_figure(len(rows), columns, figsize=(1.9 * columns + 1.6, 2.0 * len(rows) + 0.6),
-                           squeeze=False)
+    fig, axes = _image_grid(len(rows), columns, (1.9 * columns + 1.6, 2.0 * len(rows) + 0.6))
     reference = torch.from_numpy(_unit_image(next(iter(rows.values()))[0], None).flatten())
     pictures = {name: [_unit_image(d, reference) for d in t] for name, t in rows.items()}
     limit = max(float(np.abs(p).max()) for ps in pictures.values() for p in ps)
     for r, (name, images) in enumerate(pictures.items()):
-        for c in range(columns):
-            axes[r, c].axis("off")
-            if c < len(images):
-                shown = axes[r, c].imshow(images[c], cmap="RdBu_r", vmin=-limit, vmax=limit)
-                caption = (captions or {}).get(name, [f"direction {i + 1}" for i in range(len(images))])[c]
-                axes[r, c].set_title(f"{name}\n{caption}" if c == 0 else caption, fontsize=8, loc="left")
+        names = (captions or {}).get(name, [f"direction {i + 1}" for i in range(len(images))])
+        for c, (image, caption) in enumerate(zip(images, names, strict=False)):
+            shown = axes[r, c].imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            axes[r, c].set_title(f"{name}\n{caption}" if c == 0 else caption, fontsize=8, loc="left")
     bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8)
     bar.set_label("pixel weight in a unit-length direction (no unit; 1/28 = 0.036 if spread evenly)")
     fig.suptitle(title)
     return fig
-
 
 def show_changed_predictions(images: torch.Tensor, labels: torch.Tensor, before: torch.Tensor,
                              after: torch.Tensor, count: int = 8,
@@ -259,16 +241,11 @@ def show_changed_predictions(images: torch.Tensor, labels: torch.Tensor, before:
     """The first `count` test images fixed (wrong before, right after) and broken (the reverse)."""
     fixed = ((before != labels) & (after == labels)).nonzero().flatten()[:count]
     broken = ((before == labels) & (after != labels)).nonzero().flatten()[:count]
-    fig, axes = new_figure(2, count, figsize=(1.15 * count, 3.2), squeeze=False)
+    fig, axes = _image_grid(2, count, (1.15 * count, 3.2))
     pixels = _pixels(images)
     for r, (name, picked, color) in enumerate((("fixed", fixed, "tab:green"), ("broken", broken, "tab:red"))):
-        for c in range(count):
-            axes[r, c].axis("off")
-            if c < len(picked):
-                i = int(picked[c])
-                axes[r, c].imshow(pixels[i].reshape(28, 28).numpy(), cmap="gray_r")
-                change = f"{int(before[i])} -> {int(after[i])}"
-                axes[r, c].set_title(f"{name}: {change}" if c == 0 else change, fontsize=8, color=color)
-    fig.suptitle(title + " (predicted before -> with LoRA)")
-    fig.tight_layout()
-    return fig
+        for c, i in enumerate(picked.tolist()):
+            axes[r, c].imshow(pixels[i], cmap="gray_r")
+            change = f"{int(before[i])} -> {int(after[i])}"
+            axes[r, c].set_title(f"{name}: {change}" if c == 0 else change, fontsize=8, color=color)
+    return _done(fig, title + " (predicted before -> with LoRA)")

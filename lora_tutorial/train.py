@@ -1,6 +1,5 @@
-"""The post's training procedure (Adam, cross-entropy, shuffled mini-batches), fast: normalised
-images already on the device, batches taken by index, the loss read back only for the progress bar,
-fused Adam, and on a CPU denormals flushed on one thread (`cpu_speedups`)."""
+"""The post's training (Adam, cross-entropy, shuffled batches), fast: images already on the device, batches
+by index, the loss read back only for the bar, fused Adam, CPU denormals flushed (`cpu_speedups`)."""
 
 import math
 import os
@@ -15,11 +14,9 @@ from .settings import replay_count
 
 PROGRESS_ENV = "LORA_TUTORIAL_PROGRESS"  # "text" forces plain-text bars (headless runs)
 
-
 def text_progress_bars():
     """Notebook kernels started inside this block (they inherit the environment) draw text bars."""
     return mock.patch.dict(os.environ, {PROGRESS_ENV: "text"})
-
 
 def progress_bar(total: int, desc: str, enabled: bool = True):
     """tqdm.auto's bar (a widget in Jupyter when ipywidgets is there), else a text bar."""
@@ -33,25 +30,19 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
         from tqdm.std import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled)
 
-
 def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
     """`iterable` with a progress bar (`progress_bar`'s kind), for loops written in a notebook."""
-    bar = progress_bar(total if total is not None else len(iterable), desc, enabled)
-    try:
+    with progress_bar(total if total is not None else len(iterable), desc, enabled) as bar:
         for item in iterable:
             yield item
             bar.update(1)
-    finally:
-        bar.close()
-
 
 @contextmanager
 def cpu_speedups(device: torch.device | str) -> Iterator[None]:
     """On a CPU, flush denormals (x86 computes Adam's decaying averages ~100x slower) on the one
     thread that asked (a 10-image batch is too small to share anyway); both restored after."""
-    flush = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
     threads = torch.get_num_threads()
-    if flush:
+    if flush := torch.device(device).type == "cpu" and torch.set_flush_denormal(True):
         torch.set_num_threads(1)
     try:
         yield
@@ -60,10 +51,8 @@ def cpu_speedups(device: torch.device | str) -> Iterator[None]:
             torch.set_flush_denormal(False)
             torch.set_num_threads(threads)
 
-
 def _generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed)  # None: the global one
-
 
 def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """Adam with the fused kernel where this PyTorch and device have it, else the default."""
@@ -72,7 +61,6 @@ def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr)
 
-
 def _batches(shuffler, n: int, fresh: int, device: torch.device) -> Iterator[torch.Tensor]:
     """Each batch's indices, epoch after epoch (each epoch's order drawn only when it starts)."""
     while True:
@@ -80,13 +68,11 @@ def _batches(shuffler, n: int, fresh: int, device: torch.device) -> Iterator[tor
         for start in range(0, n, fresh):
             yield order[start:start + fresh]
 
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
+def _trainable(model: nn.Module) -> tuple[list[nn.Parameter], torch.device]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters: nothing to train.")
-    return params
-
+    return params, params[0].device
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 1,
           max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
@@ -97,14 +83,13 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
     (`train_with_dataloader`) for the same `seed` (None: the global generator); `max_steps` stops
     early or runs more epochs; `replay_share` of each batch comes from `replay` (share 0: the plain
     run). Raises FloatingPointError, naming the step, if the loss stops being finite."""
-    params = _trainable(model)
+    params, device = _trainable(model)
     extra = replay_count(replay_share, batch_size)
     if not 0 <= replay_share < 1 or (replay_share > 0 and not 1 <= extra < batch_size):
         raise ValueError(f"replay_share={replay_share!r} with batch_size={batch_size}: expected 0, or a "
                          "share that puts between 1 and batch_size - 1 replayed images in each batch.")
     if extra and (replay is None or len(replay[1]) == 0):
         raise ValueError(f"replay_share={replay_share} needs replay=(images, labels) to draw from.")
-    device = params[0].device
     images, labels = images.to(device), labels.to(device)
     if extra:
         replay_images, replay_labels = replay[0].to(device), replay[1].to(device)
@@ -118,37 +103,32 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
     refresh = max(1, min(200, steps // 50))  # read the loss back this often, not every step
     was_training = model.training
     model.train()
-    bar, speedups = progress_bar(steps, desc, progress), cpu_speedups(device)
-    speedups.__enter__()  # flush denormals on one thread
     try:
-        for step, batch in zip(range(1, steps + 1), _batches(shuffler, n, fresh, device), strict=False):
-            x, y = images[batch], labels[batch]
-            if extra:
-                pick = torch.randint(len(replay_labels), (extra,), generator=replay_generator)
-                pick = pick.to(device)
-                x, y = torch.cat([x, replay_images[pick]]), torch.cat([y, replay_labels[pick]])
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
-            losses[step - 1] = loss.detach()
-            if step % refresh == 0 or step == steps:
-                seen = losses[:step]
-                if not torch.isfinite(seen).all():
-                    bad = int((~torch.isfinite(seen)).nonzero()[0])
-                    raise FloatingPointError(
-                        f"The loss became {seen[bad].item()} at step {bad + 1}: training diverged. "
-                        f"Lower the learning rate (lr={lr:g}) or LoRA's alpha.")
-                bar.set_postfix(loss=f"{seen.mean().item():.3f}", refresh=False)
-                bar.update(step - bar.n)
-                if on_step is not None:
-                    on_step(step, steps)
+        with progress_bar(steps, desc, progress) as bar, cpu_speedups(device):
+            for step, batch in zip(range(1, steps + 1), _batches(shuffler, n, fresh, device), strict=False):
+                x, y = images[batch], labels[batch]
+                if extra:
+                    pick = torch.randint(len(replay_labels), (extra,), generator=replay_generator).to(device)
+                    x, y = torch.cat([x, replay_images[pick]]), torch.cat([y, replay_labels[pick]])
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                losses[step - 1] = loss.detach()
+                if step % refresh == 0 or step == steps:
+                    seen = losses[:step]
+                    if not torch.isfinite(seen).all():
+                        bad = int((~torch.isfinite(seen)).nonzero()[0])
+                        raise FloatingPointError(
+                            f"The loss became {seen[bad].item()} at step {bad + 1}: training diverged. "
+                            f"Lower the learning rate (lr={lr:g}) or LoRA's alpha.")
+                    bar.set_postfix(loss=f"{seen.mean().item():.3f}", refresh=False)
+                    bar.update(step - bar.n)
+                    if on_step is not None:
+                        on_step(step, steps)
     finally:
-        bar.close()
         model.train(was_training)
-        speedups.__exit__(None, None, None)
     return losses.tolist()
-
 
 def train_with_dataloader(model: nn.Module, dataset: torch.utils.data.Dataset, *, epochs: int = 1,
                           max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
@@ -156,16 +136,14 @@ def train_with_dataloader(model: nn.Module, dataset: torch.utils.data.Dataset, *
                           progress: bool = True) -> list[float]:
     """The blog post's loop, for comparison: a DataLoader normalising every image at every step,
     default Adam, the loss read back every step, denormals left alone; several times slower."""
-    params = _trainable(model)
-    device = params[0].device
+    params, device = _trainable(model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          generator=_generator(seed))
     steps = max_steps if max_steps is not None else epochs * len(loader)
     optimizer, loss_fn = torch.optim.Adam(params, lr=lr), nn.CrossEntropyLoss()
     losses: list[float] = []
     model.train()
-    bar = progress_bar(steps, desc, progress)
-    try:
+    with progress_bar(steps, desc, progress) as bar:
         while len(losses) < steps:
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
@@ -178,6 +156,4 @@ def train_with_dataloader(model: nn.Module, dataset: torch.utils.data.Dataset, *
                 optimizer.step()
                 if len(losses) == steps:
                     break
-    finally:
-        bar.close()
     return losses
