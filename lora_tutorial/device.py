@@ -29,7 +29,6 @@ def pick_device(name: str = "auto") -> torch.device:
         raise SettingsError(f"{asked} Apple MPS is not available here: use device='auto' or 'cpu'.")
     return device
 
-
 def describe_device(device: torch.device) -> str:
     """One line: which device, and the software stack behind it."""
     version = f"PyTorch {torch.__version__}"

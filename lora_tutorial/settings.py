@@ -27,18 +27,15 @@ OPTIONAL = ("finetune_seed", "train_samples", "finetune_learning_rate")  # None 
 ACCEPTED_EVERYWHERE = ("device", "data_dir", "output_dir", "checkpoint_dir", "download", "train_samples",
                        "seed", "pretrain_epochs", "batch_size", "learning_rate", "pretrain_loop")
 
-
 def project_root() -> Path:
     """The checkout the package lives in (editable install), else the current folder."""
     root = Path(__file__).resolve().parent.parent
     return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
-
 def shown_path(path: Path) -> str:
     """A path inside the project relative to it, so outputs carry no machine paths."""
     full, root = Path(os.path.abspath(path)), Path(os.path.abspath(project_root()))
     return str(full.relative_to(root) if full.is_relative_to(root) else path)
-
 
 class ShortError(Exception):
     """A mistake in what the user gave: Jupyter and papermill show only its message, which names the fix."""
@@ -46,18 +43,14 @@ class ShortError(Exception):
     def _render_traceback_(self) -> list[str]:  # IPython's hook for how an error is displayed
         return [f"{type(self).__name__}: {self}"]
 
-
 class SettingsError(ShortError, ValueError):
     """A setting has a value the tutorial cannot use."""
-
 
 def _invalid(name: str, value: Any, expected: str, hint: str | None = None) -> SettingsError:
     return SettingsError(f"{name}={value!r} is not valid: {expected}{f' ({hint})' if hint else ''}.")
 
-
 def _is_number(value: Any, whole: bool = False) -> bool:
     return isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
-
 
 def parse_device(name: Any) -> str:
     """Check a device name's spelling (whether it is here: `device.pick_device`)."""
@@ -67,11 +60,9 @@ def parse_device(name: Any) -> str:
         raise _invalid("device", name, "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return text
 
-
 def replay_count(share: float, batch_size: int) -> int:
     """How many images of each batch replay other digits: share x batch size, rounded half up."""
     return math.floor(share * batch_size + 0.5)
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -213,7 +204,6 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "target_modules": self.target_list()}
 
-
 def check_whole_numbers(name: str, values: Any, example: str) -> list[int]:
     """A notebook's list of whole numbers >= 1 (ranks, batch sizes), checked before any work."""
     if not (isinstance(values, (list, tuple)) and values and all(_is_number(v, 1) and v > 0 for v in values)):
@@ -221,7 +211,6 @@ def check_whole_numbers(name: str, values: Any, example: str) -> list[int]:
                 if isinstance(values, str) else "")
         raise _invalid(name, values, f"expected a list of whole numbers >= 1, e.g. {example}{hint}")
     return list(values)
-
 
 def assigned_names(source: str) -> list[str]:
     """The names a cell assigns at its top level (`rank = 1` -> ['rank']), in order."""
@@ -232,7 +221,6 @@ def assigned_names(source: str) -> list[str]:
     return [t.id for n in body if isinstance(n, (ast.Assign, ast.AnnAssign))
             for t in getattr(n, "targets", [getattr(n, "target", None)]) if isinstance(t, ast.Name)]
 
-
 def check_writable(name: str, folder: Path) -> None:
     """Refuse a folder (created or not) that files cannot be written in; creates nothing."""
     folder = Path(os.path.abspath(Path(folder).expanduser()))
@@ -242,7 +230,6 @@ def check_writable(name: str, folder: Path) -> None:
     if why:
         raise SettingsError(f"{name}={str(folder)!r} cannot be written to ({why}): give {name} a "
                             "folder you can write to.")
-
 
 def fingerprint(key: dict[str, Any], data_id: str) -> str:
     """A short, stable hash of settings plus the identity of the data they ran on."""

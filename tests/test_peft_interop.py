@@ -154,7 +154,7 @@ def test_missing_damaged_and_foreign_files_are_one_sentence(base, tmp_path):
                                               r"adapter_model.bin: load it in PEFT and save it again\)"):
         from_peft(model, folder)
     (folder / WEIGHTS_FILE).write_bytes(weights[:1000])
-    with pytest.raises(CheckpointError, match=r"cannot be read .*: a file is truncated or damaged"):
+    with pytest.raises(CheckpointError, match=r"cannot be read .*truncated or damaged"):
         from_peft(model, folder)
     tensors = {"base_model.model.linear1.lora_embedding_A": torch.zeros(1, 784)}
     save_file(tensors, str(folder / WEIGHTS_FILE))
@@ -168,19 +168,32 @@ def test_missing_damaged_and_foreign_files_are_one_sentence(base, tmp_path):
 
 
 def test_the_wrong_network_is_refused(base, tmp_path):
+    """The checks are load_adapter's (their wording is tested in test_adapters.py)."""
     folder = to_peft(trained_lora(base, rank=1), tmp_path / "a")
-    with pytest.raises(CheckpointError, match=r"was trained on other base weights \(fingerprint \w+, this "
-                                              r"model's is \w+\): load it onto the pre-trained network"):
+    with pytest.raises(CheckpointError, match=r"other base weights \(fingerprint \w+, this model's is \w+\)"):
         from_peft(network(seed=1), folder)
-    with pytest.raises(CheckpointError, match=r"does not fit this model's linear1 \(500 x 784\): its A is "
-                                              r"\(1, 784\), its B \(1000, 1\)"):
+    with pytest.raises(CheckpointError, match=r"linear1 .*1000 x 784.* linear1 is 500 x 784"):
         from_peft(OversizedMLP(hidden_size_1=500), folder)
-    with pytest.raises(CheckpointError, match=r"This model already carries LoRA: load .* onto the network "
-                                              r"without it"):
-        from_peft(trained_lora(base, rank=1), folder)
+    with pytest.raises(CheckpointError, match=r"\{'linear1': 1.* already carries LoRA .*\{'linear1': 2"):
+        from_peft(trained_lora(base, rank=2), folder)
+    same = trained_lora(base, rank=1)  # the same LoRA: its A and B are replaced, as load_adapter does
+    with torch.inference_mode():
+        assert torch.equal(from_peft(same, folder)(torch.ones(1, 784)),
+                           from_peft(copy.deepcopy(base), folder)(torch.ones(1, 784)))
     with pytest.raises(CheckpointError, match=r"is a file: give to_peft a folder"):
         (tmp_path / "file").write_text("x")
         to_peft(trained_lora(base, rank=1), tmp_path / "file")
+
+
+def test_a_layer_whose_a_and_b_disagree_is_refused(base, tmp_path):
+    folder = to_peft(trained_lora(base, rank=1), tmp_path / "a")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors["base_model.model.linear2.lora_B.weight"] = torch.zeros(2000, 2)
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    model = copy.deepcopy(base)
+    with pytest.raises(CheckpointError, match=r"incomplete: layers \['linear2'\] .*ranks differ"):
+        from_peft(model, folder)
+    assert lora_modules(model) == {}
 
 
 def test_without_peft_writing_says_how_to_install_it(base, tmp_path, monkeypatch):
