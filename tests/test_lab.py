@@ -18,10 +18,11 @@ def test_jupyterlab_listens_on_localhost_with_its_token_in_the_notebooks_folder(
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--IdentityProvider.token="], "an empty token lets anyone who reaches the port run code as you"),
-    (["--ServerApp.token=''"], "an empty token"),
-    (["--port", "0"], "--port=0: expected a port number from 1 to 65535"),
-    (["--notebooks", "no/such/folder"], "--notebooks=no/such/folder: no such folder"),
+    (["--IdentityProvider.token="], "keep the token on"),
+    (["--ServerApp.token=''"], "keep the token on"),
+    (["--port", "0"], "--port=0"),
+    (["--port", "0"], "1 to 65535"),
+    (["--notebooks", "no/such/folder"], "no/such/folder"),
 ])
 def test_refusals_come_before_anything_starts(arguments, message, capsys, monkeypatch):
     monkeypatch.setattr(lab, "register_kernel", lambda: pytest.fail("registered before refusing"))

@@ -26,11 +26,11 @@ def test_the_runner_passes_each_notebook_its_own_share_and_refuses_what_none_tak
     assert shares["06_compare"] == {"rank": 4, "train_samples": 500, "seed": 1}
     with pytest.raises(SettingsError, match=r"No notebook run here takes \['rnak'\]: check the spelling"):
         split_parameters({"rnak": 4}, steps)
-    with pytest.raises(SettingsError, match=r"No notebook run here takes \['rank'\]"):
+    with pytest.raises(SettingsError, match=r"\['rank'\]"):
         split_parameters({"rank": 4}, ("01_data", "02_pretrain"))  # a real name, but not used here
 
 
 def test_a_name_no_notebook_takes_stops_the_command_before_anything_runs(capsys, monkeypatch):
     monkeypatch.setattr(run_module, "_start_kernel", lambda cwd: pytest.fail("a kernel was started"))
     assert run_module.main(["-p", "rnak", "4", "--only", "01_data"]) == 2
-    assert "No notebook run here takes ['rnak']" in capsys.readouterr().err
+    assert "'rnak'" in capsys.readouterr().err  # the message itself: the test above

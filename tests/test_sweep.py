@@ -251,14 +251,13 @@ def test_dry_run_prints_commands_that_papermill_runs(swept, capsys, monkeypatch)
 
 
 def test_bad_values_are_refused_before_anything_runs(tmp_path, capsys):
-    assert main(["--ranks", "0", "--out", str(tmp_path)]) == 2
-    assert "rank=0 is not valid" in capsys.readouterr().err
-    assert main(["--ranks", "1", "16", "--out", str(tmp_path)]) == 2
-    assert "error: rank=16 is too large for layer linear3" in capsys.readouterr().err
-    assert main(["--ranks", "1", "-p", "device", "nonsense", "--out", str(tmp_path)]) == 2
-    assert "error: device='nonsense' is not valid" in capsys.readouterr().err
-    assert main(["--ranks", "1", "-p", "data_dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
-    assert "nowhere (data_dir) does not exist" in capsys.readouterr().err
+    """Settings' own refusals (asserted in full in test_settings*) reach the command line, before any work."""
+    for args, bad in [(["--ranks", "0"], "rank=0"), (["--ranks", "1", "16"], "rank=16"),
+                      (["--ranks", "1", "--digits", "nine"], "target_digit='nine'"),
+                      (["--ranks", "1", "-p", "device", "nonsense"], "device='nonsense'"),
+                      (["--ranks", "1", "-p", "data_dir", str(tmp_path / "nowhere")], "nowhere")]:
+        assert main([*args, "--out", str(tmp_path)]) == 2
+        assert bad in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):
         main(["--ranks", "1", "-p", "rank", "3", "--out", str(tmp_path)])
@@ -328,10 +327,10 @@ def test_rocm_nodes_are_told_how_to_get_past_rays_device_check(tmp_path, capsys,
 def test_each_place_says_which_devices_it_was_given():
     for given in ("CUDA_VISIBLE_DEVICES=0", "HIP_VISIBLE_DEVICES=3"):  # as Ray sets them
         name, value = given.split("=")
-        assert Place({name: value}, own_session=True, node="n").devices == given
+        assert Place({name: value}, own_session=True, node="n").where(0).devices == given
     hidden = {"HIP_VISIBLE_DEVICES": "", "CUDA_VISIBLE_DEVICES": ""}  # a Ray task that asked for no GPU
-    assert Place(hidden, own_session=True, node="n").devices == "none"
-    assert Place({}, own_session=False, node="local").devices == ""
+    assert Place(hidden, own_session=True, node="n").where(0).devices == "none"
+    assert Place({}, own_session=False, node="local").where(0).devices == ""
     where = Place({}, own_session=False, node="local").where(1.23)
     assert where.pid == os.getpid() and where.seconds == 1.2 and where.node == "local"
 

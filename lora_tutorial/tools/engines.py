@@ -44,16 +44,11 @@ class Place:
     own_session: bool
     node: str
 
-    @property
-    def devices(self) -> str:
-        """'' when no device variable was set, 'none' when the GPUs were hidden (a Ray task without one)."""
-        given = {k: self.env[k] for k in DEVICE_VARIABLES if k in self.env}
-        if given and not any(given.values()):
-            return "none"
-        return " ".join(f"{k}={v}" for k, v in given.items() if v)
-
     def where(self, seconds: float) -> Where:
-        return Where(socket.gethostname(), self.node, os.getpid(), self.devices, round(seconds, 1))
+        """Its devices: '' when none were set, 'none' when the GPUs were hidden (a Ray task without one)."""
+        given = {k: self.env[k] for k in DEVICE_VARIABLES if k in self.env}
+        devices = " ".join(f"{k}={v}" for k, v in given.items() if v) or ("none" if given else "")
+        return Where(socket.gethostname(), self.node, os.getpid(), devices, round(seconds, 1))
 
 
 def run_process(command: list[str], place: Place) -> tuple[subprocess.CompletedProcess, Where]:

@@ -58,8 +58,8 @@ def notebooks_dir() -> Path:
 
 
 def notebook_parameters(path: Path) -> list[str]:
-    """The names a notebook's `parameters` cell declares. (papermill.inspect_notebook would skip
-    any line holding two '=', such as 11's `scaling` with its comment.)"""
+    """The names a notebook's `parameters` cell declares (papermill.inspect_notebook skips any line
+    holding two '=', such as 11's `scaling` with its comment)."""
     cells = json.loads(Path(path).read_text()).get("cells", [])
     source = next((c["source"] for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
     return assigned_names("".join(source))
@@ -77,7 +77,7 @@ def split_parameters(parameters: dict[str, Any], steps: tuple[str, ...]) -> dict
     every = sorted({name for names in taken.values() for name in names})
     if unknown := sorted(set(parameters) - set(every)):
         raise SettingsError(f"No notebook run here takes {unknown}: check the spelling. The notebooks "
-                         f"run ({', '.join(steps)}) take {every}.")
+                            f"run ({', '.join(steps)}) take {every}.")
     return {step: {k: v for k, v in parameters.items() if k in names} for step, names in taken.items()}
 
 
@@ -133,8 +133,7 @@ def _tidy(path: Path) -> tuple[float, float]:
 
 
 def _start_kernel(cwd: Path):
-    """The next notebook's kernel, started now: it imports the package (seconds, for PyTorch) while
-    the current notebook runs."""
+    """A kernel started ahead: it imports the package (seconds) while the current notebook runs."""
     from jupyter_client.manager import AsyncKernelManager
 
     kernel = AsyncKernelManager(kernel_name="python3")

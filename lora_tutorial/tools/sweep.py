@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..checkpoints import atomic_write, write_json
 from ..evaluate import from_confusion
+from ..pipeline import preflight, pretrained_path
 from ..settings import WORST, Settings, SettingsError, ShortError, project_root, shown_path
 from ..train import progress_bar
 from .engines import LocalEngine, Place, RayEngine, Where, engine_summary, run_process
@@ -182,7 +183,6 @@ def prepare(out: Path, extra: dict[str, Any], place: Place) -> Where | None:
 def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
     """Whether the sweep's pre-trained network is saved (then no kernel starts just to load it)."""
     from ..data import load_mnist
-    from ..pipeline import pretrained_path
 
     settings = Settings.from_mapping(pretrain_parameters(out, extra))
     data = load_mnist(settings.data_dir, download=settings.download, verbose=False)
@@ -294,10 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = configurations(args.ranks, args.alphas, args.alpha_equals_rank, args.digits, args.seeds,
                                  args.iterations, extra)
         check_same_parameters(configs, out, extra)  # before --dry-run's folders, and before any work
-        from ..pipeline import preflight
-
-        # GPU (when it runs here), folders, data
-        preflight(Settings.from_mapping(pretrain_parameters(out, extra)), check_device=args.engine == "local")
+        preflight(  # GPU (when it runs here), folders, data
+            Settings.from_mapping(pretrain_parameters(out, extra)), check_device=args.engine == "local")
         if args.dry_run:  # the folders papermill writes into must exist before the commands run
             print("# pre-train once first (shared checkpoint), then run the lines below in any order; the\n"
                   f"# same sweep command without --dry-run then collects them into {shown_path(out)}.")

@@ -43,13 +43,6 @@ class Count:
         return self.words > self.budget or self.mean_sentence > MEAN_SENTENCE
 
 
-def printed_prose(text: str) -> str:
-    """Printed lines that read as sentences: four or more words with letters, ending like a sentence."""
-    lines = [line.strip() for line in text.splitlines()]
-    return "\n".join(line for line in lines if line.endswith((".", "!", "?", ":"))
-                     and sum(bool(re.search(r"[A-Za-z]", w)) for w in line.split()) >= 4)
-
-
 def notebook_prose(path: Path) -> str:
     """The markdown a notebook shows, and the prose its outputs display, one block a paragraph."""
     parts = []
@@ -60,7 +53,9 @@ def notebook_prose(path: Path) -> str:
             if markdown := output.get("data", {}).get("text/markdown"):
                 parts.append("".join(markdown))
             elif output.get("output_type") == "stream" and output.get("name") == "stdout":
-                parts.append(printed_prose("".join(output["text"])))
+                lines = [line.strip() for line in "".join(output["text"]).splitlines()]
+                parts.append("\n".join(line for line in lines if line.endswith((".", "!", "?", ":"))  # prose
+                                       and sum(bool(re.search(r"[A-Za-z]", w)) for w in line.split()) >= 4))
     return "\n\n".join(part for part in parts if part)
 
 
