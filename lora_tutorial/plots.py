@@ -6,13 +6,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+from torch.nn import functional as F
 
 from .data import MEAN, STD
 
 BACKGROUND = "white"  # opaque: Jupyter's transparent default is unreadable on a dark theme
-# 07's scaling rules: colour, and the factor in front of B @ A
 SCALING_STYLE = {"alpha fixed": ("tab:blue", "alpha / r"), "alpha = r": ("tab:red", "1"),
-                 "rsLoRA": ("tab:green", "alpha / sqrt(r)")}
+                 "rsLoRA": ("tab:green", "alpha / sqrt(r)")}  # 07's rules: colour, factor before B @ A
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[plt.Figure, object]:
     """`plt.subplots` with an opaque background, readable in JupyterLab's light and dark themes."""
@@ -46,8 +46,7 @@ def _image_grid(rows: int, columns: int, figsize: tuple[float, float]) -> tuple[
         ax.axis("off")
     return fig, axes
 
-def _pixels(images: torch.Tensor) -> np.ndarray:
-    """28 x 28 images with the normalisation undone."""
+def _pixels(images: torch.Tensor) -> np.ndarray:  # 28 x 28, the normalisation undone
     return (images.detach().cpu() * STD + MEAN).clamp(0, 1).reshape(-1, 28, 28).numpy()
 
 def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, columns: int = 8,
@@ -61,17 +60,14 @@ def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, col
         ax.set_title(str(int(label)), fontsize=10)
     return _done(fig, title)
 
-def _moving_mean(values: Sequence[float], window: int) -> np.ndarray:
-    return np.convolve(values, np.ones(window) / window, mode="valid")
-
 def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-training loss") -> plt.Figure:
     """Loss per step (faint) and its moving average over `window` steps."""
     values = np.asarray(losses, dtype=float)
     fig, ax = new_figure(figsize=(7, 3.5))
     ax.plot(values, color="tab:blue", alpha=0.25, linewidth=0.6, label="per batch")
     if len(values) >= window:
-        ax.plot(np.arange(window - 1, len(values)), _moving_mean(values, window), color="tab:blue",
-                label=f"mean of {window} batches")
+        ax.plot(np.arange(window - 1, len(values)), np.convolve(values, np.ones(window) / window, "valid"),
+                color="tab:blue", label=f"mean of {window} batches")
     top = float(values.max()) if len(values) else 1.0
     if len(values) >= 1000 and float(np.percentile(values, 99)) < top:  # wild batches would hide the trend
         top = float(np.percentile(values, 99))
@@ -130,7 +126,6 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
                 del series[(1.0, digit, steps)]
     rank_fig, (left, right) = new_figure(1, 2, figsize=(11, 4))
     trade_fig, trade = new_figure(figsize=(8, 4.8))
-    before_shown = set()
     for (alpha, digit, steps), by_rank in sorted(series.items(), key=str):
         ranks = sorted(by_rank)
         label = f"alpha={'r' if alpha == 'rank' else f'{alpha:g}'}, digit {digit}, {steps} steps"
@@ -142,24 +137,22 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
         trade.errorbar(wx, oy, xerr=wxerr, yerr=oyerr, fmt="o", capsize=3, color=color, label=label)
         for x, y, k in zip(wx, oy, ranks, strict=True):
             trade.annotate(f"r={k}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if digit not in before_shown:  # the pre-trained network's values for this digit
-            before_shown.add(digit)
-            first, before = by_rank[ranks[0]][0], f"pre-trained (digit {digit})"
-            wrong, others = first["target_wrong_before"], 100 * first["other_digits_accuracy_before"]
-            left.axhline(wrong, color="gray", linestyle=":", linewidth=0.9, label=before)
-            right.axhline(others, color="gray", linestyle=":", linewidth=0.9, label=before)
-            trade.scatter([wrong], [others], marker="x", color="gray", zorder=3, label=before)
+    for digit, first in {r["target_digit"]: r for r in done}.items():  # the pre-trained network's levels
+        wrong, others = first["target_wrong_before"], 100 * first["other_digits_accuracy_before"]
+        for ax, level in ((left, wrong), (right, others)):
+            ax.axhline(level, color="gray", ls=":", lw=0.9, label=f"pre-trained (digit {digit})")
+        trade.scatter([wrong], [others], marker="x", c="gray", zorder=3, label=f"pre-trained (digit {digit})")
+    ticks = sorted({r["rank"] for r in done}) or [1]
     for ax in (left, right):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["rank"] for r in done}) or [1])
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.set_xticks(ticks, [f"{k:,}" for k in ticks], minor=False)
+        ax.set_xlabel("LoRA rank r")
         ax.xaxis.set_minor_formatter(NullFormatter())
     _count_axis(left, "y")
     _count_axis(trade, "x")
     others_label = "mean accuracy, the other nine digits (%)"
-    left.set(xlabel="LoRA rank r", ylabel="wrong answers on the target digit (test images)",
-             title="Target digit (symlog scale)")
-    right.set(xlabel="LoRA rank r", ylabel=others_label, title="The other digits")
+    left.set(ylabel="wrong answers on the target digit (test images)", title="Target digit (symlog scale)")
+    right.set(ylabel=others_label, title="The other digits")
     trade.set(xlabel="wrong answers on the target digit, test images (fewer is better; symlog scale)",
               ylabel=others_label, title="Fixing the target digit against keeping the others")
     left.legend(fontsize=8)
@@ -170,8 +163,8 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
 
 def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
                             target_digit: int, images: str = "test images") -> plt.Figure:
-    """Each digit's accuracy after fine-tuning (one run, or one list per seed: mean and min-max bars),
-    the pre-trained accuracy marked on each bar and the mean change in points above it."""
+    """Accuracy per digit after fine-tuning (one run, or a list per seed: mean, min-max), the
+    pre-trained level marked on each bar, the mean change in points above it."""
     fig, ax = new_figure(figsize=(8, 3.8))
     _per_digit_bars(ax, before, after, target_digit, images)
     ax.set_title("Accuracy per digit after fine-tuning (numbers: mean change in points)")
@@ -199,36 +192,27 @@ def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence
     bars.set_title("Accuracy per digit (numbers: change in points)", fontsize=10)
     steps, window = np.arange(1, len(losses) + 1), max(1, min(20, len(losses) // 5))
     curve.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="one batch")
-    curve.plot(steps[window - 1:], _moving_mean(losses, window), color="tab:blue", linewidth=2,
-               label=f"mean of {window} steps")
+    curve.plot(steps[window - 1:], np.convolve(losses, np.ones(window) / window, "valid"), color="tab:blue",
+               linewidth=2, label=f"mean of {window} steps")
     curve.set(xlabel="fine-tuning step", ylabel="cross-entropy loss (per batch)", ylim=(0, None))
     curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     curve.set_title("Fine-tuning loss (axis starts at 0)", fontsize=10)
     curve.legend(fontsize=8, frameon=False)
     return _done(fig, title, fontsize=10)
 
-def _unit_image(direction: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
-    """A 784-long direction as a unit-length 28 x 28 image, its (meaningless) sign matched to `reference`."""
-    unit = direction.detach().double().cpu().flatten()
-    unit = unit / unit.norm()
-    if reference is not None and float(unit @ reference) < 0:
-        unit = -unit
-    return unit.reshape(28, 28).numpy()
-
 def plot_input_directions(rows: dict[str, torch.Tensor], title: str,
                           captions: dict[str, list[str]] | None = None) -> plt.Figure:
-    """Input-space directions ((k, 784) tensors: A's rows, singular vectors) as unit-length images, a
-    row per entry, on one colour scale; signs matched to the first image so the same direction looks
-    the same everywhere. `captions` gives a row's images their own titles."""
-    columns = max(len(t) for t in rows.values())
+    """Input-space directions ((k, 784): A's rows, singular vectors) as unit-length images on one colour
+    scale, a row per entry, signs matched to the first image; `captions` titles a row's images."""
+    units = {n: F.normalize(t.detach().double().cpu().reshape(len(t), -1), dim=1) for n, t in rows.items()}
+    first = next(iter(units.values()))[0]  # a direction's sign means nothing: match them all to this one
+    units = {name: u * torch.where(u @ first < 0, -1.0, 1.0)[:, None] for name, u in units.items()}
+    limit, columns = max(float(u.abs().max()) for u in units.values()), max(len(u) for u in units.values())
     fig, axes = _image_grid(len(rows), columns, (1.9 * columns + 1.6, 2.0 * len(rows) + 0.6))
-    reference = torch.from_numpy(_unit_image(next(iter(rows.values()))[0], None).flatten())
-    pictures = {name: [_unit_image(d, reference) for d in t] for name, t in rows.items()}
-    limit = max(float(np.abs(p).max()) for ps in pictures.values() for p in ps)
-    for r, (name, images) in enumerate(pictures.items()):
-        names = (captions or {}).get(name, [f"direction {i + 1}" for i in range(len(images))])
-        for c, (image, caption) in enumerate(zip(images, names, strict=False)):
-            shown = axes[r, c].imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    for r, (name, u) in enumerate(units.items()):
+        names = (captions or {}).get(name, [f"direction {i + 1}" for i in range(len(u))])
+        for c, (image, caption) in enumerate(zip(u, names, strict=False)):
+            shown = axes[r, c].imshow(image.reshape(28, 28).numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
             axes[r, c].set_title(f"{name}\n{caption}" if c == 0 else caption, fontsize=8, loc="left")
     bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8)
     bar.set_label("pixel weight in a unit-length direction (no unit; 1/28 = 0.036 if spread evenly)")

@@ -47,8 +47,9 @@ def test_report_worst_digit_and_per_digit_accuracy(mnist):
     torch.manual_seed(1)
     result = evaluate(OversizedMLP(), mnist.test_images[:300], mnist.test_labels[:300])
     report = result.report().splitlines()
-    assert report[0].startswith(f"Accuracy: {result.accuracy:.3f}")
-    assert report[1:] == [f"wrong counts for the digit {d}: {w}" for d, w in enumerate(result.wrong_counts)]
+    assert f"{result.accuracy:.3f}" in report[0] and f"{result.correct:,}" in report[0]
+    assert len(report) == 11 and all(line.endswith(f"{d}: {w}") for d, (line, w) in
+                                     enumerate(zip(report[1:], result.wrong_counts, strict=True)))
     worst = result.worst_digit()
     assert result.wrong_counts[worst] == max(result.wrong_counts)
     accuracy = result.per_digit_accuracy()

@@ -137,7 +137,8 @@ def test_replayed_batches_train_with_the_packages_loop_under_their_own_name(smal
 def test_a_broken_lesson_cell_says_which_cell_and_how_to_fix_it(tmp_path, monkeypatch):
     folder = edited_notebooks(tmp_path, "02_pretrain", "pretrain-loop", "def pretrain(", "def pretrain(((")
     monkeypatch.setattr("lora_tutorial.lesson.notebooks_folder", lambda: folder)
-    with pytest.raises(LessonError, match=r"The cell tagged 'pretrain-loop' in 02_pretrain.ipynb fails: "
-                                          r"SyntaxError.*Fix the cell"):
+    with pytest.raises(LessonError) as broken:
         pretrain_loop(Settings())
+    assert all(part in str(broken.value) for part in ("'pretrain-loop'", "02_pretrain.ipynb", "SyntaxError",
+                                                      "Fix the cell"))
     assert set(LESSONS) == {"pretrain", "LoRAParametrization", "finetune_lora"}

@@ -61,8 +61,9 @@ def test_initialisation_normal_a_zero_b():
     kaiming = LoRAParametrization(2000, 1000, rank=64, init="kaiming")
     bound = 1 / 2000 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 2000
     assert kaiming.lora_A.abs().max() <= bound and kaiming.lora_A.std() < 0.1
-    with pytest.raises(ValueError, match="init='xavier'"):
+    with pytest.raises(ValueError) as refused:
         LoRAParametrization(10, 10, init="xavier")
+    assert all(part in str(refused.value) for part in ("init='xavier'", "normal", "kaiming"))
 
 
 def test_zero_start_leaves_the_model_unchanged(images):
@@ -132,25 +133,25 @@ def test_only_some_layers():
     assert lora_parameter_counts(model)[1] == 2 * (2000 + 10)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 0}, "rank=0 is not valid for layer linear1"),
-    ({"rank": 11}, r"rank=11 is not valid for layer linear3 \(10 x 2000\): expected an integer from 1 to 10"),
-    ({"rank": 1.5}, "rank=1.5 is not valid"),
-    ({"target_modules": ["fc1"]}, r"\['fc1'\] are not Linear layers of this model; valid names are "
-                                  r"\['linear1', 'linear2', 'linear3'\]"),
+@pytest.mark.parametrize("kwargs, parts", [  # the bad value, where, and the limit or the valid names
+    ({"rank": 0}, ("rank=0", "linear1", "from 1 to 784")),
+    ({"rank": 11}, ("rank=11", "linear3", "from 1 to 10")),
+    ({"rank": 1.5}, ("rank=1.5", "integer")),
+    ({"target_modules": ["fc1"]}, ("'fc1'", "'linear1', 'linear2', 'linear3'")),
 ])
-def test_bad_arguments_are_refused_before_any_change(kwargs, message):
+def test_bad_arguments_are_refused_before_any_change(kwargs, parts):
     model = OversizedMLP()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as refused:
         add_lora(model, **kwargs)
+    assert all(part in str(refused.value) for part in parts), str(refused.value)
     assert lora_modules(model) == {}
 
 
 def test_adding_twice_and_helpers_without_lora_are_clear_errors():
     model = lora_net()
-    with pytest.raises(ValueError, match="already has a parametrization"):
+    with pytest.raises(ValueError, match="add_lora once"):
         add_lora(model)
-    with pytest.raises(ValueError, match="no LoRA layers"):
+    with pytest.raises(ValueError, match=r"add_lora\(model"):  # no LoRA yet: the fix is named
         mark_only_lora_as_trainable(OversizedMLP())
 
 
@@ -240,9 +241,10 @@ def test_rank_pattern_gives_a_layer_its_own_rank_and_alpha():
     add_lora(model, rank=16, alpha=16.0, rank_pattern={"linear3": 10}, alpha_pattern={"linear3": 10.0})
     shapes = {n: (tuple(m.lora_A.shape), m.scale) for n, m in lora_modules(model).items()}
     assert shapes == {"linear1": ((16, 784), 1.0), "linear2": ((16, 1000), 1.0), "linear3": ((10, 2000), 1.0)}
-    with pytest.raises(ValueError, match=r"rank=16 is not valid for layer linear3"):
+    with pytest.raises(ValueError, match="rank=16"):  # without the pattern, linear3 refuses rank 16
         add_lora(OversizedMLP(), rank=16)
     stray = OversizedMLP()
-    with pytest.raises(ValueError, match=r"name \['linear3'\], which LoRA does not adapt here"):
+    with pytest.raises(ValueError) as refused:
         add_lora(stray, rank=4, target_modules=["linear1"], rank_pattern={"linear3": 2})
+    assert "'linear3'" in str(refused.value) and "target_modules=['linear1']" in str(refused.value)
     assert lora_modules(stray) == {}

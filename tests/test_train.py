@@ -71,9 +71,9 @@ def test_divergence_stops_with_the_step_and_a_hint(mnist):
     model = OversizedMLP()
     with torch.no_grad():
         model.linear3.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"The loss became nan at step 1: training diverged\. "
-                                                 r"Lower the learning rate \(lr=0\.001\) or LoRA's alpha"):
+    with pytest.raises(FloatingPointError) as stopped:
         train(model, mnist.train_images[:100], mnist.train_labels[:100], progress=False)
+    assert all(part in str(stopped.value) for part in ("nan", "step 1", "lr=0.001")), str(stopped.value)
 
 
 def test_nothing_trainable_is_an_error(mnist):
@@ -210,10 +210,13 @@ def test_replayed_images_come_from_the_replay_set_three_in_ten(mnist):
 def test_replay_needs_images_and_a_share_that_fits_the_batch(mnist):
     model = lora_on_small(mnist)
     data = (mnist.train_images[:50], mnist.train_labels[:50])
-    with pytest.raises(ValueError, match=r"replay_share=0.3 needs replay=\(images, labels\)"):
+    with pytest.raises(ValueError) as refused:
         train(model, *data, max_steps=2, progress=False, replay_share=0.3)
-    with pytest.raises(ValueError, match=r"replay_share=0.01 with batch_size=10: expected 0, or a share"):
+    assert "replay_share=0.3" in str(refused.value) and "replay=" in str(refused.value)
+    with pytest.raises(ValueError) as refused:
         train(model, *data, max_steps=2, progress=False, replay=data, replay_share=0.01)
+    message = str(refused.value)
+    assert all(part in message for part in ("replay_share=0.01", "batch_size=10", "batch_size - 1")), message
 
 
 def test_pretrain_loop_post_reproduces_the_posts_code_bit_for_bit(mnist, tmp_path):
