@@ -69,9 +69,8 @@ def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-trai
         ax.plot(np.arange(window - 1, len(values)), np.convolve(values, np.ones(window) / window, "valid"),
                 color="tab:blue", label=f"mean of {window} batches")
     top = float(values.max()) if len(values) else 1.0
-    if len(values) >= 1000 and float(np.percentile(values, 99)) < top:  # wild batches would hide the trend
-        top = float(np.percentile(values, 99))
-        title += " (axis cut at the 99th percentile of the batches)"
+    if len(values) >= 1000 and (cut := float(np.percentile(values, 99))) < top:  # wild batches hide the trend
+        top, title = cut, title + " (axis cut at the 99th percentile of the batches)"
     ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, ylim=(0, top * 1.02))
     ax.legend()
     return _done(fig)
@@ -86,9 +85,7 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
     fig, ax = new_figure(figsize=(8, 3.8))
     for shift, counts, label, color in ((-0.2, before, labels[0], "tab:gray"),
                                         (0.2, after, labels[1], "tab:orange")):
-        ax.bar(np.arange(10) + shift, counts, width=0.4, label=label, color=color)
-        for x, count in enumerate(counts):
-            ax.text(x + shift, count, str(count), ha="center", va="bottom", fontsize=8)
+        ax.bar_label(ax.bar(np.arange(10) + shift, counts, width=0.4, label=label, color=color), fontsize=8)
     _mark_target(ax, target_digit)
     ax.set(xticks=np.arange(10), xlabel="true digit", ylabel="wrong answers (test set)",
            title="Wrong answers per digit")
