@@ -49,7 +49,7 @@ def to_peft(adapter: nn.Module | str | Path, folder: str | Path, overwrite: bool
         use_rslora=bool(info.get("use_rslora")), lora_dropout=0.0, bias="none")
     theirs = {f"base_model.model.{k.rsplit('.', 4)[0]}.lora_{k[-1]}.weight": t for k, t in tensors.items()}
     meta = {"format": "pt", FINGERPRINT_KEY: info["base_fingerprint"],
-            SETTINGS_KEY: json.dumps(info["settings"])}
+            SETTINGS_KEY: json.dumps(info.get("settings"))}
     staging, old = (folder.with_name(f".{folder.name}.{end}-{os.getpid()}") for end in ("new", "old"))
     try:  # staged beside the folder, then renamed; the folder replaced is set aside and removed last
         staging.mkdir(parents=True)
