@@ -93,13 +93,12 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
     return _done(fig)
 
 def _mean_and_bars(groups: Sequence[Sequence[float]]) -> tuple[list[float], list[list[float]]]:
-    """Each group's mean, and matplotlib's error bars down to its minimum and up to its maximum."""
+    # each group's mean, and matplotlib's error bars down to its minimum and up to its maximum
     means = [sum(g) / len(g) for g in groups]
     return means, [[m - min(g) for m, g in zip(means, groups, strict=True)],
                    [max(g) - m for m, g in zip(means, groups, strict=True)]]
 
-def _count_axis(ax, which: str) -> None:
-    """Symlog for counts (linear below 1), so 0 wrong answers and the pre-trained tens both fit."""
+def _count_axis(ax, which: str) -> None:  # symlog: 0 wrong answers and the pre-trained tens both fit
     getattr(ax, f"set_{which}scale")("symlog", linthresh=1)
     axis = getattr(ax, f"{which}axis")
     axis.set_major_locator(FixedLocator([0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]))
@@ -108,8 +107,7 @@ def _count_axis(ax, which: str) -> None:
     getattr(ax, f"set_{which}lim")(-0.3, max(getattr(ax, f"get_{which}lim")()[1], 1) * 1.4)
 
 def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
-    """The sweep's table against the rank (`sweep_rank.png`: the target digit's wrong answers, the
-    other digits' accuracy) and as a trade-off (`sweep_tradeoff.png`); mean and min-max over seeds."""
+    """The sweep's rows against the rank (`sweep_rank.png`) and as a trade-off (`sweep_tradeoff.png`)."""
     done = [r for r in rows if r["status"] == "done"]
     series: dict[tuple, dict[int, list[dict]]] = {}
     for r in done:  # one series per alpha rule ("rank": alpha = r), digit and step count
@@ -160,8 +158,7 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
 
 def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
                             target_digit: int, images: str = "test images") -> plt.Figure:
-    """Accuracy per digit after fine-tuning (one run, or a list per seed: mean, min-max), the
-    pre-trained level marked on each bar, the mean change in points above it."""
+    """Accuracy per digit after fine-tuning (one run, or one per seed: mean, min-max) by the pre-trained."""
     fig, ax = new_figure(figsize=(8, 3.8))
     _per_digit_bars(ax, before, after, target_digit, images)
     ax.set_title("Accuracy per digit after fine-tuning (numbers: mean change in points)")
@@ -199,8 +196,7 @@ def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence
 
 def plot_input_directions(rows: dict[str, torch.Tensor], title: str,
                           captions: dict[str, list[str]] | None = None) -> plt.Figure:
-    """Input-space directions ((k, 784): A's rows, singular vectors) as unit-length images on one colour
-    scale, a row per entry, signs matched to the first image; `captions` titles a row's images."""
+    """(k, 784) input directions per row as unit images on one colour scale, signs matched to the first."""
     units = {n: F.normalize(t.detach().double().cpu().reshape(len(t), -1), dim=1) for n, t in rows.items()}
     first = next(iter(units.values()))[0]  # a direction's sign means nothing: match them all to this one
     units = {name: u * torch.where(u @ first < 0, -1.0, 1.0)[:, None] for name, u in units.items()}
