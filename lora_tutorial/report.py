@@ -1,10 +1,6 @@
-"""Results a notebook publishes in its own outputs, for the README's tables to be built from.
-
-A notebook's cell calls `publish(name, data, text)`: the reader sees `text`; the executed
-notebook also stores `data` under a media type of its own, which Jupyter does not render. The
-README's result tables are written from those stored results by `python -m lora_tutorial.tools.readme`
-(never typed), so a re-run notebook and the README cannot disagree unnoticed.
-"""
+"""Results a notebook publishes in its outputs: the reader sees `text`; `data` is stored under a
+media type Jupyter does not render, and `python -m lora_tutorial.tools.readme` writes the README's
+tables from it, so a re-run notebook and the README cannot disagree unnoticed."""
 
 from __future__ import annotations
 
