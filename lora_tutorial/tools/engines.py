@@ -1,8 +1,6 @@
 """Where the sweep's work runs: threads on this machine, or Ray tasks on a cluster. An engine's
 `submit(fn, *args)` calls fn(*args, place) there and returns a Future. Only this module knows Ray."""
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import os
@@ -25,7 +23,6 @@ DEVICE_VARIABLES = ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
 RAY_REQUIREMENT = "ray>=2.40,<3"  # as in pyproject.toml's [ray] extra
 GRACE_SECONDS = 5  # a cancelled run's processes get this long to stop before they are killed
 
-
 @dataclass(frozen=True)
 class Where:  # where and how long a piece of work ran
     host: str
@@ -34,11 +31,9 @@ class Where:  # where and how long a piece of work ran
     devices: str
     seconds: float
 
-
 @dataclass(frozen=True)
 class Place:
-    """Where work runs: its processes' environment, whether they get a session of their own (a
-    cancel stops them all), and Ray's node id (or "local")."""
+    """Work's environment, whether it gets a session of its own (a cancel stops it all), Ray's node id."""
 
     env: dict[str, str]
     own_session: bool
@@ -50,11 +45,9 @@ class Place:
         devices = " ".join(f"{k}={v}" for k, v in given.items() if v) or ("none" if given else "")
         return Where(socket.gethostname(), self.node, os.getpid(), devices, round(seconds, 1))
 
-
 def run_process(command: list[str], place: Place) -> tuple[subprocess.CompletedProcess, Where]:
-    """Run a command to its end with the place's environment (output captured); return it and where
-    and how long it ran. In its own session (Ray), an interrupt (Ray's cancel) stops its whole group;
-    papermill's kernel stops itself within a second of losing papermill."""
+    """Run a command to its end (output captured). In its own session (Ray), an interrupt (Ray's
+    cancel) stops its whole group; papermill's kernel stops itself within a second of losing papermill."""
     start = time.monotonic()
     process = subprocess.Popen(command, env=place.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=place.own_session)
@@ -72,9 +65,8 @@ def run_process(command: list[str], place: Place) -> tuple[subprocess.CompletedP
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
         raise
-    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    return done, place.where(time.monotonic() - start)
-
+    return (subprocess.CompletedProcess(command, process.returncode, stdout, stderr),
+            place.where(time.monotonic() - start))
 
 class LocalEngine:
     """Work in threads on this machine, `jobs` at once (each runs its own processes)."""
@@ -104,67 +96,61 @@ class LocalEngine:
     def close(self) -> None:
         self._pool.shutdown()
 
-
 class RayEngine:
     """A Ray task per piece of work, on an existing cluster (never one of its own), asking for `cpus`
     CPUs and `gpus` GPUs. Tasks are not retried: running the sweep again is the retry."""
 
     def __init__(self, address: str | None, gpus: float | None = None, cpus: float = 1.0):
         self.address = address or os.environ.get("RAY_ADDRESS") or ""
-        self.gpus, self.cpus = gpus, cpus
-        self._refs: list = []
-        self._ray = None
+        self.gpus, self.cpus, self._refs, self._ray = gpus, cpus, [], None
 
     def connect(self) -> None:
         """Check Ray, the address, the cluster and the resources one configuration asks for."""
-        if not self.address:
-            raise ShortError("--engine ray needs the cluster's address: give --address HOST:PORT (the "
-                             "address `ray start --head` prints) or set RAY_ADDRESS.")
-        if self.address.startswith("ray://"):
-            raise ShortError(f"--address {self.address}: Ray Client addresses (ray://) are not supported; "
-                             "run the sweep on a node of the cluster with --address HOST:PORT.")
-        if self.cpus <= 0:
-            raise ShortError(f"--cpus-per-config={self.cpus:g}: give a number above 0 (default 1).")
-        if self.gpus is not None and (self.gpus < 0 or (self.gpus > 1 and self.gpus != int(self.gpus))):
-            raise ShortError(f"--gpus-per-config={self.gpus:g}: give 0, a fraction up to 1, or a whole "
-                             "number of GPUs.")
-        rocr = os.environ.get("ROCR_VISIBLE_DEVICES")
-        if rocr and not os.environ.get("HIP_VISIBLE_DEVICES"):
-            raise ShortError(f"ROCR_VISIBLE_DEVICES={rocr} is set (Slurm sets it on AMD nodes) and Ray "
-                             "refuses to start with it: run export HIP_VISIBLE_DEVICES=$ROCR_VISIBLE_DEVICES;"
-                             " unset ROCR_VISIBLE_DEVICES, here and before `ray start` on every node.")
+        address, rocr = self.address, os.environ.get("ROCR_VISIBLE_DEVICES")
+        host, _, port = address.rpartition(":")
+        for wrong, message in [
+            (not address, "--engine ray needs the cluster's address: give --address HOST:PORT (the address "
+             "`ray start --head` prints) or set RAY_ADDRESS."),
+            (address.startswith("ray://"), f"--address {address}: Ray Client addresses (ray://) are not "
+             "supported; run the sweep on a node of the cluster with --address HOST:PORT."),
+            (self.cpus <= 0, f"--cpus-per-config={self.cpus:g}: give a number above 0 (default 1)."),
+            (self.gpus is not None and (self.gpus < 0 or (self.gpus > 1 and self.gpus != int(self.gpus))),
+             f"--gpus-per-config={self.gpus or 0:g}: give 0, a fraction up to 1, or a whole number of GPUs."),
+            (rocr and not os.environ.get("HIP_VISIBLE_DEVICES"), f"ROCR_VISIBLE_DEVICES={rocr} is set (Slurm "
+             "sets it on AMD nodes) and Ray refuses to start with it: run export HIP_VISIBLE_DEVICES="
+             "$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES, here and before `ray start` on every node."),
+        ]:
+            if wrong:
+                raise ShortError(message)
         try:
             import ray
         except ImportError:
             raise ShortError(f"--engine ray needs Ray, which is not installed here: pip install -e '.[ray]' "
                              f"(or pip install '{RAY_REQUIREMENT}'), on every node of the cluster.") from None
-        host, _, port = self.address.rpartition(":")
-        if self.address != "auto" and (not host or not port.isdigit()):
-            raise ShortError(f"--address {self.address!r}: expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray "
-                             "start --head` prints it.")
-        try:  # a closed HOST:PORT is refused at once, before Ray would retry for a minute
-            if self.address != "auto":
+        if address != "auto":
+            if not host or not port.isdigit():
+                raise ShortError(f"--address {address!r}: expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray "
+                                 "start --head` prints it.")
+            try:  # a closed HOST:PORT is refused at once, before Ray would retry for a minute
                 socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError as err:
-            raise ShortError(f"--address {self.address}: no Ray cluster answers there "
-                             f"({err.strerror or err}). Start one first (docs/sweeps.md); the sweep never "
-                             "starts a cluster of its own.") from None
+            except OSError as err:
+                raise ShortError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})."
+                                 " Start one first (docs/sweeps.md); the sweep never starts a cluster of its "
+                                 "own.") from None
         try:
-            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING,
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False)
         except (ConnectionError, RuntimeError) as err:
-            raise ShortError(f"--address {self.address}: could not join a Ray cluster there ({err}). "
-                             "The sweep never starts a cluster of its own: start one "
-                             "(docs/sweeps.md).") from None
+            raise ShortError(f"--address {address}: could not join a Ray cluster there ({err}). The sweep "
+                             "never starts a cluster of its own: start one (docs/sweeps.md).") from None
         self._ray = ray
         alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         if self.gpus is None:
             self.gpus = 1 if any(r.get("GPU", 0) for r in alive) else 0
         for option, kind, asked in (("gpus", "GPU", self.gpus), ("cpus", "CPU", self.cpus)):
-            most = max((r.get(kind, 0) for r in alive), default=0)
-            if asked > most:
+            if asked > (most := max((r.get(kind, 0) for r in alive), default=0)):
                 self.close()
-                raise ShortError(f"--{option}-per-config={asked:g}: no node of the cluster at {self.address} "
+                raise ShortError(f"--{option}-per-config={asked:g}: no node of the cluster at {address} "
                                  f"has that many {kind}s (the most on one node is {most:g}), so the tasks "
                                  f"would wait forever; give --{option}-per-config {most:g} or fewer.")
 
@@ -227,7 +213,6 @@ class RayEngine:
         if self._ray is not None and self._ray.is_initialized():
             self._ray.shutdown()
 
-
 def _in_task(fn: Callable, args: tuple) -> Any:
     """Inside a Ray task: call fn with the task's place (the devices Ray gave it)."""
     import ray
@@ -237,7 +222,6 @@ def _in_task(fn: Callable, args: tuple) -> Any:
     if not context.get_accelerator_ids().get("GPU"):
         env.update(dict.fromkeys(DEVICE_VARIABLES, ""))  # no GPU asked for: the notebook must not take one
     return fn(*args, Place(env, own_session=True, node=context.get_node_id()))
-
 
 def _check_node(probe: str, token: str) -> str:
     """On one node: '' when it reads the driver's file, writes beside it and finds the notebooks."""
@@ -256,11 +240,9 @@ def _check_node(probe: str, token: str) -> str:
                 "install it from a clone of the project (pip install -e '.[ray]').")
     return ""
 
-
 def _last_line(err: BaseException) -> str:  # the message: Ray prints its traceback first
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
-
 
 def engine_summary(nodes: Iterable[tuple[str, str]]) -> str:
     """'ran on 2 node(s): host/abcd1234 x1, ...' from each configuration's (host, node)."""

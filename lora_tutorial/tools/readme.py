@@ -2,8 +2,6 @@
 `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->`) rewritten from 06_compare's
 published results, and FIGURES copied out of the notebooks. `--check` compares only (exit 1 if stale)."""
 
-from __future__ import annotations
-
 import argparse
 import base64
 import json
@@ -21,7 +19,6 @@ BLOCK = re.compile(r"(<!-- begin generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)
                    r"(<!-- end generated: (?P=name) -->)", re.DOTALL)
 # The pictures the README shows: file -> (notebook, tag of the cell whose first picture it is)
 FIGURES = {"docs/what-lora-learned.png": ("08_why_low_rank", "readme-figure")}
-
 
 def results_table(r: dict[str, Any]) -> str:
     """The post's figures beside this run's (06_compare's results)."""
@@ -43,40 +40,32 @@ def results_table(r: dict[str, Any]) -> str:
         f"| parameters LoRA trains | 6,794 (0.242 %) | {r['lora_parameters']:,} "
         f"({r['lora_share_percent']:.3f} %) |"])
 
-
 def shown_location(location: str, root: Path) -> str:
     """A data folder relative to the project, or only its last two parts (no machine paths in the docs)."""
     path = Path(location)
     if not path.is_absolute():
         return location
-    if path.is_relative_to(root):
-        return path.relative_to(root).as_posix()
-    return "<your data folder>/" + "/".join(path.parts[-2:])
-
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else \
+        "<your data folder>/" + "/".join(path.parts[-2:])
 
 def run_summary(r: dict[str, Any]) -> str:
     """The summary `python -m lora_tutorial.tools.run` prints, for the committed run's results."""
     data = {**r["data"], "location": shown_location(r["data"]["location"], project_root())}
     return f"```\n{summary({**r, 'data': data})}\n```"
 
-
 TABLES = {"results": results_table, "run-summary": run_summary}  # each from 06_compare's results
-
 
 def notebook_figure(path: Path, tag: str) -> bytes:
     """The first PNG that the cell tagged `tag` shows in a committed notebook."""
     for cell in json.loads(Path(path).read_text())["cells"]:
-        if tag in cell.get("metadata", {}).get("tags", []):
-            for output in cell.get("outputs", []):
-                if "image/png" in output.get("data", {}):
-                    return base64.b64decode(output["data"]["image/png"])
+        for output in cell.get("outputs", []) if tag in cell.get("metadata", {}).get("tags", []) else []:
+            if "image/png" in output.get("data", {}):
+                return base64.b64decode(output["data"]["image/png"])
     raise KeyError(f"{Path(path).name} has no cell tagged {tag!r} that shows a picture.")
-
 
 def figures(root: Path) -> dict[Path, bytes]:
     return {root / name: notebook_figure(root / "notebooks" / f"{notebook}.ipynb", tag)
             for name, (notebook, tag) in FIGURES.items()}
-
 
 def render(text: str, results: dict[str, Any]) -> str:
     """The document with every generated block rewritten from 06_compare's results."""
@@ -87,17 +76,14 @@ def render(text: str, results: dict[str, Any]) -> str:
 
     return BLOCK.sub(replace, text)
 
-
 def documents(root: Path) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.readme", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 when a block differs")
-    check = parser.parse_args(argv).check
-    root = project_root()
+    check, root = parser.parse_args(argv).check, project_root()
     results = published(root / "notebooks" / "06_compare.ipynb")["results"]
     texts = {path: path.read_text() for path in documents(root)}
     new = {path: render(text, results) for path, text in texts.items()}
@@ -111,15 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     if check:
         print("The generated tables and pictures in README.md and docs/ match the committed notebooks.")
         return 0
-    for path, text in new.items():
-        if text != texts[path]:
-            path.write_text(text)
+    for path in [p for p in texts if new[p] != texts[p]]:
+        path.write_text(new[path])
     for picture, png in pictures.items():
         atomic_write(picture, lambda tmp, png=png: tmp.write_bytes(png))
     print(f"Wrote {sum(len(BLOCK.findall(t)) for t in new.values())} generated block(s) into README.md and "
           f"docs/, and {len(pictures)} picture(s) into docs/.")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

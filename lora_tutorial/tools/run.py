@@ -3,8 +3,6 @@
 Each runs into an executed copy under --out; a summary follows; --check fails unless the post's
 trends hold (TRENDS). `--only` picks notebooks, those beyond the post included."""
 
-from __future__ import annotations
-
 import argparse
 import ast
 import json
@@ -34,12 +32,10 @@ ACCURACY_BAR = {"mnist": 0.94, "sample": 0.85}
 TRENDS = ("pre-trained accuracy >= 0.94 (0.85 on the offline sample)",
           "wrong answers on the target digit fall by >= 70 %",
           "LoRA off reproduces the pre-trained results exactly")
-PRETRAINING_TAG = "pretraining"  # the cell of 02_pretrain that pre-trains (or loads) the network
 PATH_PARAMETERS = ("data_dir", "output_dir", "checkpoint_dir")
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 # Run by a kernel as it starts, outside the notebook (no name bound, no history, no cell number).
 WARM_UP = "--IPKernelApp.exec_lines=__import__('lora_tutorial');"
-
 
 def parse_value(text: str) -> Any:
     """A -p value: '4' -> 4, 'None' -> None, "['a']" -> ['a'], 'cpu' -> 'cpu'."""
@@ -48,7 +44,6 @@ def parse_value(text: str) -> Any:
     except (ValueError, SyntaxError):
         return text
 
-
 def notebooks_dir() -> Path:
     folder = project_root() / "notebooks"
     if not folder.is_dir():
@@ -56,30 +51,23 @@ def notebooks_dir() -> Path:
                          "project, installed with `pip install -e .`.")
     return folder
 
-
 def notebook_parameters(path: Path) -> list[str]:
-    """The names a notebook's `parameters` cell declares (papermill.inspect_notebook skips any line
-    holding two '=', such as 11's `scaling` with its comment)."""
+    """Its parameters cell's names (papermill.inspect_notebook skips a line holding two '=', as 11's)."""
     cells = json.loads(Path(path).read_text()).get("cells", [])
     source = next((c["source"] for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
     return assigned_names("".join(source))
 
-
 def notebook_takes(step: str) -> list[str]:
-    """What a notebook takes: its parameters cell's names and the settings every notebook takes."""
     return [*notebook_parameters(notebooks_dir() / f"{step}.ipynb"), *ACCEPTED_EVERYWHERE]
 
-
 def split_parameters(parameters: dict[str, Any], steps: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Each notebook's share of the parameters; a name none of them takes is refused (a misspelling,
-    or a notebook left out of --only)."""
+    """Each notebook's share; a name none takes is refused (a misspelling, or a notebook not in --only)."""
     taken = {step: notebook_takes(step) for step in steps}
     every = sorted({name for names in taken.values() for name in names})
     if unknown := sorted(set(parameters) - set(every)):
         raise SettingsError(f"No notebook run here takes {unknown}: check the spelling. The notebooks "
                             f"run ({', '.join(steps)}) take {every}.")
     return {step: {k: v for k, v in parameters.items() if k in names} for step, names in taken.items()}
-
 
 def check_trends(results: dict) -> list[str]:
     """The post's trends that these results break (empty when all hold)."""
@@ -93,7 +81,6 @@ def check_trends(results: dict) -> list[str]:
     if not results["lora_off_equals_pretrained"]:
         failed.append(TRENDS[2])
     return failed
-
 
 def summary(results: dict) -> str:
     """The runner's summary of 06_compare's results (the docs show it for the committed run)."""
@@ -110,11 +97,9 @@ def summary(results: dict) -> str:
         f"Trained parameters:          {r['lora_parameters']:,} of {r['base_parameters']:,} "
         f"({r['lora_share_percent']:.3f} %)"])
 
-
 def _tidy(path: Path) -> tuple[float, float]:
-    """Keep papermill's recorded paths relative to the project, drop the widget state (11's figure
-    twice over), merge each progress bar's updates into its last line as Jupyter shows them; return
-    the seconds of all cells and of the cell tagged 'pretraining'."""
+    """Paths relative to the project, no widget state, each progress bar merged into its last line as
+    Jupyter shows it; returns the seconds of all cells and of the one tagged 'pretraining'."""
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
@@ -127,10 +112,9 @@ def _tidy(path: Path) -> tuple[float, float]:
         if meta.get(key):
             meta[key] = shown_path(Path(meta[key]))
     atomic_write(path, lambda tmp: nbformat.write(nb, str(tmp)))
-    seconds = [(c.metadata.get("papermill", {}).get("duration") or 0.0, c) for c in nb.cells]
-    return (sum(s for s, _ in seconds),
-            sum(s for s, c in seconds if PRETRAINING_TAG in c.metadata.get("tags", [])))
-
+    seconds = [(c.metadata.get("papermill", {}).get("duration") or 0.0, c.metadata.get("tags", []))
+               for c in nb.cells]
+    return sum(s for s, _ in seconds), sum(s for s, tags in seconds if "pretraining" in tags)
 
 def _start_kernel(cwd: Path):
     """A kernel started ahead: it imports the package (seconds) while the current notebook runs."""
@@ -140,13 +124,11 @@ def _start_kernel(cwd: Path):
     run_sync(kernel.start_kernel)(cwd=str(cwd), extra_arguments=[*KERNEL_ARGUMENTS, WARM_UP])
     return kernel
 
-
 def absolute_paths(parameters: dict[str, Any]) -> dict[str, Any]:
     """Folder parameters made absolute where the command runs (the kernels run in notebooks/)."""
     return {name: str(Path(value).expanduser().resolve())
             if name in PATH_PARAMETERS and isinstance(value, str) and value.strip() else value
             for name, value in parameters.items()}
-
 
 def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -> dict | None:
     """Execute the notebooks into `out`; return the results JSON of 06_compare when it ran."""
@@ -166,9 +148,8 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
         try:
             for index, step in enumerate(steps):
                 kernel, upcoming = upcoming, (_start_kernel(source) if index + 1 < len(steps) else None)
-                target = out / f"{step}.ipynb"
+                target, started = out / f"{step}.ipynb", time.perf_counter()
                 print(f"Running {step} ...", end=" ", flush=True)
-                started = time.perf_counter()
                 try:
                     papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target), km=kernel,
                                                parameters=shares[step], cwd=str(source), progress_bar=False,
@@ -189,11 +170,11 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     split = (f": the pre-training cell {pretraining:.1f} s, everything else {total - pretraining:.1f} s "
              "(starting kernels, imports, data, the other cells)" if "02_pretrain" in steps else "")
     print(f"All {len(steps)} notebooks ran in {total:.1f} s{split}. Executed copies: {shown_path(out)}.")
-    if sys.platform != "win32":  # the largest resident memory a finished kernel reached
+    if sys.platform != "win32":  # the largest resident memory a finished kernel reached (KiB; macOS: bytes)
         from resource import RUSAGE_CHILDREN, getrusage
 
         peak = getrusage(RUSAGE_CHILDREN).ru_maxrss / 2**(20 if sys.platform == "darwin" else 10)
-        print(f"Peak memory of a notebook kernel: {peak:,.0f} MiB.")  # ru_maxrss: KiB, on macOS bytes
+        print(f"Peak memory of a notebook kernel: {peak:,.0f} MiB.")
     if "06_compare" not in steps:
         return None
     if not results_path.is_file() or results_path.stat().st_mtime < started_at:  # never an old file
@@ -201,24 +182,21 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
                          f"its executed copy, {shown_path(out / '06_compare.ipynb')}, shows what it did.")
     return json.loads(results_path.read_text())
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "run",
-                        help="folder for the executed notebooks (default: outputs/run)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
-                        metavar=("NAME", "VALUE"), help="a notebook parameter, e.g. -p rank 4")
-    parser.add_argument("--only", nargs="+", choices=STEPS + BEYOND,
-                        help="run only these notebooks (those beyond the post run only when named here)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 unless the post's trends hold: " + "; ".join(TRENDS).replace("%", "%%"))
+    add = parser.add_argument
+    add("--out", type=Path, default=project_root() / "outputs" / "run", help="default: outputs/run")
+    add("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+        help="a notebook parameter, e.g. -p rank 4")
+    add("--only", nargs="+", choices=STEPS + BEYOND, help="these notebooks only (07-11 run only if named)")
+    add("--check", action="store_true", help="exit 1 unless: " + "; ".join(TRENDS).replace("%", "%%"))
     args = parser.parse_args(argv)
     if args.check and args.only and "06_compare" not in args.only:
         parser.error("--check reads the results of 06_compare: name it in --only too, or leave --only out")
-    parameters = {name: parse_value(value) for name, value in args.parameter}
     try:
-        results = run(args.out, parameters, tuple(args.only) if args.only else STEPS)
+        results = run(args.out, {name: parse_value(value) for name, value in args.parameter},
+                      tuple(args.only or STEPS))
     except ShortError as err:  # a bad parameter or folder: one clear sentence, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -231,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and not failed:
         print("All of the post's trends hold: " + "; ".join(TRENDS) + ".")
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

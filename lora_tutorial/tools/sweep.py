@@ -6,8 +6,6 @@ configurations are skipped, failed or interrupted ones run again. `--dry-run` pr
 commands for a scheduler (the sweep then only collects them); `--engine ray` runs on a Ray cluster.
 """
 
-from __future__ import annotations
-
 import argparse
 import itertools
 import json
@@ -38,7 +36,7 @@ COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", *R
 # Settings a folder's name does not record that do not change results: a finished run is re-used across them.
 NOT_DECIDING = {"rank", "alpha", "target_digit", "target_rule", "finetune_seed", "finetune_steps",
                 "output_dir", "checkpoint_dir", "data_dir", "device", "download"}
-
+RESERVED = {"rank", "alpha", "target_digit", "finetune_seed", "finetune_steps", "output_dir"}  # its options
 
 @dataclass(frozen=True)
 class Config:
@@ -58,7 +56,6 @@ class Config:
                 "finetune_seed": self.seed, "finetune_steps": self.finetune_steps,
                 "output_dir": str(out / self.name), "checkpoint_dir": checkpoint_dir(out, extra)}
 
-
 def row(config: Config, results: dict | None = None, where: Where | None = None, error: str = "") -> dict:
     """The table's row (a record of COLUMNS): done with results, else failed with `error`."""
     record = {**dict.fromkeys(COLUMNS), **asdict(config), "name": config.name, "status": "failed",
@@ -73,16 +70,13 @@ def row(config: Config, results: dict | None = None, where: Where | None = None,
                       finetune_seconds=results.get("finetune_seconds"))
     return record
 
-
 def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:
     """One pre-trained checkpoint folder for the whole sweep: -p checkpoint_dir, else out/checkpoints."""
     return str(extra.get("checkpoint_dir") or out / "checkpoints")
 
-
 def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in extra.items() if k in notebook_takes("02_pretrain")}, "output_dir": str(out),
             "checkpoint_dir": checkpoint_dir(out, extra)}
-
 
 def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_rank: bool,
                    digits: list[int | str], seeds: list[int], steps: list[int],
@@ -98,10 +92,9 @@ def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_ra
                 configs.append(config)
     return configs
 
-
 def command(notebook: str, folder: Path, parameters: dict[str, Any]) -> list[str]:
-    """The papermill command that runs a notebook into `folder`, from this interpreter. YAML keeps
-    floats floats (1.0e+20; JSON's 1e+20 reads back as a string) and lists lists (-p passes text)."""
+    """papermill running a notebook into `folder`. YAML keeps floats floats (1.0e+20; JSON's 1e+20
+    reads back as a string) and lists lists (-p passes text)."""
     import yaml
 
     text = yaml.safe_dump(parameters, default_flow_style=True, width=float("inf")).strip()
@@ -109,14 +102,12 @@ def command(notebook: str, folder: Path, parameters: dict[str, Any]) -> list[str
             str(folder / f"{notebook}.ipynb"), "--cwd", str(notebooks_dir()), "-k", "python3",
             "--no-progress-bar", "-y", text]
 
-
 def read_json(path: Path) -> Any:
-    """A JSON file's contents; None when it is missing or cut off mid-write."""
+    """None when the file is missing or cut off mid-write."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
 
 def finished(config: Config, out: Path) -> dict | None:
     """The configuration's results, if a complete run of this very configuration left them."""
@@ -128,19 +119,16 @@ def finished(config: Config, out: Path) -> dict | None:
         config.rank, config.alpha, config.target_digit, config.seed, config.finetune_steps)
     return results if same else None
 
-
 def check_same_parameters(configs: list[Config], out: Path, extra: dict[str, Any]) -> None:
     """Refuse a folder holding runs made with other -p parameters: they would be re-used or overwritten."""
     for config in configs:
         recorded = (read_json(out / config.name / "results.json") or {}).get("settings", {})
         wanted = json.loads(json.dumps(Settings.from_mapping(config.parameters(out, extra)).as_dict()))
-        differ = [f"{k}={recorded[k]!r} there, {v!r} now" for k, v in wanted.items()
-                  if k not in NOT_DECIDING and k in recorded and recorded[k] != v]  # older files lack some
-        if differ:
+        if differ := [f"{k}={recorded[k]!r} there, {v!r} now" for k, v in wanted.items()
+                      if k not in NOT_DECIDING and k in recorded and recorded[k] != v]:  # old files lack some
             raise SettingsError(f"{shown_path(out / config.name)} holds a run made with other parameters "
                                 f"({'; '.join(differ)}): this sweep would mix or overwrite its results. "
                                 "Give this sweep its own --out, or delete that folder to run it again.")
-
 
 def notebook_error(path: Path) -> str:
     """'cell N: Name: message' from the first error output of an executed notebook."""
@@ -149,7 +137,6 @@ def notebook_error(path: Path) -> str:
     errors = [f"cell {i}: {o['ename']}: {o['evalue']}" for i, cell in enumerate(nb.get("cells", []))
               for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     return errors[0] if errors else "papermill failed before any cell raised"
-
 
 def run_one(config: Config, out: Path, extra: dict[str, Any], place: Place) -> dict:
     """Run one configuration where the engine put it; return its row."""
@@ -163,10 +150,9 @@ def run_one(config: Config, out: Path, extra: dict[str, Any], place: Place) -> d
         return row(config, results, where)
     error = ("the notebook ran but wrote no matching results.json" if done.returncode == 0
              else notebook_error(folder / f"{NOTEBOOK}.ipynb"))
-    tail = done.stderr[-2000:]
-    write_json(folder / "error.json", {"error": error, "where": asdict(where), "stderr_tail": tail})
+    write_json(folder / "error.json",
+               {"error": error, "where": asdict(where), "stderr_tail": done.stderr[-2000:]})
     return row(config, where=where, error=error)
-
 
 def prepare(out: Path, extra: dict[str, Any], place: Place) -> Where | None:
     """Run 02_pretrain once, where the engine runs work, unless the sweep's network is saved already."""
@@ -179,7 +165,6 @@ def prepare(out: Path, extra: dict[str, Any], place: Place) -> Where | None:
                          f"notebook is {shown_path(executed)}. Nothing else ran.")
     return where
 
-
 def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
     """Whether the sweep's pre-trained network is saved (then no kernel starts just to load it)."""
     from ..data import load_mnist
@@ -189,11 +174,10 @@ def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
     return pretrained_path(settings, data if settings.train_samples is None
                            else data.limit(settings.train_samples)).is_file()
 
-
 def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None, jobs: int = 1,
           progress: bool = True, engine: LocalEngine | RayEngine | None = None) -> pd.DataFrame:
-    """Run what is not finished yet (on `engine`; by default this machine, `jobs` at a time); write
-    sweep.csv, sweep.json and the plots; return the table, one row per configuration."""
+    """Run what is not finished (on `engine`; by default here, `jobs` at a time); write sweep.csv,
+    sweep.json and the plots; return the table, one row per configuration."""
     extra, out, engine = dict(extra or {}), out.resolve(), engine or LocalEngine(jobs)
     check_same_parameters(configs, out, extra)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,12 +227,11 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
             plt.close(fig)  # saved, not shown: a notebook that calls sweep() shows its own
     return table
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="ranks to try (default 1 2 4 8)")
+    add("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="default 1 2 4 8")
     add("--alphas", type=float, nargs="+", help="alphas, each at every rank (default 1, as in the paper)")
     add("--alpha-equals-rank", action="store_true", help="alpha = rank instead (alpha / r stays 1)")
     add("--digits", nargs="+", default=[WORST], type=lambda t: WORST if t.strip().lower() == WORST
@@ -266,28 +249,25 @@ def main(argv: list[str] | None = None) -> int:
     ray("--gpus-per-config", type=float, help="default 1 when the cluster has GPUs, else 0")
     ray("--cpus-per-config", type=float, help="default 1")
     args = parser.parse_args(argv)
-    if args.engine == "ray" and args.jobs is not None:
-        parser.error("--jobs is for --engine local: on Ray, the cluster's free GPUs and CPUs decide how many "
-                     "configurations run at once (see --gpus-per-config, --cpus-per-config)")
-    if args.engine == "ray" and args.dry_run:
-        parser.error("--dry-run prints commands for a scheduler of your own: leave out --engine ray")
+    on_ray, jobs = args.engine == "ray", 1 if args.jobs is None else args.jobs
     given = [f"--{n.replace('_', '-')}" for n in ("address", "gpus_per_config", "cpus_per_config")
              if getattr(args, n) is not None]
-    if args.engine == "local" and given:
-        parser.error(f"{' '.join(given)}: only with --engine ray")
-    jobs = 1 if args.jobs is None else args.jobs
-    if jobs < 1:
-        parser.error(f"--jobs={jobs}: expected an integer >= 1")
-    if args.alphas and args.alpha_equals_rank:
-        parser.error("--alphas and --alpha-equals-rank: give one or the other")
     # folders relative to where the command runs (on Ray, the same path on every node: a shared file system)
     extra = absolute_paths({name: parse_value(value) for name, value in args.parameter})
-    reserved = {"rank", "alpha", "target_digit", "finetune_seed", "finetune_steps", "output_dir"}
-    if reserved & set(extra):
-        parser.error(f"-p {sorted(reserved & set(extra))}: set these with the sweep's own options")
-    if unknown := set(extra) - set(notebook_takes(NOTEBOOK)):
-        parser.error(f"-p {sorted(unknown)}: {NOTEBOOK} takes no such parameter; it takes "
-                     f"{sorted(set(notebook_takes(NOTEBOOK)) - reserved)}")
+    takes = set(notebook_takes(NOTEBOOK))
+    for wrong, message in [
+        (on_ray and args.jobs is not None, "--jobs is for --engine local: on Ray, the cluster's free GPUs "
+         "and CPUs decide how many configurations run at once (see --gpus-per-config, --cpus-per-config)"),
+        (on_ray and args.dry_run, "--dry-run prints commands for a scheduler of your own: leave out "
+         "--engine ray"),
+        (not on_ray and given, f"{' '.join(given)}: only with --engine ray"),
+        (jobs < 1, f"--jobs={jobs}: expected an integer >= 1"),
+        (args.alphas and args.alpha_equals_rank, "--alphas and --alpha-equals-rank: give one or the other"),
+        (RESERVED & set(extra), f"-p {sorted(RESERVED & set(extra))}: set these with the sweep's options"),
+        (set(extra) - takes, f"-p {sorted(set(extra) - takes)}: {NOTEBOOK} takes no such parameter; it takes "
+         f"{sorted(takes - RESERVED)}")]:
+        if wrong:
+            parser.error(message)
     out = args.out.resolve()
     engine: LocalEngine | RayEngine = LocalEngine(jobs)
     try:
@@ -295,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.iterations, extra)
         check_same_parameters(configs, out, extra)  # before --dry-run's folders, and before any work
         preflight(  # GPU (when it runs here), folders, data
-            Settings.from_mapping(pretrain_parameters(out, extra)), check_device=args.engine == "local")
+            Settings.from_mapping(pretrain_parameters(out, extra)), check_device=not on_ray)
         if args.dry_run:  # the folders papermill writes into must exist before the commands run
             print("# pre-train once first (shared checkpoint), then run the lines below in any order; the\n"
                   f"# same sweep command without --dry-run then collects them into {shown_path(out)}.")
@@ -304,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / config.name).mkdir(parents=True, exist_ok=True)
                 print(shlex.join(command(NOTEBOOK, out / config.name, config.parameters(out, extra))))
             return 0
-        if args.engine == "ray":
+        if on_ray:
             engine = RayEngine(args.address, args.gpus_per_config, args.cpus_per_config or 1.0)
             engine.connect()
             print(f"Sweep {engine.describe()}.")
@@ -318,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.close()
     shown = [c for c in COLUMNS if c not in ("name", "finetune_steps", "lora_share_percent", *WHERE)]
     print("\n" + table[shown].to_string(index=False, na_rep=""))
-    if args.engine == "ray":
+    if on_ray:
         print(f"\nThe configurations {engine_summary(table[table.node.notna()][['host', 'node']].values)}.")
     print(f"\nTable: {shown_path(out / 'sweep.csv')} (and sweep.json); plots: sweep_rank.png, "
           "sweep_tradeoff.png")
@@ -327,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
               "notebook say why; run the same command again to retry them.", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,8 +7,6 @@ words as `wc -w`; the README counts whole. Sentences end at '.', '!', '?' and at
 paragraph, heading, list item or table row; code blocks are left out of sentence lengths.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import re
@@ -24,7 +22,6 @@ BUDGET_LATER, BUDGET_README = 1_500, 1_500
 MEAN_SENTENCE = 20  # words, at most, on average
 FENCE = re.compile(r"```.*?```", re.DOTALL)
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]*]*\s+")
-
 
 @dataclass(frozen=True)
 class Count:
@@ -42,7 +39,6 @@ class Count:
     def over(self) -> bool:
         return self.words > self.budget or self.mean_sentence > MEAN_SENTENCE
 
-
 def notebook_prose(path: Path) -> str:
     """The markdown a notebook shows, and the prose its outputs display, one block a paragraph."""
     parts = []
@@ -58,19 +54,15 @@ def notebook_prose(path: Path) -> str:
                                        and sum(bool(re.search(r"[A-Za-z]", w)) for w in line.split()) >= 4))
     return "\n\n".join(part for part in parts if part)
 
-
 def sentences(text: str) -> list[str]:
     """Sentences of prose: code blocks out; paragraphs, headings, list items, rows split."""
-    found = []
-    for block in re.split(r"\n\s*\n|\n(?=\s*(?:[-*] |\d+\. |#|\|))", FENCE.sub("", text)):
-        found += [s for s in SENTENCE_END.split(" ".join(block.split())) if re.search(r"[A-Za-z]", s)]
-    return found
-
+    blocks = re.split(r"\n\s*\n|\n(?=\s*(?:[-*] |\d+\. |#|\|))", FENCE.sub("", text))
+    return [s for block in blocks for s in SENTENCE_END.split(" ".join(block.split()))
+            if re.search(r"[A-Za-z]", s)]
 
 def count(name: str, text: str, budget: int) -> Count:
     said = sentences(text)
     return Count(name, len(text.split()), len(said), budget, sum(len(s.split()) for s in said))
-
 
 def counts(root: Path | None = None) -> list[Count]:
     """One row per notebook, then the README."""
@@ -79,27 +71,22 @@ def counts(root: Path | None = None) -> list[Count]:
             for p in sorted((root / "notebooks").glob("*.ipynb"))]
     return [*rows, count("README.md", (root / "README.md").read_text(), BUDGET_README)]
 
-
 def post_path_total(rows: list[Count]) -> int:
     return sum(r.words for r in rows if r.name[:2] in POST_PATH)
-
 
 def report(rows: list[Count]) -> str:
     total = post_path_total(rows)
     lines = [f"{'document':28s} {'words':>6s} {'budget':>6s} {'sentences':>9s} {'mean':>5s}"]
     lines += [f"{r.name:28s} {r.words:6,d} {r.budget:6,d} {r.sentences:9d} {r.mean_sentence:5.1f}"
               + ("  OVER" if r.over else "") for r in rows]
-    lines.append(f"{'01-06 together':28s} {total:6,d} {BUDGET_POST_TOTAL:6,d}"
-                 + ("  OVER" if total > BUDGET_POST_TOTAL else ""))
-    return "\n".join(lines)
-
+    return "\n".join([*lines, f"{'01-06 together':28s} {total:6,d} {BUDGET_POST_TOTAL:6,d}"
+                      + ("  OVER" if total > BUDGET_POST_TOTAL else "")])
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     rows = counts()
     print(report(rows))
     return 1 if any(r.over for r in rows) or post_path_total(rows) > BUDGET_POST_TOTAL else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
