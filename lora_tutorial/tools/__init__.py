@@ -1,2 +1,1 @@
-"""Tools that run the notebooks: the runner, the sweep and its engines, the lab launcher, the
-README's tables and the word budget."""
+"""What runs the notebooks: the runner, the sweep and its engines, the lab, the README's tables, the words."""

@@ -167,10 +167,8 @@ class RayEngine:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         token = uuid.uuid4().hex
-        probe = out / f".ray-check-{token}"
-        probe.write_text(token)
-        check = self._ray.remote(num_cpus=0, max_retries=0)(_check_node)
-        nodes = self.nodes()
+        (probe := out / f".ray-check-{token}").write_text(token)
+        check, nodes = self._ray.remote(num_cpus=0, max_retries=0)(_check_node), self.nodes()
         try:
             refs = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 n["NodeID"], soft=False)).remote(str(probe), token): n for n in nodes}

@@ -1,6 +1,5 @@
-"""`python -m lora_tutorial.tools.readme`: README.md's and docs/'s generated blocks (between
-`<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->`) rewritten from 06_compare's
-published results, and FIGURES copied out of the notebooks. `--check` compares only (exit 1 if stale)."""
+"""`python -m lora_tutorial.tools.readme`: README.md's and docs/'s generated blocks (BLOCK) rewritten
+from 06_compare's published results, FIGURES copied from the notebooks. `--check` only compares."""
 
 import argparse
 import base64

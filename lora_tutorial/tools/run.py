@@ -1,7 +1,5 @@
 """Run the post's notebooks (01-06) headless with papermill: `python -m lora_tutorial.tools.run`.
-
-Each runs into an executed copy under --out; a summary follows; --check fails unless the post's
-trends hold (TRENDS). `--only` picks notebooks, those beyond the post included."""
+Executed copies go under --out, then a summary; --check fails unless the post's TRENDS hold."""
 
 import argparse
 import ast
@@ -108,9 +106,7 @@ def _tidy(path: Path) -> tuple[float, float]:
     nb, _ = CoalesceStreamsPreprocessor().preprocess(nbformat.read(path, as_version=4), {})
     nb.metadata.pop("widgets", None)
     meta = nb.metadata.get("papermill", {})
-    for key in ("input_path", "output_path"):
-        if meta.get(key):
-            meta[key] = shown_path(Path(meta[key]))
+    meta.update({k: shown_path(Path(meta[k])) for k in ("input_path", "output_path") if meta.get(k)})
     atomic_write(path, lambda tmp: nbformat.write(nb, str(tmp)))
     seconds = [(c.metadata.get("papermill", {}).get("duration") or 0.0, c.metadata.get("tags", []))
                for c in nb.cells]

@@ -1,10 +1,7 @@
 """Sweep LoRA's rank (and alpha, digit, seed, steps) with papermill: `python -m lora_tutorial.tools.sweep`.
 
-Each configuration runs 06_compare into `--out/<name>/`, all sharing one pre-trained checkpoint; the
-table is `sweep.csv` and `sweep.json`, with plots beside it. Run it again at any time: finished
-configurations are skipped, failed or interrupted ones run again. `--dry-run` prints the papermill
-commands for a scheduler (the sweep then only collects them); `--engine ray` runs on a Ray cluster.
-"""
+Each configuration runs 06_compare into `--out/<name>/` from one shared pre-trained checkpoint, into
+`sweep.csv`, `sweep.json` and plots. Run it again at any time: only what did not finish runs again."""
 
 import argparse
 import itertools
@@ -70,8 +67,7 @@ def row(config: Config, results: dict | None = None, where: Where | None = None,
                       finetune_seconds=results.get("finetune_seconds"))
     return record
 
-def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:
-    """One pre-trained checkpoint folder for the whole sweep: -p checkpoint_dir, else out/checkpoints."""
+def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:  # one for the whole sweep
     return str(extra.get("checkpoint_dir") or out / "checkpoints")
 
 def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,5 @@
-"""How much a reader reads: words per notebook and in the README, against the budgets.
-
-`python -m lora_tutorial.tools.words` prints one row per document; it exits 1 when one is over its
-budget (a test runs it). A notebook counts its markdown and the prose its cells display (Markdown
-outputs, printed lines that read as sentences; not tables or progress bars), in whitespace-separated
-words as `wc -w`; the README counts whole. Sentences end at '.', '!', '?' and at the end of a
-paragraph, heading, list item or table row; code blocks are left out of sentence lengths.
-"""
+"""`python -m lora_tutorial.tools.words`: words (as `wc -w`) per notebook and in the README against the
+budgets, exit 1 when one is over. A notebook counts its markdown and the prose its cells display."""
 
 import argparse
 import json
