@@ -287,7 +287,7 @@ def test_run_study_reuses_what_it_has_and_runs_each_learning_rate(monkeypatch):
     # rank 1 once per rate, rank 2 under three rules per rate; two seeds each
     assert len(runs) == 2 * (1 + 3) * 2
     assert set(runs.learning_rate) == {1e-3, 3e-3} and runs.validation_target_wrong.dtype.kind == "i"
-    monkeypatch.setattr(study, "train_one", lambda *a: pytest.fail("re-ran a run"))
+    monkeypatch.setattr(study, "fine_tune", lambda *a: pytest.fail("re-ran a run"))
     again = study.run_study(settings, data, base, configs, [0, 1], done=runs, progress=False)
     pd.testing.assert_frame_equal(again, runs)
     with pytest.raises(pytest.fail.Exception):  # a seed not yet run is run

@@ -25,10 +25,8 @@ RANKS = (1, 2, 4, 8, 16, 32, 64)  # the pickers' options; the notebook's own val
 ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 WIDE = {"description_width": "initial"}
 
-
 def px(width: int) -> dict:
     return {"width": f"{width}px"}
-
 
 class Explorer(W.VBox):
     """The panel. `result` is the last run's TrialResult, `seconds` its timings (None before one)."""

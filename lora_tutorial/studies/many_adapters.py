@@ -1,5 +1,4 @@
-"""One frozen base, many adapters (10): one LoRA per weak digit, switched and combined. The
-"together" adapter trains on all the chosen digits at the single adapters' combined cost."""
+"""One frozen base, many adapters (10): one LoRA per weak digit, switched, combined, or trained together."""
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from ..plots import new_figure, seed_column
 from ..settings import Settings, SettingsError, fingerprint
 from ..train import train
 from .forgetting import share_answering
+from .stats import check_repeats as check_repeats  # 09 and 10 import it from here
 from .stats import spread
 
 SWITCH = "switch adapters (PEFT's set_adapter)"  # what 10 times, by name
@@ -26,7 +26,6 @@ SWITCH_TWO = "the same, 2 adapters held"
 SWAP = "copy another A and B in (ours)"
 LOAD_ADAPTER = "load + delete an adapter folder (PEFT)"
 LOAD_NETWORK = "load a network file"
-
 
 def check_adapter_digits(value: object) -> int | list[int]:
     """How many weakest digits get an adapter (2 to 9: one is left to measure the cost), or a list."""
@@ -39,17 +38,13 @@ def check_adapter_digits(value: object) -> int | list[int]:
                         "an adapter (2 to 9, e.g. 3; the others measure what the adapters cost), or a list "
                         "of 2 to 9 different digits, e.g. [9, 3, 2].")
 
-
 def weakest_digits(training: Evaluation, count: int) -> list[int]:
     """The `count` digits most often wrong on the training images, worst first ('worst's rule)."""
     return sorted(range(10), key=lambda d: (-training.wrong_counts[d], d))[:count]
 
-
 def adapter_seed(seed: int, index: int) -> int:
-    """`seed`, then seed + 1000, + 2000, ...: with one seed the adapters would share A (100 steps
-    barely move it) and their sum would be nearly rank r; the first is 05's run."""
+    """seed, seed + 1000, ...: adapters sharing A would sum to nearly rank r; the first is 05's run."""
     return seed + 1000 * index
-
 
 def union_settings(settings: Settings, count: int) -> Settings:
     """Rank, alpha, batch size times `count`: the single adapters' parameters, scale, images together."""
@@ -60,7 +55,6 @@ def union_settings(settings: Settings, count: int) -> Settings:
         raise SettingsError(f"The adapter trained on all {count} digits together has rank {count} x "
                             f"{settings.rank}: {err} Choose fewer adapter_digits, a smaller rank, or "
                             "target_modules without that layer.") from None
-
 
 def union_adapter(settings: Settings, data: Mnist, base: nn.Module, digits: Sequence[int]) -> nn.Module:
     """A LoRA trained on the fit images of all `digits` together (`union_settings`); saved, reused."""
@@ -77,36 +71,22 @@ def union_adapter(settings: Settings, data: Mnist, base: nn.Module, digits: Sequ
     save_adapter(model, path, key)
     return model
 
-
 def digit_adapter(settings: Settings, data: Mnist, base: nn.Module, digit: int) -> tuple[nn.Module, Path]:
     """The tutorial's fine-tuning run with `digit` as the target (loaded when saved), and its file."""
     run = dataclasses.replace(settings, target_digit=digit)
     return finetuned_model(run, data, base, verbose=False), adapter_path(run, data)
 
-
 def figures(evaluation: Evaluation, digits: Sequence[int]) -> dict:
-    """Wrong answers per chosen digit, the others' mean accuracy, all; per digit, the share of the
-    other digits' wrong answers that are that digit (how far the network leans to it)."""
+    """Wrong answers per digit, others' and all accuracy; per digit, the share of others' errors it takes."""
     return {"wrong": {str(d): evaluation.wrong_counts[d] for d in digits},
             "others_accuracy": evaluation.mean_accuracy_except(digits), "accuracy": evaluation.accuracy,
             "answered": {str(d): share_answering(evaluation, d) for d in digits}}
 
-
 def summarize(rows: Sequence[dict], digits: Sequence[int]) -> pd.DataFrame:
     """Per configuration (rows' order): 'wrong on d', 'others %', 'all %', a `Spread` over seeds."""
-    return pd.DataFrame({"name": [r["name"] for r in rows],
-                         **{f"wrong on {d}": [r["wrong"][str(d)] for r in rows] for d in digits},
-                         "others %": [100 * r["others_accuracy"] for r in rows],
-                         "all %": [100 * r["accuracy"] for r in rows]}).groupby("name", sort=False).agg(
-                             spread)
-
-
-def check_repeats(value: object, name: str = "switch_repeats") -> int:
-    """Timed rounds, a whole number >= 1, checked before any work."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingsError(f"{name}={value!r} is not valid: expected a whole number >= 1, e.g. 5.")
-    return value
-
+    return pd.DataFrame([{"name": r["name"], **{f"wrong on {d}": r["wrong"][str(d)] for d in digits},
+                          "others %": 100 * r["others_accuracy"], "all %": 100 * r["accuracy"]} for r in rows]
+                        ).groupby("name", sort=False).agg(spread)
 
 def verdicts(summaries: pd.DataFrame, digits: Sequence[int], comparisons: Sequence[tuple[str, str | None]]
              ) -> pd.DataFrame:
@@ -123,11 +103,9 @@ def verdicts(summaries: pd.DataFrame, digits: Sequence[int], comparisons: Sequen
     return frame.assign(verdict=[summaries.loc[n, m].versus(summaries.loc[a, m], m == "others %")
                                  for n, _, a, m in pairs])
 
-
 def plot_combinations(rows: Sequence[dict], before: dict, digits: Sequence[int], labels: dict[str, str],
                       title: str = ""):
-    """A column per adapter (`labels`: name -> tick), a point per seed: wrong answers per chosen
-    digit (left, symlog) and the others' accuracy (right); bars at means, pre-trained dashed."""
+    """Per adapter (`labels`: name -> tick), a point per seed: wrong answers (symlog), others' accuracy."""
     names = list(labels)
     missing = [n for n in names if not any(r["name"] == n for r in rows)]
     if missing:

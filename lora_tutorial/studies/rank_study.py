@@ -1,5 +1,4 @@
-"""07's study: LoRA's rank, scaling rule and initialisation of A, one fine-tune per seed, judged on
-the validation images (choices) and the test images (reports); one DataFrame row a run."""
+"""07's study: LoRA's rank, scaling rule and A's init; choices on validation, reports on test."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ from .stats import Spread, best_and_ties, spread
 # Each rule, with the factor in front of B @ A it gives at rank r; at rank 1 all three are one run.
 SCALINGS = {"alpha fixed": "alpha / r", "alpha = r": "alpha", "rsLoRA": "alpha / sqrt(r)"}
 
-
 def check_scaling(scaling: object) -> str:
     """A scaling rule's name, checked before any work."""
     if scaling not in SCALINGS:
@@ -34,23 +32,19 @@ def check_scaling(scaling: object) -> str:
                             f"in front of B @ A is {', '.join(SCALINGS.values())}).")
     return str(scaling)
 
-
 def lora_arguments(scaling: str, rank: int, alpha: float = 1.0) -> dict:
     """`add_lora`'s rank, alpha and use_rslora for a scaling rule at a rank (base alpha: the post's 1)."""
     check_scaling(scaling)
     built = float(alpha) * rank if scaling == "alpha = r" else float(alpha)
     return {"rank": rank, "alpha": built, "use_rslora": scaling == "rsLoRA"}
 
-
 def scale_of(scaling: str, rank: int, alpha: float = 1.0) -> float:
     """The factor in front of B @ A that the rule gives at this rank."""
     return lora_arguments(scaling, rank, alpha)["alpha"] / (math.sqrt(rank) if scaling == "rsLoRA" else rank)
 
-
 @dataclass(frozen=True)
 class Config:
     """One way to fine-tune: A drawn "normal" (the post's) or "kaiming" (PEFT's); no rate: the settings'."""
-
     scaling: str
     rank: int
     init: str = "normal"
@@ -65,7 +59,6 @@ class Config:
         """The configuration actually trained: at rank 1 every scaling rule is the same run."""
         return replace(self, scaling="alpha fixed") if self.rank == 1 else self
 
-
 def check_ranks(settings: Settings, ranks: object) -> list[int]:
     """The ranks, sorted; each checked by the settings against the adapted layers; at least two."""
     checked = sorted(set(check_whole_numbers("ranks", ranks, "[1, 2, 4, 8]")))
@@ -78,7 +71,6 @@ def check_ranks(settings: Settings, ranks: object) -> list[int]:
         raise SettingsError(f"ranks={ranks!r}: give at least two different ranks to compare, e.g. [1, 8].")
     return checked
 
-
 def check_learning_rates(values: object) -> list[float]:
     """A grid to tune on: at least two distinct numbers between 0 and 1, sorted."""
     ok = isinstance(values, (list, tuple)) and all(
@@ -88,12 +80,10 @@ def check_learning_rates(values: object) -> list[float]:
                             "different numbers between 0 and 1, e.g. [3e-4, 1e-3, 3e-3].")
     return sorted({float(v) for v in values})
 
-
 def run_settings(settings: Settings, scaling: str, rank: int, alpha: float, seed: int, **changes) -> Settings:
     """One run's settings, checked with alpha as given; LoRA's alpha then follows the scaling rule."""
     checked = replace(settings, rank=rank, alpha=alpha, finetune_seed=seed, **changes)
     return replace(checked, alpha=lora_arguments(scaling, rank, alpha)["alpha"])
-
 
 def fine_tune(run: Settings, data: Mnist, base: nn.Module, scaling: str, init: str = "normal",
               on_step: Callable[[int, int], None] | None = None) -> tuple[nn.Module, list[float], float]:
@@ -104,7 +94,6 @@ def fine_tune(run: Settings, data: Mnist, base: nn.Module, scaling: str, init: s
     losses = train_on_target(run, data, separate_path(model), verbose=False, on_step=on_step)
     return model, losses, time.perf_counter() - started
 
-
 def split_columns(split: str, result: Evaluation, digit: int) -> dict[str, float]:
     """"score": the mean of the target digit's accuracy and the other digits' mean accuracy."""
     error_rate = result.wrong_counts[digit] / max(1, result.per_digit_totals()[digit])
@@ -113,16 +102,13 @@ def split_columns(split: str, result: Evaluation, digit: int) -> dict[str, float
             f"{split}_others_accuracy": others, f"{split}_accuracy": result.accuracy,
             f"{split}_score": (1 - error_rate + others) / 2}
 
-
 def measure(model: nn.Module, digit: int, images: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> pd.Series:
     """One model's columns on each split (`validation_score`, ...), by `evaluate`."""
     return pd.Series({k: v for split, (x, y) in images.items()
                       for k, v in split_columns(split, evaluate(model, x, y), digit).items()})
 
-
 class Judge:
-    """Judges LoRA copies of one `OversizedMLP` on fixed image sets: the frozen W1 x + b1 is computed
-    once per set (a quarter of each evaluation); predictions are `evaluate`'s up to float rounding."""
+    """`evaluate` up to float rounding, with the frozen W1 x + b1 computed once per image set."""
 
     def __init__(self, base: nn.Module, images: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         if not isinstance(base, OversizedMLP):
@@ -149,26 +135,10 @@ class Judge:
             row.update(split_columns(split, from_confusion(confusion), digit))
         return row
 
-
-def train_one(settings: Settings, data: Mnist, base: nn.Module, config: Config, seed: int
-              ) -> tuple[nn.Module, dict]:
-    """One configuration (learning rate written out) with one seed: the model and its row so far."""
-    run = run_settings(settings, config.scaling, config.rank, settings.alpha, seed,
-                       finetune_learning_rate=config.learning_rate)
-    model, _, seconds = fine_tune(run, data, base, config.scaling, config.init)
-    loras = lora_modules(model)
-    with torch.no_grad():
-        norms = {f"delta_norm_{name}": float(lora.delta_weight().norm()) for name, lora in loras.items()}
-    return model, {**asdict(config), "seed": seed, "alpha": run.alpha, "scale": [*loras.values()][0].scale,
-                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **norms,
-                   "seconds": seconds}
-
-
 def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterable[Config],
               seeds: Sequence[int], splits: Sequence[str] = SPLITS, done: pd.DataFrame | None = None,
               progress: bool = True) -> pd.DataFrame:
-    """Every configuration with every seed judged on `splits`, after the runs in `done` (not made
-    again). Each model is judged in a second thread while the next one trains (training uses one)."""
+    """Each configuration and seed not in `done`, judged in a second thread while the next one trains."""
     key = ["scaling", "rank", "init", "learning_rate", "seed"]
     have = set() if done is None else set(done[key].itertuples(index=False, name=None))
     todo = [(config, seed) for config in dict.fromkeys(
@@ -177,7 +147,15 @@ def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterabl
     judge, judged, digit = Judge(base, split_images(data, splits)), [], settings.target_digit
     with progress_bar(len(todo), "Fine-tuning runs", progress) as bar, ThreadPoolExecutor(1) as pool:
         for config, seed in todo:
-            model, row = train_one(settings, data, base, config, seed)
+            run = run_settings(settings, config.scaling, config.rank, settings.alpha, seed,
+                               finetune_learning_rate=config.learning_rate)
+            model, _, seconds = fine_tune(run, data, base, config.scaling, config.init)
+            loras = lora_modules(model)
+            with torch.no_grad():
+                norms = {f"delta_norm_{n}": float(lora.delta_weight().norm()) for n, lora in loras.items()}
+            row = {**asdict(config), "seed": seed, "alpha": run.alpha, "scale": [*loras.values()][0].scale,
+                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **norms,
+                   "seconds": seconds}
             if judged:
                 judged[-1].result()  # at most one model waits: memory stays small
             judged.append(pool.submit(lambda m, r: {**r, **judge.measure(m, digit)}, model, row))
@@ -185,10 +163,8 @@ def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterabl
     new = pd.DataFrame([future.result() for future in judged])
     return new if done is None else pd.concat([done, new], ignore_index=True)
 
-
 def runs_of(runs: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """One configuration's runs, by seed (rank 1 of any rule: the shared "alpha fixed" runs); with no
-    learning rate, at whichever one rate they used."""
+    """One configuration's runs by seed (rank 1: the shared runs); no learning rate: the one they used."""
     run = config.run_as()
     mine = runs[(runs.scaling == run.scaling) & (runs["rank"] == run.rank) & (runs.init == run.init)]
     if run.learning_rate is not None:
@@ -200,7 +176,6 @@ def runs_of(runs: pd.DataFrame, config: Config) -> pd.DataFrame:
         raise ValueError(f"No runs of {config.name} among the runs.")
     return mine.sort_values("seed")
 
-
 def summary(runs: pd.DataFrame, configs: Iterable[Config]) -> pd.DataFrame:
     """Per configuration and measured column: the seeds, the mean, lowest and highest."""
     chosen = pd.concat([runs_of(runs, c).assign(name=c.name) for c in configs])
@@ -210,24 +185,20 @@ def summary(runs: pd.DataFrame, configs: Iterable[Config]) -> pd.DataFrame:
     return long.groupby(["name", "measure"], sort=False)["value"].agg(
         seeds="count", mean=lambda v: spread(v).mean, low="min", high="max").reset_index()
 
-
 def higher_on(runs: pd.DataFrame, higher: Config, lower: Config, column: str = "validation_score"
               ) -> tuple[int, int]:
     """On how many shared seeds `higher` beats `lower` in `column` (seed against seed), and of how many."""
     pairs = pd.merge(runs_of(runs, higher), runs_of(runs, lower), on="seed")
     return int((pairs[f"{column}_x"] > pairs[f"{column}_y"]).sum()), len(pairs)
 
-
 @dataclass(frozen=True)
 class Choice:
     """The rank kept, the best, the seeds (of `shared`) where the best beats it; validation scores (%)."""
-
     rank: int
     best: int
     wins: int
     shared: int
     scores: dict[int, Spread]
-
 
 def choose_rank(runs: pd.DataFrame, configs: Sequence[Config]) -> Choice:
     """On the validation score alone: the smallest rank among the best and its ties."""
@@ -237,11 +208,9 @@ def choose_rank(runs: pd.DataFrame, configs: Sequence[Config]) -> Choice:
     chosen = min([best, *ties])
     return Choice(chosen, best, *higher_on(runs, by_rank[best], by_rank[chosen]), scores)
 
-
 @dataclass(frozen=True)
 class Tuned:
     """A rule's learning rate tuned at one rank, and each rate's mean validation score (%)."""
-
     scaling: str
     rank: int
     learning_rate: float
@@ -250,7 +219,6 @@ class Tuned:
     @property
     def config(self) -> Config:
         return Config(self.scaling, self.rank, "normal", self.learning_rate)
-
 
 def tune_learning_rate(runs: pd.DataFrame, scaling: str, rank: int, learning_rates: Sequence[float]) -> Tuned:
     """The grid's learning rate with the best mean validation score."""

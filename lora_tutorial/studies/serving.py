@@ -17,7 +17,6 @@ from .stats import interleaved_seconds
 Around = Callable[[], AbstractContextManager]
 REBUILD = "rebuild W'"  # the profiler range around each run of a LoRA parametrization
 
-
 def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
                     batch_size: int | None = None, around: dict[str, Around] | None = None
                     ) -> dict[str, float]:
@@ -25,7 +24,6 @@ def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats:
     size, around = batch_size or len(images), around or {}
     if size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected at least 1, or None for all images at once.")
-
     def one_pass(name: str, model: nn.Module) -> None:
         with around.get(name, nullcontext)():
             for start in range(0, len(images), size):
@@ -34,7 +32,6 @@ def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats:
             torch.cuda.synchronize(images.device)
         elif images.device.type == "mps":
             torch.mps.synchronize()
-
     was_training = {name: model.training for name, model in models.items()}
     with torch.inference_mode():
         seconds = interleaved_seconds({name: lambda n=name, m=model: one_pass(n, m.eval())
@@ -42,22 +39,6 @@ def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats:
     for name, model in models.items():
         model.train(was_training[name])  # as `evaluate.predict` does: leave each model as it was
     return {name: s.mean for name, s in seconds.items()}
-
-
-@contextmanager
-def rebuilds_marked(model: nn.Module) -> Iterator[None]:
-    """Each run of one of `model`'s LoRA parametrizations shows in a profile as a REBUILD range."""
-    open_ranges: list = []
-    handles = [h for lora in lora_modules(model).values() for h in (
-        lora.register_forward_pre_hook(
-            lambda *_: open_ranges.append(torch.autograd.profiler.record_function(REBUILD).__enter__())),
-        lora.register_forward_hook(lambda *_: open_ranges.pop().__exit__(None, None, None)))]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
 
 @contextmanager
 def native_stderr_silenced() -> Iterator[None]:
@@ -72,19 +53,25 @@ def native_stderr_silenced() -> Iterator[None]:
         for fd in (saved, sink):
             os.close(fd)
 
-
 def profile_pass(model: nn.Module, images: torch.Tensor, batch_size: int, around: Around | None = None
                  ) -> tuple[pd.DataFrame, int]:
     """One pass's operators by self CPU time (ms, largest first; `rebuild`: inside one), and the rebuilds."""
-    was_training = model.training
+    was_training, open_ranges = model.training, []
+    handles = [h for lora in lora_modules(model).values() for h in (  # each LoRA rebuild: a REBUILD range
+        lora.register_forward_pre_hook(
+            lambda *_: open_ranges.append(torch.autograd.profiler.record_function(REBUILD).__enter__())),
+        lora.register_forward_hook(lambda *_: open_ranges.pop().__exit__(None, None, None)))]
     model.eval()
-    # without Kineto: the same records, without its start-up (seconds on a CUDA build with no GPU)
-    with native_stderr_silenced(), rebuilds_marked(model), torch.inference_mode(), \
-            torch.autograd.profiler.profile(use_kineto=False, record_shapes=True) as prof, \
-            (around or nullcontext)():
-        for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size])
-    model.train(was_training)
+    try:  # without Kineto: the same records, without its start-up (seconds on a CUDA build with no GPU)
+        with native_stderr_silenced(), torch.inference_mode(), \
+                torch.autograd.profiler.profile(use_kineto=False, record_shapes=True) as prof, \
+                (around or nullcontext)():
+            for start in range(0, len(images), batch_size):
+                model(images[start:start + batch_size])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
     records = []
     for event in prof.function_events:
         inside, parent = event.name == REBUILD, event.cpu_parent
@@ -96,7 +83,6 @@ def profile_pass(model: nn.Module, images: torch.Tensor, batch_size: int, around
         ["op", "shapes", "rebuild"], sort=False)["self_ms"].agg(calls="size", self_ms="sum").reset_index()
     rebuilds = sum(event.name == REBUILD for event in prof.function_events)
     return ops.sort_values("self_ms", ascending=False, kind="stable", ignore_index=True), rebuilds
-
 
 def profile_summary(found: dict[str, tuple[pd.DataFrame, int]], baseline: str = "merged") -> pd.DataFrame:
     """Per way, ms of self CPU time: all, rebuilding W', in operators `baseline` never runs; shares."""

@@ -1,9 +1,4 @@
-"""Several seeds, one summary: the mean and the spread, and when two results are a tie.
-
-Every comparison in notebooks 07-09 runs a few fine-tuning seeds (LoRA's random A and the batch
-order) and reports the mean with the range (min to max) over them. Two configurations whose
-ranges overlap are called a tie: the seeds alone move each of them that far.
-"""
+"""A few fine-tuning seeds, one summary: the mean and the range; overlapping ranges are a tie."""
 
 from __future__ import annotations
 
@@ -13,13 +8,13 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-K = TypeVar("K", bound=Hashable)
+from ..settings import SettingsError
 
+K = TypeVar("K", bound=Hashable)
 
 @dataclass(frozen=True)
 class Spread:
     """The mean of a few runs and their range."""
-
     mean: float
     low: float
     high: float
@@ -30,25 +25,21 @@ class Spread:
         return self.low <= other.high and other.low <= self.high
 
     def versus(self, other: Spread, higher_is_better: bool) -> str:
-        """'tie' when the ranges overlap (the seeds alone move a result that far), else 'better' or
-        'worse' for this one."""
+        """'tie' when the ranges overlap (the seeds alone move a result that far), else 'better'/'worse'."""
         if self.overlaps(other):
             return "tie"
         return "better" if (self.mean > other.mean) == higher_is_better else "worse"
 
     def text(self, digits: int = 1, scale: float = 1.0) -> str:
-        """'12.3 (10.0-14.0)': the mean and the range, each multiplied by `scale`;
-        '-1.7 (-2.9 to -0.8)' when a bound is negative, and never '-0.0'."""
+        """'12.3 (10.0-14.0)', times `scale`; '-1.7 (-2.9 to -0.8)' when a bound is negative; no '-0.0'."""
         def number(value: float) -> str:
             text = f"{value * scale:.{digits}f}"
             return text[1:] if text.startswith("-") and float(text) == 0 else text
-
         if self.count == 1:
             return number(self.mean)
         low, high = number(self.low), number(self.high)
         between = " to " if "-" in low + high else "-"
         return f"{number(self.mean)} ({low}{between}{high})"
-
 
 def spread(values: Sequence[float]) -> Spread:
     """The mean and the min-max range of `values` (one per seed)."""
@@ -57,25 +48,19 @@ def spread(values: Sequence[float]) -> Spread:
         raise ValueError("spread() needs at least one value.")
     return Spread(sum(values) / len(values), min(values), max(values), len(values))
 
-
 def best_and_ties(spreads: dict[K, Spread], higher_is_better: bool) -> tuple[K, list[K]]:
-    """The one choice rule of the studies: the key with the best mean, and the other keys whose
-    range overlaps it (the seeds cannot tell them apart). Ties in the mean go to the first key."""
+    """The studies' one choice rule: the best mean (first on a tie), and the keys whose range overlaps it."""
     if not spreads:
         raise ValueError("best_and_ties needs at least one result.")
     sign = 1 if higher_is_better else -1
     best = max(spreads, key=lambda k: sign * spreads[k].mean)
     return best, [k for k in spreads if k != best and spreads[k].overlaps(spreads[best])]
 
-
 def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
                         ) -> dict[str, Spread]:
-    """The one timing helper: seconds per call of each function over `repeats` rounds in which the
-    functions take turns (after `warmup` untimed rounds), so the machine's ups and downs hit them
-    alike. `mean` holds the median. Compare the ratios, not the seconds. A call that runs on a GPU
-    must wait for it (see `synchronize`)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r} is not valid: expected a whole number >= 1.")
+    """Seconds per call, the functions taking turns so the machine's ups and downs hit them alike;
+    `mean` holds the median. A call that runs on a GPU must wait for it."""
+    check_repeats(repeats, "repeats")
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
         for name, call in calls.items():
@@ -85,11 +70,14 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int, wa
                 times[name].append(time.perf_counter() - started)
     return {name: Spread(statistics.median(v), min(v), max(v), len(v)) for name, v in times.items()}
 
+def check_repeats(value: object, name: str = "switch_repeats") -> int:
+    """Timed rounds, a whole number >= 1, checked before any work."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingsError(f"{name}={value!r} is not valid: expected a whole number >= 1, e.g. 5.")
+    return value
 
 def check_seeds(values: object, at_least: int = 1) -> list[int]:
     """A notebook's list of fine-tuning seeds: distinct whole numbers >= 0, checked before any work."""
-    from ..settings import SettingsError
-
     ok = isinstance(values, (list, tuple)) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
     if not ok or len(set(values)) != len(values) or len(values) < at_least:

@@ -23,7 +23,6 @@ from .stats import spread
 @dataclass(frozen=True)
 class Trial:
     """The explorer's knobs; the defaults are the post's fine-tuning (05's run with seed 0)."""
-
     rank: int = 1
     alpha: float = 1.0
     scaling: str = "alpha fixed"  # one of rank_study.SCALINGS: how the factor follows the rank
@@ -46,7 +45,6 @@ class Trial:
         return (f"rank {self.rank}, alpha {alpha}, {layers}; {self.finetune_steps} steps on digit "
                 f"{self.target_digit}{replay}, seed {self.seed}")
 
-
 def trial_of(settings: Settings, scaling: str = "alpha fixed") -> Trial:
     """The trial a notebook's settings describe (the explorer's starting point)."""
     if not isinstance(settings.target_digit, int):
@@ -54,18 +52,15 @@ def trial_of(settings: Settings, scaling: str = "alpha fixed") -> Trial:
     return Trial(settings.rank, settings.alpha, check_scaling(scaling), settings.target_modules,
                  settings.finetune_steps, settings.target_digit, settings.replay_share, settings.lora_seed)
 
-
 def trial_settings(settings: Settings, trial: Trial) -> Settings:
     """The settings with the trial's knobs in, checked; their alpha is the one LoRA is built with."""
     return run_settings(settings, trial.scaling, trial.rank, trial.alpha, trial.seed,
                         finetune_steps=trial.finetune_steps, target_modules=trial.target_modules,
                         target_digit=trial.target_digit, target_rule=None, replay_share=trial.replay_share)
 
-
 @dataclass
 class TrialResult:
     """What one trial did: the pre-trained network (`before`) and the fine-tuned one on the same images."""
-
     trial: Trial
     trainable: int  # numbers fine-tuning trained (A and B of each adapted layer)
     losses: list[float]
@@ -85,7 +80,6 @@ class TrialResult:
                             ["pre-trained", "fine-tuned", "change"],
                             [f"wrong answers on digit {digit}", "other digits %", "all digits %"])
 
-
 def run_trial(settings: Settings, data: Mnist, base: nn.Module, trial: Trial, before: Evaluation,
               images: tuple[torch.Tensor, torch.Tensor], on_step: Callable[[int, int], None] | None = None
               ) -> TrialResult:
@@ -96,7 +90,6 @@ def run_trial(settings: Settings, data: Mnist, base: nn.Module, trial: Trial, be
     after = evaluate(model, *images)
     return TrialResult(trial, lora_parameter_counts(model)[1], losses, before, after, train_seconds,
                        time.perf_counter() - started, model, {**run.as_dict(), "scaling": trial.scaling})
-
 
 def report(result: TrialResult, html_table: bool = False) -> str:
     """The explorer's words for a run: its headline and numbers, as text or with an HTML table."""
