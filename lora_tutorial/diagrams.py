@@ -23,8 +23,7 @@ def _shapes(o: int | None, i: int | None, r: int | None) -> dict[str, str]:
 
 def lora_diagram(out_features: int | None = None, in_features: int | None = None, rank: int | None = None,
                  title: str | None = None) -> plt.Figure:
-    """The frozen W beside the trainable path A (narrowing to r) then B (widening back), summed into
-    the output; labelled with a real layer's shapes and counts when given, else with symbols."""
+    """The frozen W beside the trainable path A then B, summed; a real layer's shapes when given."""
     label = _shapes(out_features, in_features, rank)
     fig, ax = new_figure(figsize=(7.6, 5.6))
     ax.set(xlim=(0, 11.2), ylim=(0, 8.6), aspect="equal")

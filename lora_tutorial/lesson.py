@@ -1,5 +1,4 @@
-"""The lesson's code (02's loop, 03's LoRA class, 05's loop), taken from the notebook cells that teach
-it; its fingerprint names every checkpoint and adapter, so an edited cell trains afresh."""
+"""The lesson's code, from the notebook cells that teach it; its fingerprint names every file it makes."""
 
 import ast
 import hashlib
@@ -84,8 +83,7 @@ def _constant(value: Any) -> str:
     return repr(value)
 
 def code_fingerprint(obj: Callable | type) -> str:
-    """A short hash of what a function or class computes: the same in a notebook's kernel and from
-    the file through `lesson`; comments and blank lines do not count."""
+    """A short hash of what a function or class computes, the same in a kernel and through `lesson`."""
     if isinstance(obj, type):
         parts = [obj.__name__, *(base.__name__ for base in obj.__bases__)]
         for attr, value in sorted(vars(obj).items()):

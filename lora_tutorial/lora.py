@@ -1,9 +1,5 @@
-"""LoRA in one file: a weight parametrization W' = W + (alpha / r) * B @ A, and its helpers.
-
-`torch.nn.utils.parametrize` computes a layer's `weight` from the frozen W through our module, so
-only A (r, in) and B (out, r) are new; B starts at zero, so step 0 is the pre-trained model. Names
-follow PEFT and loralib where the function does the same job.
-"""
+"""LoRA as a weight parametrization W' = W + (alpha / r) * B @ A (B starts at zero: step 0 is the
+pre-trained model), and its helpers, named as PEFT and loralib name the same job."""
 
 import copy
 import math
@@ -15,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from .model import linear_layers
+from .model import count_parameters, linear_layers
 
 INITS = ("normal", "kaiming")
 
@@ -63,18 +59,12 @@ def uses_rslora(lora: nn.Module) -> bool:
     return bool(getattr(lora, "use_rslora", False))
 
 class LessonHelpers:
-    """Answers what the package asks of a LoRA module (rank, alpha, use_rslora, delta_weight) for a
-    class that keeps only lora_A, lora_B and scale, as 03's does; names the class has win."""
+    """rank, alpha, use_rslora and delta_weight for a class with only lora_A, lora_B and scale (03's)."""
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            derived = {"rank": lora_rank, "alpha": lora_alpha, "use_rslora": lambda m: False,
-                       "delta_weight": lambda m: lambda: (m.lora_B @ m.lora_A) * m.scale}
-            if name not in derived:
-                raise
-            return derived[name](self)
+    def __getattr__(self, name: str):  # only for names the class (or nn.Module) does not have
+        derived = {"rank": lora_rank, "alpha": lora_alpha, "use_rslora": lambda m: False,
+                   "delta_weight": lambda m: lambda: (m.lora_B @ m.lora_A) * m.scale}
+        return derived[name](self) if name in derived else super().__getattr__(name)
 
 _with_helpers: dict[type, type] = {}
 
@@ -84,14 +74,12 @@ def with_helpers(cls: type) -> type:
         _with_helpers[cls] = type(cls.__name__, (LessonHelpers, cls), {"lesson_class": cls})
     return _with_helpers[cls]
 
-def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
-             target_modules: Iterable[str] | None = None, init: str = "normal",
-             rank_pattern: dict[str, int] | None = None,
+def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0, target_modules: Iterable[str] | None = None,
+             init: str = "normal", rank_pattern: dict[str, int] | None = None,
              alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False,
              cls: type | None = None) -> nn.Module:
-    """LoRA on the weight of each targeted Linear layer (all by default), in place; biases are left
-    alone. `rank_pattern`/`alpha_pattern` (PEFT's names) give some layers their own rank or alpha;
-    `cls` is another LoRA class, built as cls(in, out, rank, alpha) (03's)."""
+    """LoRA on each targeted Linear weight (all by default), in place; `rank_pattern`/`alpha_pattern`
+    (PEFT's) give some layers their own; `cls` is another LoRA class, cls(in, out, rank, alpha) (03's)."""
     layers = linear_layers(model)
     targets = list(layers) if target_modules is None else list(target_modules)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
@@ -99,8 +87,7 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
     if unknown or not targets:
         raise ValueError(f"target_modules={targets!r}: {unknown or 'none given'} are not Linear "
                          f"layers of this model; valid names are {list(layers)}.")
-    stray = [t for t in [*rank_pattern, *alpha_pattern] if t not in targets]
-    if stray:
+    if stray := [t for t in [*rank_pattern, *alpha_pattern] if t not in targets]:
         raise ValueError(f"rank_pattern/alpha_pattern name {stray}, which LoRA does not adapt here: "
                          f"name only layers among target_modules={targets}.")
     for name in targets:
@@ -119,15 +106,11 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0,
         parametrize.register_parametrization(layer, "weight", lora)
     return model
 
-def is_lora(module: nn.Module) -> bool:
-    """This package's class, or any with `lora_A`, `lora_B` and `scale` (03's)."""
-    return all(hasattr(module, name) for name in ("lora_A", "lora_B", "scale"))
-
 def lora_modules(model: nn.Module) -> dict[str, LoRAParametrization]:
-    """The LoRA parametrizations of the model, by the name of the layer they adapt."""
-    return {name: p for name, module in model.named_modules()
-            if parametrize.is_parametrized(module, "weight")
-            for p in module.parametrizations.weight if is_lora(p)}
+    """The LoRA parametrizations (ours or any with lora_A, lora_B and scale: 03's), by layer name."""
+    return {name: p for name, module in model.named_modules() if parametrize.is_parametrized(module, "weight")
+            for p in module.parametrizations.weight
+            if all(hasattr(p, k) for k in ("lora_A", "lora_B", "scale"))}
 
 def _require_lora(model: nn.Module) -> dict[str, LoRAParametrization]:
     found = lora_modules(model)
@@ -137,9 +120,8 @@ def _require_lora(model: nn.Module) -> dict[str, LoRAParametrization]:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The frozen original W of a layer, whether or not it carries LoRA."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return layer.parametrizations.weight.original
-    return layer.weight
+    return layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else (
+        layer.weight)
 
 def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
     """Freeze every parameter that is not LoRA's A or B; return the names frozen."""
@@ -157,8 +139,8 @@ def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """`with disable_adapter(model):` runs the pre-trained model, then restores each layer's state."""
     before = {lora: lora.enabled for lora in _require_lora(model).values()}
+    set_adapter_enabled(model, False)
     try:
-        set_adapter_enabled(model, False)
         yield model
     finally:
         for lora, enabled in before.items():
@@ -172,8 +154,7 @@ def lora_parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(model: nn.Module) -> None:
     """PEFT's one-line summary: trainable, all, and the trainable share."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     print(f"trainable params: {trainable:,} || all params: {total:,} || "
           f"trainable%: {100 * trainable / total:.4f}")
 
@@ -194,9 +175,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold scale * B @ A into each weight and drop the parametrizations, in place: a plain model as
-    fast as the original. Merge the model, not a deep copy: the copy shares the parametrized class,
-    and removing it from one breaks both (a PyTorch limitation)."""
+    """Fold scale * B @ A into each weight, in place. Not on a deep copy: it shares the parametrized
+    class, and removing it from one breaks both (a PyTorch limitation)."""
     for name in _require_lora(model):
         layer = model.get_submodule(name)
         layer.parametrizations.weight[0].enabled = True
@@ -210,9 +190,8 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 class LoRALinear(nn.Module):
-    """W x + b + scale * B (A x): the same output from two thin products instead of rebuilding
-    W + scale * B @ A every pass (several times cheaper to train). It reads a parametrized layer's
-    W, bias and LoRA module, holding no tensors of its own, so training it trains them."""
+    """W x + b + scale * B (A x): two thin products, not W + scale * B @ A each pass (several times
+    cheaper to train); it holds a parametrized layer's own tensors, so training it trains them."""
 
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
@@ -228,8 +207,7 @@ class LoRALinear(nn.Module):
         return out
 
 def separate_path(model: nn.Module) -> nn.Module:
-    """The same model, sharing every parameter, with each LoRA layer a LoRALinear: train this view
-    for speed. Outputs agree with the parametrization to float rounding (~1e-6), not bit for bit."""
+    """A view sharing every parameter, each LoRA layer a LoRALinear (equal to float rounding, ~1e-6)."""
     loras = _require_lora(model)
     shared = {id(t): t for t in [*model.parameters(), *model.buffers(), *loras.values()]}
     view = copy.deepcopy(model, memo=shared)

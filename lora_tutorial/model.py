@@ -1,5 +1,4 @@
-"""The deliberately over-sized MLP the tutorial pre-trains and adapts: 784 -> 1000 -> 2000 -> 10 is far
-more than MNIST needs, and big weight matrices make LoRA's savings easy to see."""
+"""The over-sized MLP (784 -> 1000 -> 2000 -> 10): big weight matrices make LoRA's savings easy to see."""
 
 import torch
 from torch import nn
@@ -25,8 +24,7 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
-    """Each Linear weight's shape (out, in); without a model, the default network's, built on the meta
-    device (no memory, no time) so settings can check a rank before anything exists."""
+    """Each Linear weight's (out, in); without a model, the default one's, on the meta device (no memory)."""
     if model is None:
         with torch.device("meta"):
             model = OversizedMLP()

@@ -1,5 +1,4 @@
-"""The tutorial's steps as functions, so that every notebook runs alone or in order. The lesson's
-code comes from the notebooks' cells (`lesson.py`) and its fingerprint names every file it makes."""
+"""The tutorial's steps as functions, so that every notebook runs alone or in order."""
 
 import copy
 import math
@@ -73,9 +72,8 @@ def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def pretrain_loop(settings: Settings) -> Loop:
     """02's cell, or the post's loop (`pretrain_loop="post"`); the package's copy outside a clone."""
-    if settings.pretrain_loop == "post":
-        return post_pretrain
-    return lesson("pretrain") if available("pretrain") else package_pretrain
+    return post_pretrain if settings.pretrain_loop == "post" else (
+        lesson("pretrain") if available("pretrain") else package_pretrain)
 
 def lora_class() -> type:
     """03's cell (the package's own class outside a clone)."""
@@ -83,9 +81,8 @@ def lora_class() -> type:
 
 def finetune_loop(settings: Settings) -> Loop | None:
     """05's cell; None when batches replay other digits (`replay_share`): `train_on_target` does that."""
-    if settings.replay_share:
-        return None
-    return lesson("finetune_lora") if available("finetune_lora") else package_finetune
+    return None if settings.replay_share else (
+        lesson("finetune_lora") if available("finetune_lora") else package_finetune)
 
 def pretrain_key(settings: Settings, data: Mnist, loop: Loop | None = None) -> dict:
     loop = loop or pretrain_loop(settings)
@@ -124,8 +121,7 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop
     """The pre-trained network: from its checkpoint, or trained with `loop` (02's cell) and saved."""
     loop = pretrain_loop(settings) if settings.pretrain_loop == "post" or loop is None else loop
     path, key = pretrained_path(settings, data, loop), pretrain_key(settings, data, loop)
-    loaded = path.exists() and not retrain
-    if loaded:
+    if loaded := path.exists() and not retrain:
         payload, model = load_pretrained(path, key), OversizedMLP().to(device)
         model.load_state_dict(payload["state_dict"])
         losses = payload["losses"]
@@ -148,8 +144,7 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop
                       loaded)
 
 def choose_target(settings: Settings, pretrained: Pretrained, verbose: bool = True) -> Settings:
-    """The settings with the target digit decided: "worst" becomes the digit most often wrong on the
-    training images (never the test images, which would flatter the results reported on them)."""
+    """"worst" decided: the digit most often wrong on the training images (the test images would flatter)."""
     if settings.target_digit != WORST:
         if verbose:
             print(f"Target digit: {settings.target_digit} (given)")
@@ -195,8 +190,7 @@ def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str
 
 def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True,
              fast_path: bool = True) -> list[float]:
-    """Fine-tune with the package's loop (through `separate_path` unless `fast_path=False`), save the
-    adapter under that loop's name (06 never mistakes it for 05's) and return the losses."""
+    """Fine-tune with the package's loop (via `separate_path` if `fast_path`), saved under its name."""
     losses = train_on_target(settings, data, separate_path(model) if fast_path else model, verbose=verbose)
     save_finetuned(settings, data, model, train_on_target, losses, verbose)
     return losses
@@ -206,8 +200,7 @@ def save_finetuned(settings: Settings, data: Mnist, model: nn.Module, loop: Loop
     """Save what `loop` (05's cell) trained, keyed by its code and its LoRA class's; refuse a diverged run."""
     _check_finite(losses, "Fine-tuning", f"nothing was saved. Lower finetune_learning_rate="
                   f"{settings.finetune_lr:g} or alpha={settings.alpha:g}.")
-    lora = type(next(iter(lora_modules(model).values())))
-    lora = getattr(lora, "lesson_class", lora)
+    lora = getattr(lora := type(next(iter(lora_modules(model).values()))), "lesson_class", lora)
     path = adapter_path(settings, data, lora, loop)
     save_adapter(model, path, finetune_key(settings, data, lora, loop))
     if verbose:

@@ -164,21 +164,12 @@ class Settings:
         names = [*injected, *(f.name for f in fields(cls) if f.name != "target_rule")]
         return cls.from_mapping({name: namespace[name] for name in names if name in namespace}, extra)
 
-    @property
-    def finetune_lr(self) -> float:
-        return self.learning_rate if self.finetune_learning_rate is None else self.finetune_learning_rate
-
-    @property
-    def lora_seed(self) -> int:
-        return self.seed if self.finetune_seed is None else self.finetune_seed
-
-    @property
-    def output_path(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else project_root() / "outputs"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.checkpoint_dir) if self.checkpoint_dir else self.output_path / "checkpoints"
+    finetune_lr = property(lambda s: s.learning_rate if s.finetune_learning_rate is None
+                           else s.finetune_learning_rate)
+    lora_seed = property(lambda s: s.seed if s.finetune_seed is None else s.finetune_seed)
+    output_path = property(lambda s: Path(s.output_dir) if s.output_dir else project_root() / "outputs")
+    checkpoint_path = property(lambda s: Path(s.checkpoint_dir) if s.checkpoint_dir
+                               else s.output_path / "checkpoints")
 
     def pretrain_key(self) -> dict[str, Any]:
         """The settings that decide the pre-trained weights (not the device: docs/reproducibility.md)."""

@@ -1,5 +1,4 @@
-"""The post's training (Adam, cross-entropy, shuffled batches), fast: images already on the device, batches
-by index, the loss read back only for the bar, fused Adam, CPU denormals flushed (`cpu_speedups`)."""
+"""The post's training, fast: batches by index on the device, the loss read back only for the bar."""
 
 import math
 import os
@@ -39,8 +38,7 @@ def progress(iterable, desc: str, total: int | None = None, enabled: bool = True
 
 @contextmanager
 def cpu_speedups(device: torch.device | str) -> Iterator[None]:
-    """On a CPU, flush denormals (x86 computes Adam's decaying averages ~100x slower) on the one
-    thread that asked (a 10-image batch is too small to share anyway); both restored after."""
+    """On a CPU, one thread with denormals flushed (x86 computes Adam's decaying averages ~100x slower)."""
     threads = torch.get_num_threads()
     if flush := torch.device(device).type == "cpu" and torch.set_flush_denormal(True):
         torch.set_num_threads(1)
@@ -79,10 +77,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
           seed: int | None = 0, desc: str = "Training", progress: bool = True,
           replay: tuple[torch.Tensor, torch.Tensor] | None = None,
           replay_share: float = 0.0, on_step: Callable[[int, int], None] | None = None) -> list[float]:
-    """Train the trainable parameters; return every step's loss. Batches follow the post's loop
-    (`train_with_dataloader`) for the same `seed` (None: the global generator); `max_steps` stops
-    early or runs more epochs; `replay_share` of each batch comes from `replay` (share 0: the plain
-    run). Raises FloatingPointError, naming the step, if the loss stops being finite."""
+    """Every step's loss; batches as the post's loop draws them for the same `seed` (None: the global
+    generator); `replay_share` of each batch from `replay`; a non-finite loss raises FloatingPointError."""
     params, device = _trainable(model)
     extra = replay_count(replay_share, batch_size)
     if not 0 <= replay_share < 1 or (replay_share > 0 and not 1 <= extra < batch_size):
@@ -134,8 +130,7 @@ def train_with_dataloader(model: nn.Module, dataset: torch.utils.data.Dataset, *
                           max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
                           seed: int | None = 0, desc: str = "Training (the post's loop)",
                           progress: bool = True) -> list[float]:
-    """The blog post's loop, for comparison: a DataLoader normalising every image at every step,
-    default Adam, the loss read back every step, denormals left alone; several times slower."""
+    """The post's loop, for comparison: a DataLoader, default Adam, the loss read every step (slower)."""
     params, device = _trainable(model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          generator=_generator(seed))
