@@ -9,8 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +45,7 @@ class Place:
         return Where(socket.gethostname(), self.node, os.getpid(), devices, round(seconds, 1))
 
 def run_process(command: list[str], place: Place) -> tuple[subprocess.CompletedProcess, Where]:
-    """Run a command to its end (output captured). In its own session (Ray), an interrupt (Ray's
-    cancel) stops its whole group; papermill's kernel stops itself within a second of losing papermill."""
+    """Run a command (output captured); in its own session (Ray), an interrupt stops its whole group."""
     start = time.monotonic()
     process = subprocess.Popen(command, env=place.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=place.own_session)
@@ -97,15 +95,14 @@ class LocalEngine:
         self._pool.shutdown()
 
 class RayEngine:
-    """A Ray task per piece of work, on an existing cluster (never one of its own), asking for `cpus`
-    CPUs and `gpus` GPUs. Tasks are not retried: running the sweep again is the retry."""
+    """A Ray task per piece of work on an existing cluster; not retried (running the sweep again is)."""
 
     def __init__(self, address: str | None, gpus: float | None = None, cpus: float = 1.0):
         self.address = address or os.environ.get("RAY_ADDRESS") or ""
         self.gpus, self.cpus, self._refs, self._ray = gpus, cpus, [], None
 
-    def connect(self) -> None:
-        """Check Ray, the address, the cluster and the resources one configuration asks for."""
+    def connect(self) -> str:
+        """Check Ray, the address, the cluster and the resources one configuration asks for; say so."""
         address, rocr = self.address, os.environ.get("ROCR_VISIBLE_DEVICES")
         host, _, port = address.rpartition(":")
         for wrong, message in [
@@ -119,7 +116,8 @@ class RayEngine:
             (rocr and not os.environ.get("HIP_VISIBLE_DEVICES"), f"ROCR_VISIBLE_DEVICES={rocr} is set (Slurm "
              "sets it on AMD nodes) and Ray refuses to start with it: run export HIP_VISIBLE_DEVICES="
              "$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES, here and before `ray start` on every node."),
-        ]:
+            (address not in ("", "auto") and (not host or not port.isdigit()), f"--address {address!r}: "
+             "expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray start --head` prints it.")]:
             if wrong:
                 raise ShortError(message)
         try:
@@ -127,16 +125,12 @@ class RayEngine:
         except ImportError:
             raise ShortError(f"--engine ray needs Ray, which is not installed here: pip install -e '.[ray]' "
                              f"(or pip install '{RAY_REQUIREMENT}'), on every node of the cluster.") from None
-        if address != "auto":
-            if not host or not port.isdigit():
-                raise ShortError(f"--address {address!r}: expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray "
-                                 "start --head` prints it.")
-            try:  # a closed HOST:PORT is refused at once, before Ray would retry for a minute
+        try:  # a closed HOST:PORT is refused at once, before Ray would retry for a minute
+            if address != "auto":
                 socket.create_connection((host, int(port)), timeout=5).close()
-            except OSError as err:
-                raise ShortError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})."
-                                 " Start one first (docs/sweeps.md); the sweep never starts a cluster of its "
-                                 "own.") from None
+        except OSError as err:
+            raise ShortError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}). "
+                             "Start one (docs/sweeps.md): the sweep never starts a cluster itself.") from None
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False)
@@ -153,14 +147,12 @@ class RayEngine:
                 raise ShortError(f"--{option}-per-config={asked:g}: no node of the cluster at {address} "
                                  f"has that many {kind}s (the most on one node is {most:g}), so the tasks "
                                  f"would wait forever; give --{option}-per-config {most:g} or fewer.")
+        return (f"on the Ray cluster at {address}: {len(self.nodes())} node(s) can take a configuration, "
+                f"each asking for {self.cpus:g} CPU(s) and {self.gpus:g} GPU(s)")
 
     def nodes(self) -> list[dict]:  # the live nodes that can hold one configuration
         return [n for n in self._ray.nodes() if n["Alive"]
                 and n["Resources"].get("CPU", 0) >= self.cpus and n["Resources"].get("GPU", 0) >= self.gpus]
-
-    def describe(self) -> str:
-        return (f"on the Ray cluster at {self.address}: {len(self.nodes())} node(s) can take a "
-                f"configuration, each asking for {self.cpus:g} CPU(s) and {self.gpus:g} GPU(s)")
 
     def check_folder(self, out: Path) -> None:
         """One task pinned to each node checks that it reads and writes `out` and has the notebooks."""
@@ -241,8 +233,3 @@ def _check_node(probe: str, token: str) -> str:
 def _last_line(err: BaseException) -> str:  # the message: Ray prints its traceback first
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
-
-def engine_summary(nodes: Iterable[tuple[str, str]]) -> str:
-    """'ran on 2 node(s): host/abcd1234 x1, ...' from each configuration's (host, node)."""
-    counts = Counter(f"{host}/{node[:8]}" for host, node in nodes)
-    return f"ran on {len(counts)} node(s): " + ", ".join(f"{k} x{v}" for k, v in counts.items())

@@ -1,6 +1,5 @@
-"""`python -m lora_tutorial.tools.lab`: registers this Python as the kernel "Python (lora-tutorial)"
-(a JupyterLab from another environment can use it), starts JupyterLab in notebooks/ on 127.0.0.1 with
-its token on, and prints the SSH line that reaches it. Other arguments go to `jupyter lab`."""
+"""`python -m lora_tutorial.tools.lab`: registers this Python as a Jupyter kernel, starts JupyterLab in
+notebooks/ on 127.0.0.1 with its token on, prints the SSH line to it. Other arguments go to `jupyter lab`."""
 
 import argparse
 import getpass
@@ -32,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_tutorial.tools.lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8888, help="port on this machine (default 8888)")
-    parser.add_argument("--ip", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 only in a container "
-                        "whose port is published to the host's 127.0.0.1")
+    parser.add_argument("--ip", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0: in a container only)")
     parser.add_argument("--notebooks", type=Path, help="folder JupyterLab opens (default: notebooks/)")
     parser.add_argument("--no-register", action="store_true", help="do not (re-)register the kernel")
     args, extra = parser.parse_known_args(argv)

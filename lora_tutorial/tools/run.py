@@ -96,8 +96,7 @@ def summary(results: dict) -> str:
         f"({r['lora_share_percent']:.3f} %)"])
 
 def _tidy(path: Path) -> tuple[float, float]:
-    """Paths relative to the project, no widget state, each progress bar merged into its last line as
-    Jupyter shows it; returns the seconds of all cells and of the one tagged 'pretraining'."""
+    """Project-relative paths, no widgets, bars merged as Jupyter shows them; seconds (all, pretraining)."""
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 

@@ -20,7 +20,7 @@ from ..evaluate import from_confusion
 from ..pipeline import preflight, pretrained_path
 from ..settings import WORST, Settings, SettingsError, ShortError, project_root, shown_path
 from ..train import progress_bar
-from .engines import LocalEngine, Place, RayEngine, Where, engine_summary, run_process
+from .engines import LocalEngine, Place, RayEngine, Where, run_process
 from .run import absolute_paths, notebook_takes, notebooks_dir, parse_value
 
 NOTEBOOK = "06_compare"
@@ -77,20 +77,16 @@ def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
 def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_rank: bool,
                    digits: list[int | str], seeds: list[int], steps: list[int],
                    extra: dict[str, Any]) -> list[Config]:
-    """Every combination, each checked by Settings (with the other parameters) before anything runs."""
-    configs = []
-    for rank, digit, seed, step in itertools.product(ranks, digits, seeds, steps):
-        # alpha fixed while the rank varies (the paper's protocol), unless asked otherwise
-        for alpha in ([float(rank)] if alpha_equals_rank else alphas or [1.0]):
-            config = Config(rank, float(alpha), digit, seed, step)
-            Settings.from_mapping(config.parameters(Path("."), extra))
-            if config not in configs:
-                configs.append(config)
+    """Every combination, each checked by Settings; alpha stays 1 while the rank varies (the paper's)."""
+    configs = list(dict.fromkeys(Config(rank, float(alpha), digit, seed, step) for rank, digit, seed, step
+                                 in itertools.product(ranks, digits, seeds, steps)
+                                 for alpha in ([rank] if alpha_equals_rank else alphas or [1.0])))
+    for config in configs:
+        Settings.from_mapping(config.parameters(Path("."), extra))
     return configs
 
 def command(notebook: str, folder: Path, parameters: dict[str, Any]) -> list[str]:
-    """papermill running a notebook into `folder`. YAML keeps floats floats (1.0e+20; JSON's 1e+20
-    reads back as a string) and lists lists (-p passes text)."""
+    """papermill with YAML parameters: floats stay floats (JSON's 1e+20 reads back as text), lists lists."""
     import yaml
 
     text = yaml.safe_dump(parameters, default_flow_style=True, width=float("inf")).strip()
@@ -172,16 +168,12 @@ def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
 
 def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None, jobs: int = 1,
           progress: bool = True, engine: LocalEngine | RayEngine | None = None) -> pd.DataFrame:
-    """Run what is not finished (on `engine`; by default here, `jobs` at a time); write sweep.csv,
-    sweep.json and the plots; return the table, one row per configuration."""
+    """Run what is not finished (by default here, `jobs` at a time); write and return the table and plots."""
     extra, out, engine = dict(extra or {}), out.resolve(), engine or LocalEngine(jobs)
     check_same_parameters(configs, out, extra)
     out.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    for config in configs:
-        if results := finished(config, out):
-            ran = read_json(out / config.name / "ran.json")  # older sweeps did not record where it ran
-            rows[config] = row(config, results, Where(**ran) if ran else None)
+    rows = {c: row(c, r, Where(**ran) if (ran := read_json(out / c.name / "ran.json")) else None)
+            for c in configs if (r := finished(c, out))}  # older sweeps did not record where it ran
     if todo := [c for c in configs if c not in rows]:
         engine.check_folder(out)  # on a cluster: can every node read and write it?
         try:
@@ -265,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         if wrong:
             parser.error(message)
     out = args.out.resolve()
-    engine: LocalEngine | RayEngine = LocalEngine(jobs)
+    engine = RayEngine(args.address, args.gpus_per_config, args.cpus_per_config or 1.0) if on_ray \
+        else LocalEngine(jobs)
     try:
         configs = configurations(args.ranks, args.alphas, args.alpha_equals_rank, args.digits, args.seeds,
                                  args.iterations, extra)
@@ -281,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(shlex.join(command(NOTEBOOK, out / config.name, config.parameters(out, extra))))
             return 0
         if on_ray:
-            engine = RayEngine(args.address, args.gpus_per_config, args.cpus_per_config or 1.0)
-            engine.connect()
-            print(f"Sweep {engine.describe()}.")
+            print(f"Sweep {engine.connect()}.")
         table = sweep(configs, out, extra, jobs, engine=engine)
     except ShortError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -295,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     shown = [c for c in COLUMNS if c not in ("name", "finetune_steps", "lora_share_percent", *WHERE)]
     print("\n" + table[shown].to_string(index=False, na_rep=""))
     if on_ray:
-        print(f"\nThe configurations {engine_summary(table[table.node.notna()][['host', 'node']].values)}.")
+        nodes = (table.host + "/" + table.node.str[:8]).dropna().value_counts(sort=False)
+        print(f"\nThe configurations ran on {len(nodes)} node(s): "
+              + ", ".join(f"{k} x{v}" for k, v in nodes.items()) + ".")
     print(f"\nTable: {shown_path(out / 'sweep.csv')} (and sweep.json); plots: sweep_rank.png, "
           "sweep_tradeoff.png")
     if failed := list(table.name[table.status != "done"]):

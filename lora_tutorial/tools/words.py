@@ -23,11 +23,7 @@ class Count:
     words: int
     sentences: int
     budget: int
-    words_in_sentences: int = 0
-
-    @property
-    def mean_sentence(self) -> float:
-        return self.words_in_sentences / self.sentences if self.sentences else 0.0
+    mean_sentence: float  # words
 
     @property
     def over(self) -> bool:
@@ -56,7 +52,7 @@ def sentences(text: str) -> list[str]:
 
 def count(name: str, text: str, budget: int) -> Count:
     said = sentences(text)
-    return Count(name, len(text.split()), len(said), budget, sum(len(s.split()) for s in said))
+    return Count(name, len(text.split()), len(said), budget, len(" ".join(said).split()) / (len(said) or 1))
 
 def counts(root: Path | None = None) -> list[Count]:
     """One row per notebook, then the README."""
