@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..settings import ShortError, shown_path
 from ..train import PROGRESS_ENV
+from .run import notebooks_dir
 
 DEVICE_VARIABLES = ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
 RAY_REQUIREMENT = "ray>=2.40,<3"  # as in pyproject.toml's [ray] extra
@@ -73,8 +76,6 @@ class LocalEngine:
         self.jobs, self._pool = jobs, ThreadPoolExecutor(max_workers=jobs)
 
     def submit(self, fn: Callable, *args: Any, slot: int = 0) -> Future:
-        import torch
-
         threads = str(max(1, (os.cpu_count() or 1) // self.jobs))  # a CPU's threads divided between jobs
         env = dict(os.environ, **{PROGRESS_ENV: "text"}, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -215,8 +216,6 @@ def _in_task(fn: Callable, args: tuple) -> Any:
 
 def _check_node(probe: str, token: str) -> str:
     """On one node: '' when it reads the driver's file, writes beside it and finds the notebooks."""
-    from .run import notebooks_dir
-
     path = Path(probe)
     if not (path.is_file() and path.read_text() == token):
         return (f"cannot read {shown_path(path.parent)}, the sweep's --out: results need a folder every "
@@ -231,5 +230,4 @@ def _check_node(probe: str, token: str) -> str:
     return ""
 
 def _last_line(err: BaseException) -> str:  # the message: Ray prints its traceback first
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
+    return (str(err).strip().splitlines() or [type(err).__name__])[-1]

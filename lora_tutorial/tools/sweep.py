@@ -13,11 +13,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from ..checkpoints import atomic_write, write_json
+from ..data import load_mnist
 from ..evaluate import from_confusion
 from ..pipeline import preflight, pretrained_path
+from ..plots import plot_sweep
 from ..settings import WORST, Settings, SettingsError, ShortError, project_root, shown_path
 from ..train import progress_bar
 from .engines import LocalEngine, Place, RayEngine, Where, run_process
@@ -119,8 +122,7 @@ def check_same_parameters(configs: list[Config], out: Path, extra: dict[str, Any
         if differ := [f"{k}={recorded[k]!r} there, {v!r} now" for k, v in wanted.items()
                       if k not in NOT_DECIDING and k in recorded and recorded[k] != v]:  # old files lack some
             raise SettingsError(f"{shown_path(out / config.name)} holds a run made with other parameters "
-                                f"({'; '.join(differ)}): this sweep would mix or overwrite its results. "
-                                "Give this sweep its own --out, or delete that folder to run it again.")
+                                f"({'; '.join(differ)}): give the sweep its own --out, or delete the folder.")
 
 def notebook_error(path: Path) -> str:
     """'cell N: Name: message' from the first error output of an executed notebook."""
@@ -159,8 +161,6 @@ def prepare(out: Path, extra: dict[str, Any], place: Place) -> Where | None:
 
 def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
     """Whether the sweep's pre-trained network is saved (then no kernel starts just to load it)."""
-    from ..data import load_mnist
-
     settings = Settings.from_mapping(pretrain_parameters(out, extra))
     data = load_mnist(settings.data_dir, download=settings.download, verbose=False)
     return pretrained_path(settings, data if settings.train_samples is None
@@ -206,10 +206,6 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
     atomic_write(out / "sweep.csv", lambda tmp: table.convert_dtypes().to_csv(tmp, index=False))
     write_json(out / "sweep.json", records)
     if (table.status == "done").any():
-        import matplotlib.pyplot as plt
-
-        from ..plots import plot_sweep
-
         for name, fig in plot_sweep(records).items():
             atomic_write(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
             plt.close(fig)  # saved, not shown: a notebook that calls sweep() shows its own
@@ -240,14 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     on_ray, jobs = args.engine == "ray", 1 if args.jobs is None else args.jobs
     given = [f"--{n.replace('_', '-')}" for n in ("address", "gpus_per_config", "cpus_per_config")
              if getattr(args, n) is not None]
-    # folders relative to where the command runs (on Ray, the same path on every node: a shared file system)
     extra = absolute_paths({name: parse_value(value) for name, value in args.parameter})
     takes = set(notebook_takes(NOTEBOOK))
     for wrong, message in [
-        (on_ray and args.jobs is not None, "--jobs is for --engine local: on Ray, the cluster's free GPUs "
-         "and CPUs decide how many configurations run at once (see --gpus-per-config, --cpus-per-config)"),
-        (on_ray and args.dry_run, "--dry-run prints commands for a scheduler of your own: leave out "
-         "--engine ray"),
+        (on_ray and args.jobs is not None, "--jobs is for --engine local; on Ray: --gpus/cpus-per-config"),
+        (on_ray and args.dry_run, "--dry-run prints commands for a scheduler: leave out --engine ray"),
         (not on_ray and given, f"{' '.join(given)}: only with --engine ray"),
         (jobs < 1, f"--jobs={jobs}: expected an integer >= 1"),
         (args.alphas and args.alpha_equals_rank, "--alphas and --alpha-equals-rank: give one or the other"),
