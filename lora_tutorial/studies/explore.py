@@ -1,7 +1,5 @@
 """11's explorer: a panel of knobs that fine-tunes LoRA and redraws, a view over `trial.py`."""
 
-from __future__ import annotations
-
 import base64
 import html
 import io

@@ -1,15 +1,11 @@
 """What fine-tuning on one digit costs the others, and each remedy's trade-off over seeds (09)."""
 
-from __future__ import annotations
-
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..data import SPLITS, Mnist, split_images
 from ..evaluate import Evaluation, evaluate
@@ -18,8 +14,7 @@ from ..plots import new_figure
 from ..settings import Settings, SettingsError
 from .stats import best_and_ties, check_seeds, spread
 
-# What a remedy may change: the fine-tuning step only (one thing varied at a time).
-REMEDY_SETTINGS = ("rank", "alpha", "target_modules", "finetune_steps", "replay_share")
+REMEDY_SETTINGS = ("rank", "alpha", "target_modules", "finetune_steps", "replay_share")  # fine-tuning's
 EVAL_BATCH = 1000  # images per evaluation call: fast products, memory reused (10,000 at once is slower)
 
 def check_remedies(settings: Settings, variants: object) -> dict[str, Settings]:
@@ -65,7 +60,7 @@ def reference(evaluations: dict[str, Evaluation], digit: int) -> dict[str, dict]
                     "other_images": evaluations[split].total - evaluations[split].per_digit_totals()[digit]}
             for split in SPLITS}
 
-def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict[str, dict[str, Any]],
+def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict[str, dict],
                 seeds: Sequence[int], splits: dict | None = None, verbose: bool = True) -> list[dict]:
     """One row per remedy and seed, on both splits; all checked first, saved adapters reused."""
     chosen, seeds = check_remedies(settings, variants), check_seeds(seeds)
@@ -76,7 +71,7 @@ def remedy_runs(settings: Settings, data: Mnist, base: nn.Module, variants: dict
             run = dataclasses.replace(variant, finetune_seed=seed)
             trained += not adapter_path(run, data).exists()
             model = finetuned_model(run, data, base, verbose=False)
-            with parametrize.cached():  # W' built once per run: the same predictions, faster
+            with nn.utils.parametrize.cached():  # W' built once per run: the same predictions, faster
                 evaluations = {s: evaluate(model, *splits[s], batch_size=EVAL_BATCH) for s in SPLITS}
             rows.append({"name": name, "changes": variants[name], "seed": seed,
                          **{s: evaluations[s].digit_summary(run.target_digit) for s in SPLITS},

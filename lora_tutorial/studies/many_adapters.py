@@ -1,7 +1,5 @@
 """One frozen base, many adapters (10): one LoRA per weak digit, switched, combined, or trained together."""
 
-from __future__ import annotations
-
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,9 +63,8 @@ def union_adapter(settings: Settings, data: Mnist, base: nn.Module, digits: Sequ
                       target_modules=union.target_modules)
     if path.exists():
         return load_adapter(model, path, key)
-    images, labels = fit_subset(data, digits)
-    train(separate_path(model), images, labels, max_steps=union.finetune_steps, batch_size=union.batch_size,
-          lr=union.learning_rate, seed=union.lora_seed, progress=False)
+    train(separate_path(model), *fit_subset(data, digits), max_steps=union.finetune_steps,
+          batch_size=union.batch_size, lr=union.learning_rate, seed=union.lora_seed, progress=False)
     save_adapter(model, path, key)
     return model
 

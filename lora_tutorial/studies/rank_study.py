@@ -1,7 +1,5 @@
 """07's study: LoRA's rank, scaling rule and A's init; choices on validation, reports on test."""
 
-from __future__ import annotations
-
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +24,6 @@ from .stats import Spread, best_and_ties, spread
 SCALINGS = {"alpha fixed": "alpha / r", "alpha = r": "alpha", "rsLoRA": "alpha / sqrt(r)"}
 
 def check_scaling(scaling: object) -> str:
-    """A scaling rule's name, checked before any work."""
     if scaling not in SCALINGS:
         raise SettingsError(f"scaling={scaling!r} is not valid: expected one of {list(SCALINGS)} (the factor "
                             f"in front of B @ A is {', '.join(SCALINGS.values())}).")
@@ -55,7 +52,7 @@ class Config:
         return (f"{self.scaling}, rank {self.rank}" + (", Kaiming A" if self.init == "kaiming" else "")
                 + ("" if self.learning_rate is None else f", lr {self.learning_rate:g}"))
 
-    def run_as(self) -> Config:
+    def run_as(self) -> "Config":
         """The configuration actually trained: at rank 1 every scaling rule is the same run."""
         return replace(self, scaling="alpha fixed") if self.rank == 1 else self
 
@@ -151,8 +148,7 @@ def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterabl
                                finetune_learning_rate=config.learning_rate)
             model, _, seconds = fine_tune(run, data, base, config.scaling, config.init)
             loras = lora_modules(model)
-            with torch.no_grad():
-                norms = {f"delta_norm_{n}": float(lora.delta_weight().norm()) for n, lora in loras.items()}
+            norms = {f"delta_norm_{n}": float(m.delta_weight().detach().norm()) for n, m in loras.items()}
             row = {**asdict(config), "seed": seed, "alpha": run.alpha, "scale": [*loras.values()][0].scale,
                    "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **norms,
                    "seconds": seconds}

@@ -1,7 +1,5 @@
 """Four ways to serve one adapter (09), all the same function: timed taking turns, and profiled."""
 
-from __future__ import annotations
-
 import os
 import sys
 from collections.abc import Callable, Iterator

@@ -1,7 +1,5 @@
 """A few fine-tuning seeds, one summary: the mean and the range; overlapping ranges are a tie."""
 
-from __future__ import annotations
-
 import statistics
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -20,11 +18,11 @@ class Spread:
     high: float
     count: int
 
-    def overlaps(self, other: Spread) -> bool:
+    def overlaps(self, other: "Spread") -> bool:
         """True when the two ranges share a value: the difference is inside the seeds' spread."""
         return self.low <= other.high and other.low <= self.high
 
-    def versus(self, other: Spread, higher_is_better: bool) -> str:
+    def versus(self, other: "Spread", higher_is_better: bool) -> str:
         """'tie' when the ranges overlap (the seeds alone move a result that far), else 'better'/'worse'."""
         if self.overlaps(other):
             return "tie"
@@ -42,7 +40,6 @@ class Spread:
         return f"{number(self.mean)} ({low}{between}{high})"
 
 def spread(values: Sequence[float]) -> Spread:
-    """The mean and the min-max range of `values` (one per seed)."""
     values = [float(v) for v in values]
     if not values:
         raise ValueError("spread() needs at least one value.")
@@ -71,7 +68,6 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int, wa
     return {name: Spread(statistics.median(v), min(v), max(v), len(v)) for name, v in times.items()}
 
 def check_repeats(value: object, name: str = "switch_repeats") -> int:
-    """Timed rounds, a whole number >= 1, checked before any work."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SettingsError(f"{name}={value!r} is not valid: expected a whole number >= 1, e.g. 5.")
     return value

@@ -1,12 +1,9 @@
 """One fine-tuning run as 11's explorer makes it: knobs checked as parameters are, judged on validation."""
 
-from __future__ import annotations
-
 import html
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import torch
@@ -46,7 +43,6 @@ class Trial:
                 f"{self.target_digit}{replay}, seed {self.seed}")
 
 def trial_of(settings: Settings, scaling: str = "alpha fixed") -> Trial:
-    """The trial a notebook's settings describe (the explorer's starting point)."""
     if not isinstance(settings.target_digit, int):
         raise ValueError("Decide the target digit first (choose_target), then start the explorer.")
     return Trial(settings.rank, settings.alpha, check_scaling(scaling), settings.target_modules,
@@ -69,7 +65,7 @@ class TrialResult:
     train_seconds: float
     judge_seconds: float
     model: nn.Module  # the fine-tuned LoRA copy, to inspect (or save_adapter)
-    settings: dict[str, Any]  # the run's settings, as save_adapter records them
+    settings: dict[str, object]  # the run's settings, as save_adapter records them
 
     def table(self) -> pd.DataFrame:
         """The target's wrong answers, the other and all digits' accuracy (%): before, after, change."""
