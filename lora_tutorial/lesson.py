@@ -36,8 +36,7 @@ def lesson_source(notebook: str, tag: str, folder: Path | None = None) -> str:
     if len(tagged) != 1:
         raise LessonError(f"{notebook}.ipynb has {len(tagged)} cells tagged {tag!r}, expected one: "
                           "restore the tag on the cell that defines the lesson's code.")
-    source = tagged[0]["source"]
-    return source if isinstance(source, str) else "".join(source)
+    return "".join(tagged[0]["source"])  # a string, or a list of lines
 
 def available(name: str, folder: Path | None = None) -> bool:
     """Whether the notebook holding `name` is here (a clone, not an installed wheel)."""
