@@ -23,9 +23,6 @@ RANKS = (1, 2, 4, 8, 16, 32, 64)  # the pickers' options; the notebook's own val
 ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 WIDE = {"description_width": "initial"}
 
-def px(width: int) -> dict:
-    return {"width": f"{width}px"}
-
 class Explorer(W.VBox):
     """The panel. `result` is the last run's TrialResult, `seconds` its timings (None before one)."""
 
@@ -38,24 +35,24 @@ class Explorer(W.VBox):
         make_adam([nn.Parameter(torch.zeros(1))], lr=1e-3)
         self.result, self.seconds, self.timing, self.busy = None, None, "", False
         self.rank = W.Dropdown(options=sorted({*RANKS, t.rank}), value=t.rank, description="rank",
-                               layout=px(130))
+                               layout={"width": "130px"})
         self.alpha = W.Dropdown(options=[(f"{a:g}", a) for a in sorted({*ALPHAS, float(t.alpha)})],
-                                value=float(t.alpha), description="alpha", layout=px(140))
+                                value=float(t.alpha), description="alpha", layout={"width": "140px"})
         rules = [(f"{name}: factor {rule}", name) for name, rule in SCALINGS.items()]
         self.scaling = W.Dropdown(options=rules, value=t.scaling, description="scaling rule", style=WIDE,
-                                  layout=px(330))
+                                  layout={"width": "330px"})
         self.layers = {name: W.Checkbox(value=name in (t.target_modules or LAYER_NAMES), description=name,
-                                        indent=False, layout=px(90)) for name in LAYER_NAMES}
+                                        indent=False, layout={"width": "90px"}) for name in LAYER_NAMES}
         self.steps = W.IntSlider(value=t.finetune_steps, min=10, max=max(500, t.finetune_steps), step=10,
                                  description="steps", continuous_update=False)
         self.digit = W.Dropdown(options=list(range(10)), value=t.target_digit, description="target digit",
-                                style=WIDE, layout=px(160))
+                                style=WIDE, layout={"width": "160px"})
         self.replay = W.FloatSlider(value=t.replay_share, min=0.0, max=0.9, step=0.1, style=WIDE,
                                     description="replay share", readout_format=".1f", continuous_update=False)
-        self.seed = W.BoundedIntText(value=t.seed, min=0, max=999_999, description="seed", layout=px(160))
+        self.seed = W.BoundedIntText(value=t.seed, max=999_999, description="seed", layout={"width": "160px"})
         self.button = W.Button(description="Fine-tune", button_style="primary", icon="play",
                                tooltip="Fine-tune a fresh adapter with these settings and redraw")
-        self.progress = W.IntProgress(value=0, min=0, max=t.finetune_steps, layout=px(300))
+        self.progress = W.IntProgress(value=0, min=0, max=t.finetune_steps, layout={"width": "300px"})
         self.factor, self.step_label, self.message, self.numbers = W.HTML(), W.Label(), W.HTML(), W.HTML()
         self.figure = W.Image(format="png", layout={"max_width": "100%"})
         for knob in [self.rank, self.alpha, self.scaling, *self.layers.values(), self.steps, self.digit,
@@ -91,10 +88,9 @@ class Explorer(W.VBox):
         return True
 
     def show_error(self, error: Exception) -> bool:
-        text = str(error) if getattr(error, "args", None) else type(error).__name__
         red = "var(--jp-error-color1, #c62828)"  # JupyterLab's own, in both themes
-        self.message.value = f'<span style="color: {red}">{html.escape(text)}</span>'
-        self.button.disabled = True
+        text = html.escape(str(error) or type(error).__name__)
+        self.message.value, self.button.disabled = f'<span style="color: {red}">{text}</span>', True
         return False
 
     def fine_tune(self) -> TrialResult | None:

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from ..data import SPLITS, Mnist, split_images
 from ..evaluate import Evaluation, evaluate, from_confusion
-from ..lora import base_weight, lora_modules, separate_path
+from ..lora import base_weight, lora_modules, lora_parameter_counts, separate_path
 from ..model import OversizedMLP
 from ..pipeline import lora_copy, train_on_target
 from ..settings import Settings, SettingsError, check_whole_numbers
@@ -110,11 +110,10 @@ class Judge:
     def __init__(self, base: nn.Module, images: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         if not isinstance(base, OversizedMLP):
             raise TypeError(f"Judge reads an OversizedMLP's layers; got {type(base).__name__}.")
-        first, self.sets = base.linear1, {}
+        first = base.linear1
         with torch.inference_mode():
-            for split, (x, y) in images.items():
-                flat = x.reshape(len(x), -1)
-                self.sets[split] = (flat, y.cpu(), F.linear(flat, base_weight(first), first.bias))
+            flat = {split: (x.reshape(len(x), -1), y.cpu()) for split, (x, y) in images.items()}
+            self.sets = {s: (x, y, F.linear(x, base_weight(first), first.bias)) for s, (x, y) in flat.items()}
 
     def predict(self, model: nn.Module, split: str) -> torch.Tensor:
         x, _, frozen = self.sets[split]
@@ -150,8 +149,7 @@ def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterabl
             loras = lora_modules(model)
             norms = {f"delta_norm_{n}": float(m.delta_weight().detach().norm()) for n, m in loras.items()}
             row = {**asdict(config), "seed": seed, "alpha": run.alpha, "scale": [*loras.values()][0].scale,
-                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **norms,
-                   "seconds": seconds}
+                   "trainable": lora_parameter_counts(model)[1], **norms, "seconds": seconds}
             if judged:
                 judged[-1].result()  # at most one model waits: memory stays small
             judged.append(pool.submit(lambda m, r: {**r, **judge.measure(m, digit)}, model, row))

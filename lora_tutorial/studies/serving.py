@@ -2,8 +2,8 @@
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import pandas as pd
 import torch
@@ -38,19 +38,6 @@ def forward_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats:
         model.train(was_training[name])  # as `evaluate.predict` does: leave each model as it was
     return {name: s.mean for name, s in seconds.items()}
 
-@contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """File descriptor 2 to nowhere: the profiler's native start/stop lines would show under the cell."""
-    sys.stderr.flush()
-    saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(sink, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        for fd in (saved, sink):
-            os.close(fd)
-
 def profile_pass(model: nn.Module, images: torch.Tensor, batch_size: int, around: Around | None = None
                  ) -> tuple[pd.DataFrame, int]:
     """One pass's operators by self CPU time (ms, largest first; `rebuild`: inside one), and the rebuilds."""
@@ -60,13 +47,19 @@ def profile_pass(model: nn.Module, images: torch.Tensor, batch_size: int, around
             lambda *_: open_ranges.append(torch.autograd.profiler.record_function(REBUILD).__enter__())),
         lora.register_forward_hook(lambda *_: open_ranges.pop().__exit__(None, None, None)))]
     model.eval()
+    sys.stderr.flush()  # file descriptor 2 to nowhere: the profiler's native lines would show under the cell
+    saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)
     try:  # without Kineto: the same records, without its start-up (seconds on a CUDA build with no GPU)
-        with native_stderr_silenced(), torch.inference_mode(), \
+        with torch.inference_mode(), \
                 torch.autograd.profiler.profile(use_kineto=False, record_shapes=True) as prof, \
                 (around or nullcontext)():
             for start in range(0, len(images), batch_size):
                 model(images[start:start + batch_size])
     finally:
+        os.dup2(saved, 2)
+        for fd in (saved, sink):
+            os.close(fd)
         model.train(was_training)
         for handle in handles:
             handle.remove()

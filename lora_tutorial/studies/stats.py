@@ -19,7 +19,6 @@ class Spread:
     count: int
 
     def overlaps(self, other: "Spread") -> bool:
-        """True when the two ranges share a value: the difference is inside the seeds' spread."""
         return self.low <= other.high and other.low <= self.high
 
     def versus(self, other: "Spread", higher_is_better: bool) -> str:
@@ -49,8 +48,7 @@ def best_and_ties(spreads: dict[K, Spread], higher_is_better: bool) -> tuple[K, 
     """The studies' one choice rule: the best mean (first on a tie), and the keys whose range overlaps it."""
     if not spreads:
         raise ValueError("best_and_ties needs at least one result.")
-    sign = 1 if higher_is_better else -1
-    best = max(spreads, key=lambda k: sign * spreads[k].mean)
+    best = max(spreads, key=lambda k: spreads[k].mean if higher_is_better else -spreads[k].mean)
     return best, [k for k in spreads if k != best and spreads[k].overlaps(spreads[best])]
 
 def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
