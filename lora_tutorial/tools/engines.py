@@ -78,8 +78,7 @@ class LocalEngine:
     def submit(self, fn: Callable, *args: Any, slot: int = 0) -> Future:
         threads = str(max(1, (os.cpu_count() or 1) // self.jobs))  # a CPU's threads divided between jobs
         env = dict(os.environ, **{PROGRESS_ENV: "text"}, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if gpus > 1 and self.jobs > 1:  # one GPU per job where several are visible
+        if (gpus := torch.cuda.device_count()) > 1 and self.jobs > 1:  # one GPU per job
             env[DEVICE_VARIABLES[0] if torch.version.hip else DEVICE_VARIABLES[1]] = str(slot % gpus)
         return self._pool.submit(fn, *args, Place(env, own_session=False, node="local"))
 
@@ -140,8 +139,7 @@ class RayEngine:
                              "never starts a cluster of its own: start one (docs/sweeps.md).") from None
         self._ray = ray
         alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-        if self.gpus is None:
-            self.gpus = 1 if any(r.get("GPU", 0) for r in alive) else 0
+        self.gpus = int(any(r.get("GPU", 0) for r in alive)) if self.gpus is None else self.gpus
         for option, kind, asked in (("gpus", "GPU", self.gpus), ("cpus", "CPU", self.cpus)):
             if asked > (most := max((r.get(kind, 0) for r in alive), default=0)):
                 self.close()
@@ -216,8 +214,7 @@ def _in_task(fn: Callable, args: tuple) -> Any:
 
 def _check_node(probe: str, token: str) -> str:
     """On one node: '' when it reads the driver's file, writes beside it and finds the notebooks."""
-    path = Path(probe)
-    if not (path.is_file() and path.read_text() == token):
+    if not ((path := Path(probe)).is_file() and path.read_text() == token):
         return (f"cannot read {shown_path(path.parent)}, the sweep's --out: results need a folder every "
                 "node can read and write (a shared file system such as NFS); give --out on one.")
     try:

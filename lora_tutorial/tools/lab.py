@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--notebooks={args.notebooks}: no such folder")
     for name, _, value in (argument.partition("=") for argument in extra):
         if name.endswith(".token") and not value.strip("'\""):
-            parser.error(f"{name}={value}: an empty token lets anyone who reaches the port run code as you; "
-                         "keep the token on")
+            parser.error(f"{name}={value}: an empty token lets anyone run code as you; keep the token on")
     if not args.no_register:
         register_kernel()
     login, port = f"{getpass.getuser()}@{socket.gethostname()}", args.port

@@ -41,8 +41,7 @@ def results_table(r: dict[str, Any]) -> str:
 
 def shown_location(location: str, root: Path) -> str:
     """A data folder relative to the project, or only its last two parts (no machine paths in the docs)."""
-    path = Path(location)
-    if not path.is_absolute():
+    if not (path := Path(location)).is_absolute():
         return location
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else \
         "<your data folder>/" + "/".join(path.parts[-2:])
@@ -100,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(new[path])
     for picture, png in pictures.items():
         atomic_write(picture, lambda tmp, png=png: tmp.write_bytes(png))
-    print(f"Wrote {sum(len(BLOCK.findall(t)) for t in new.values())} generated block(s) into README.md and "
-          f"docs/, and {len(pictures)} picture(s) into docs/.")
+    print(f"Wrote {sum(len(BLOCK.findall(t)) for t in new.values())} block(s), {len(pictures)} picture(s).")
     return 0
 
 if __name__ == "__main__":

@@ -33,10 +33,9 @@ WHERE = list(Where.__dataclass_fields__)  # where and how long the configuration
 COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", *RESULTS[:2],
            "accuracy_lora_on", "accuracy_lora_off", *RESULTS[2:4], "target_accuracy_before",
            "target_accuracy_after", *RESULTS[4:], "finetune_seconds", *WHERE, "status", "error"]
-# Settings a folder's name does not record that do not change results: a finished run is re-used across them.
-NOT_DECIDING = {"rank", "alpha", "target_digit", "target_rule", "finetune_seed", "finetune_steps",
-                "output_dir", "checkpoint_dir", "data_dir", "device", "download"}
 RESERVED = {"rank", "alpha", "target_digit", "finetune_seed", "finetune_steps", "output_dir"}  # its options
+# Settings a folder's name does not record that do not change results: a finished run is re-used across them.
+NOT_DECIDING = RESERVED | {"target_rule", "checkpoint_dir", "data_dir", "device", "download"}
 
 @dataclass(frozen=True)
 class Config:
@@ -134,8 +133,7 @@ def notebook_error(path: Path) -> str:
 
 def run_one(config: Config, out: Path, extra: dict[str, Any], place: Place) -> dict:
     """Run one configuration where the engine put it; return its row."""
-    folder = out / config.name
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder := out / config.name).mkdir(parents=True, exist_ok=True)
     for name in ("error.json", "results.json", "ran.json"):  # a stale or foreign file must not be trusted
         (folder / name).unlink(missing_ok=True)
     done, where = run_process(command(NOTEBOOK, folder, config.parameters(out, extra)), place)
@@ -154,9 +152,8 @@ def prepare(out: Path, extra: dict[str, Any], place: Place) -> Where | None:
         return None
     done, where = run_process(command("02_pretrain", out, pretrain_parameters(out, extra)), place)
     if done.returncode != 0:
-        executed = out / "02_pretrain.ipynb"
-        raise ShortError(f"the sweep's pre-training failed ({notebook_error(executed)}); its executed "
-                         f"notebook is {shown_path(executed)}. Nothing else ran.")
+        raise ShortError(f"the sweep's pre-training failed ({notebook_error(out / '02_pretrain.ipynb')}); "
+                         f"its executed notebook is in {shown_path(out)}. Nothing else ran.")
     return where
 
 def pretrained_exists(out: Path, extra: dict[str, Any]) -> bool:
@@ -188,10 +185,8 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
             futures = {engine.submit(run_one, c, out, extra, slot=i): c for i, c in enumerate(todo)}
             with progress_bar(len(todo), "Sweep", progress) as bar:
                 for future in as_completed(futures):
-                    try:
-                        rows[futures[future]] = future.result()
-                    except Exception as err:
-                        rows[futures[future]] = row(futures[future], error=engine.failure(err))
+                    config, err = futures[future], future.exception()
+                    rows[config] = row(config, error=engine.failure(err)) if err else future.result()
                     bar.update(1)
         except BaseException as err:  # Ctrl-C: start nothing new; what finished stays finished
             engine.cancel()
@@ -259,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight(  # GPU (when it runs here), folders, data
             Settings.from_mapping(pretrain_parameters(out, extra)), check_device=not on_ray)
         if args.dry_run:  # the folders papermill writes into must exist before the commands run
-            print("# pre-train once first (shared checkpoint), then run the lines below in any order; the\n"
-                  f"# same sweep command without --dry-run then collects them into {shown_path(out)}.")
+            print("# pre-train first, then the rest in any order; rerun without --dry-run to collect them")
             print(shlex.join(command("02_pretrain", out, pretrain_parameters(out, extra))))
             for config in configs:
                 (out / config.name).mkdir(parents=True, exist_ok=True)
@@ -282,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = (table.host + "/" + table.node.str[:8]).dropna().value_counts(sort=False)
         print(f"\nThe configurations ran on {len(nodes)} node(s): "
               + ", ".join(f"{k} x{v}" for k, v in nodes.items()) + ".")
-    print(f"\nTable: {shown_path(out / 'sweep.csv')} (and sweep.json); plots: sweep_rank.png, "
-          "sweep_tradeoff.png")
+    print(f"\nTable: {shown_path(out / 'sweep.csv')} (and sweep.json), with sweep_*.png plots beside it")
     if failed := list(table.name[table.status != "done"]):
         print(f"{len(failed)} configuration(s) failed: {', '.join(failed)}. Their error.json and executed "
               "notebook say why; run the same command again to retry them.", file=sys.stderr)

@@ -13,7 +13,6 @@ from ..settings import project_root
 POST_PATH = ("01", "02", "03", "04", "05", "06")  # the post's steps
 BUDGET_POST_EACH, BUDGET_POST_TOTAL, BUDGET_LATER, BUDGET_README = 900, 4_000, 1_500, 1_500
 MEAN_SENTENCE = 20  # words, at most, on average
-FENCE = re.compile(r"```.*?```", re.DOTALL)
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]*]*\s+")
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def notebook_prose(path: Path) -> str:
 
 def sentences(text: str) -> list[str]:
     """Sentences of prose: code blocks out; paragraphs, headings, list items, rows split."""
-    blocks = re.split(r"\n\s*\n|\n(?=\s*(?:[-*] |\d+\. |#|\|))", FENCE.sub("", text))
+    blocks = re.split(r"\n\s*\n|\n(?=\s*(?:[-*] |\d+\. |#|\|))", re.sub(r"(?s)```.*?```", "", text))
     return [s for block in blocks for s in SENTENCE_END.split(" ".join(block.split()))
             if re.search(r"[A-Za-z]", s)]
 
