@@ -113,9 +113,8 @@ class RayEngine:
             (self.cpus <= 0, f"--cpus-per-config={self.cpus:g}: give a number above 0 (default 1)."),
             (self.gpus is not None and (self.gpus < 0 or (self.gpus > 1 and self.gpus != int(self.gpus))),
              f"--gpus-per-config={self.gpus or 0:g}: give 0, a fraction up to 1, or a whole number of GPUs."),
-            (rocr and not os.environ.get("HIP_VISIBLE_DEVICES"), f"ROCR_VISIBLE_DEVICES={rocr} is set (Slurm "
-             "sets it on AMD nodes) and Ray refuses to start with it: run export HIP_VISIBLE_DEVICES="
-             "$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES, here and before `ray start` on every node."),
+            (rocr and not os.environ.get("HIP_VISIBLE_DEVICES"), f"ROCR_VISIBLE_DEVICES={rocr} is set, which "
+             "Ray refuses: export HIP_VISIBLE_DEVICES=$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES."),
             (address not in ("", "auto") and (not host or not port.isdigit()), f"--address {address!r}: "
              "expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray start --head` prints it.")]:
             if wrong:
@@ -143,9 +142,8 @@ class RayEngine:
         for option, kind, asked in (("gpus", "GPU", self.gpus), ("cpus", "CPU", self.cpus)):
             if asked > (most := max((r.get(kind, 0) for r in alive), default=0)):
                 self.close()
-                raise ShortError(f"--{option}-per-config={asked:g}: no node of the cluster at {address} "
-                                 f"has that many {kind}s (the most on one node is {most:g}), so the tasks "
-                                 f"would wait forever; give --{option}-per-config {most:g} or fewer.")
+                raise ShortError(f"--{option}-per-config={asked:g}: no node of the cluster at {address} has "
+                                 f"that many {kind}s (the most on one node is {most:g}): give at most that.")
         return (f"on the Ray cluster at {address}: {len(self.nodes())} node(s) can take a configuration, "
                 f"each asking for {self.cpus:g} CPU(s) and {self.gpus:g} GPU(s)")
 

@@ -1,5 +1,4 @@
-"""Run the post's notebooks (01-06) headless with papermill: `python -m lora_tutorial.tools.run`.
-Executed copies go under --out, then a summary; --check fails unless the post's TRENDS hold."""
+"""Run the post's notebooks (01-06) with papermill into --out, then a summary; --check: do the TRENDS hold?"""
 
 import argparse
 import ast
@@ -124,8 +123,7 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    parameters = absolute_paths(parameters)
-    shares = split_parameters(parameters, steps)  # a name no notebook takes fails here
+    shares = split_parameters(parameters := absolute_paths(parameters), steps)  # a name none takes fails here
     # bad values, a missing GPU, an unwritable or empty folder fail before any notebook (extras: in it)
     preflight(settings := Settings.from_mapping({k: parameters[k] for k in parameters
                                                  if k in Settings.__dataclass_fields__}))

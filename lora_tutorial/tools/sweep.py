@@ -1,7 +1,5 @@
-"""Sweep LoRA's rank (and alpha, digit, seed, steps) with papermill: `python -m lora_tutorial.tools.sweep`.
-
-Each configuration runs 06_compare into `--out/<name>/` from one shared pre-trained checkpoint, into
-`sweep.csv`, `sweep.json` and plots. Run it again at any time: only what did not finish runs again."""
+"""Sweep LoRA's rank (and alpha, digit, seed, steps): one papermill run of 06_compare per configuration under
+--out, all from one pre-training, into sweep.csv, sweep.json and plots. Run it again: only the rest runs."""
 
 import argparse
 import itertools
@@ -15,6 +13,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import yaml
 
 from ..checkpoints import atomic_write, write_json
 from ..data import load_mnist
@@ -51,9 +50,9 @@ class Config:
                 f"_steps{self.finetune_steps}")
 
     def parameters(self, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-        return {**extra, "rank": self.rank, "alpha": self.alpha, "target_digit": self.target_digit,
-                "finetune_seed": self.seed, "finetune_steps": self.finetune_steps,
-                "output_dir": str(out / self.name), "checkpoint_dir": checkpoint_dir(out, extra)}
+        return {**extra, **pretrain_parameters(out, extra), "rank": self.rank, "alpha": self.alpha,
+                "target_digit": self.target_digit, "finetune_seed": self.seed,
+                "finetune_steps": self.finetune_steps, "output_dir": str(out / self.name)}
 
 def row(config: Config, results: dict | None = None, where: Where | None = None, error: str = "") -> dict:
     """The table's row (a record of COLUMNS): done with results, else failed with `error`."""
@@ -69,12 +68,9 @@ def row(config: Config, results: dict | None = None, where: Where | None = None,
                       finetune_seconds=results.get("finetune_seconds"))
     return record
 
-def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:  # one for the whole sweep
-    return str(extra.get("checkpoint_dir") or out / "checkpoints")
-
-def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:  # one checkpoint folder for all
     return {**{k: v for k, v in extra.items() if k in notebook_takes("02_pretrain")}, "output_dir": str(out),
-            "checkpoint_dir": checkpoint_dir(out, extra)}
+            "checkpoint_dir": str(extra.get("checkpoint_dir") or out / "checkpoints")}
 
 def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_rank: bool,
                    digits: list[int | str], seeds: list[int], steps: list[int],
@@ -89,8 +85,6 @@ def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_ra
 
 def command(notebook: str, folder: Path, parameters: dict[str, Any]) -> list[str]:
     """papermill with YAML parameters: floats stay floats (JSON's 1e+20 reads back as text), lists lists."""
-    import yaml
-
     text = yaml.safe_dump(parameters, default_flow_style=True, width=float("inf")).strip()
     return [sys.executable, "-m", "papermill", str(notebooks_dir() / f"{notebook}.ipynb"),
             str(folder / f"{notebook}.ipynb"), "--cwd", str(notebooks_dir()), "-k", "python3",
@@ -196,8 +190,7 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
             raise
     elif progress:
         print(f"All {len(configs)} configuration(s) had finished already: nothing to run.")
-    records = [rows[c] for c in configs]
-    table = pd.DataFrame(records, columns=COLUMNS)
+    table = pd.DataFrame(records := [rows[c] for c in configs], columns=COLUMNS)
     atomic_write(out / "sweep.csv", lambda tmp: table.convert_dtypes().to_csv(tmp, index=False))
     write_json(out / "sweep.json", records)
     if (table.status == "done").any():
