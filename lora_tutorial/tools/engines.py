@@ -127,15 +127,11 @@ class RayEngine:
         try:  # a closed HOST:PORT is refused at once, before Ray would retry for a minute
             if address != "auto":
                 socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError as err:
-            raise ShortError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}). "
-                             "Start one (docs/sweeps.md): the sweep never starts a cluster itself.") from None
-        try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False)
-        except (ConnectionError, RuntimeError) as err:
-            raise ShortError(f"--address {address}: could not join a Ray cluster there ({err}). The sweep "
-                             "never starts a cluster of its own: start one (docs/sweeps.md).") from None
+        except (OSError, RuntimeError) as err:  # ray.init's ConnectionError is an OSError
+            raise ShortError(f"--address {address}: no Ray cluster answers there ({err}). Start one "
+                             "(docs/sweeps.md): the sweep never starts a cluster itself.") from None
         self._ray = ray
         alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         self.gpus = int(any(r.get("GPU", 0) for r in alive)) if self.gpus is None else self.gpus
@@ -190,7 +186,7 @@ class RayEngine:
 
     def cancel(self) -> None:
         """Cancel what is pending or running (a task stops its papermill and kernel); wait a little."""
-        if self._ray is not None and self._refs:
+        if self._refs:  # only submit() adds to it, once connected
             for ref in self._refs:
                 self._ray.cancel(ref)
             self._ray.wait(self._refs, num_returns=len(self._refs), timeout=2 * GRACE_SECONDS + 5)

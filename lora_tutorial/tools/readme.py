@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     check, root = parser.parse_args(argv).check, project_root()
     results = published(root / "notebooks" / "06_compare.ipynb")["results"]
     texts = {path: path.read_text() for path in documents(root)}
-    new = {path: render(text, results) for path, text in texts.items()}
+    changed = {path: new for path, text in texts.items() if (new := render(text, results)) != text}
     pictures = figures(root)
-    stale = [p.relative_to(root).as_posix() for p in texts if new[p] != texts[p]]
+    stale = [p.relative_to(root).as_posix() for p in changed]
     stale += [p.name for p, png in pictures.items() if not p.is_file() or p.read_bytes() != png]
     if check and stale:
         print(f"Generated tables or pictures ({', '.join(stale)}) differ from the committed notebooks: "
@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if check:
         print("The generated tables and pictures in README.md and docs/ match the committed notebooks.")
         return 0
-    for path in [p for p in texts if new[p] != texts[p]]:
-        path.write_text(new[path])
+    for path, text in changed.items():
+        path.write_text(text)
     for picture, png in pictures.items():
         atomic_write(picture, lambda tmp, png=png: tmp.write_bytes(png))
-    print(f"Wrote {sum(len(BLOCK.findall(t)) for t in new.values())} block(s), {len(pictures)} picture(s).")
+    print(f"Wrote {sum(len(BLOCK.findall(t)) for t in texts.values())} block(s), {len(pictures)} picture(s).")
     return 0
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 from jupyter_core.utils import run_sync
 
 from ..checkpoints import atomic_write
+from ..lesson import lesson_source
 from ..pipeline import describe_target, preflight
 from ..settings import (
     ACCEPTED_EVERYWHERE,
@@ -44,15 +45,12 @@ def parse_value(text: str) -> Any:
 def notebooks_dir() -> Path:
     folder = project_root() / "notebooks"
     if not folder.is_dir():
-        raise SystemExit(f"No notebooks/ folder in {project_root()}: run this from a clone of the "
-                         "project, installed with `pip install -e .`.")
+        raise SystemExit(f"No notebooks/ folder in {project_root()}: run from a clone (pip install -e .).")
     return folder
 
 def notebook_parameters(path: Path) -> list[str]:
     """Its parameters cell's names (papermill.inspect_notebook skips a line holding two '=', as 11's)."""
-    cells = json.loads(Path(path).read_text()).get("cells", [])
-    source = next((c["source"] for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
-    return assigned_names("".join(source))
+    return assigned_names(lesson_source(path.stem, "parameters", path.parent))
 
 def notebook_takes(step: str) -> list[str]:
     return [*notebook_parameters(notebooks_dir() / f"{step}.ipynb"), *ACCEPTED_EVERYWHERE]

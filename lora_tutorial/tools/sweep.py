@@ -28,7 +28,7 @@ from .run import absolute_paths, notebook_takes, notebooks_dir, parse_value
 NOTEBOOK = "06_compare"
 RESULTS = ["lora_parameters", "lora_share_percent", "target_wrong_before", "target_wrong_after",
            "other_digits_accuracy_before", "other_digits_accuracy_after"]  # copied from results.json
-WHERE = list(Where.__dataclass_fields__)  # where and how long the configuration ran
+WHERE = list(Where.__dataclass_fields__)
 COLUMNS = ["name", "rank", "alpha", "seed", "target_digit", "finetune_steps", *RESULTS[:2],
            "accuracy_lora_on", "accuracy_lora_off", *RESULTS[2:4], "target_accuracy_before",
            "target_accuracy_after", *RESULTS[4:], "finetune_seconds", *WHERE, "status", "error"]
@@ -170,11 +170,9 @@ def sweep(configs: list[Config], out: Path, extra: dict[str, Any] | None = None,
         try:
             if progress:
                 print("The shared pre-trained network (02_pretrain): loading it, or training it once ...")
-            try:
-                where = engine.submit(prepare, out, extra).result()
-            except Exception as err:
+            if err := (pretraining := engine.submit(prepare, out, extra)).exception():
                 raise ShortError(engine.failure(err)) from None
-            if progress and where:
+            if progress and (where := pretraining.result()):
                 print(f"Pre-trained it in {where.seconds:.0f} s on {where.host} ({where.node[:8]}).")
             futures = {engine.submit(run_one, c, out, extra, slot=i): c for i, c in enumerate(todo)}
             with progress_bar(len(todo), "Sweep", progress) as bar:
@@ -204,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="default 1 2 4 8")
-    add("--alphas", type=float, nargs="+", help="alphas, each at every rank (default 1, as in the paper)")
-    add("--alpha-equals-rank", action="store_true", help="alpha = rank instead (alpha / r stays 1)")
+    alpha = parser.add_mutually_exclusive_group().add_argument
+    alpha("--alphas", type=float, nargs="+", help="alphas, each at every rank (default 1, as in the paper)")
+    alpha("--alpha-equals-rank", action="store_true", help="alpha = rank instead (alpha / r stays 1)")
     add("--digits", nargs="+", default=[WORST], type=lambda t: WORST if t.strip().lower() == WORST
         else parse_value(t), help="digits to fine-tune on, or 'worst' (the default)")
     add("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (pre-training's: -p seed)")
@@ -231,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         (on_ray and args.dry_run, "--dry-run prints commands for a scheduler: leave out --engine ray"),
         (not on_ray and given, f"{' '.join(given)}: only with --engine ray"),
         (jobs < 1, f"--jobs={jobs}: expected an integer >= 1"),
-        (args.alphas and args.alpha_equals_rank, "--alphas and --alpha-equals-rank: give one or the other"),
         (RESERVED & set(extra), f"-p {sorted(RESERVED & set(extra))}: set these with the sweep's options"),
         (set(extra) - takes, f"-p {sorted(set(extra) - takes)}: {NOTEBOOK} takes no such parameter; it takes "
          f"{sorted(takes - RESERVED)}")]:
