@@ -67,12 +67,9 @@ def figures(root: Path) -> dict[Path, bytes]:
 
 def render(text: str, results: dict[str, Any]) -> str:
     """The document with every generated block rewritten from 06_compare's results."""
-    def replace(match: re.Match) -> str:
-        if match.group("name") not in TABLES:
-            raise KeyError(f"A generated block {match.group('name')!r} that readme.py does not know.")
-        return f"{match.group(1)}{TABLES[match.group('name')](results)}\n{match.group(4)}"
-
-    return BLOCK.sub(replace, text)
+    if unknown := {match["name"] for match in BLOCK.finditer(text)} - set(TABLES):
+        raise KeyError(f"Generated blocks {sorted(unknown)} that readme.py does not know.")
+    return BLOCK.sub(lambda match: f"{match[1]}{TABLES[match['name']](results)}\n{match[4]}", text)
 
 def documents(root: Path) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]

@@ -119,7 +119,6 @@ def absolute_paths(parameters: dict[str, Any]) -> dict[str, Any]:
 def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -> dict | None:
     """Execute the notebooks into `out`; return the results JSON of 06_compare when it ran."""
     import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     shares = split_parameters(parameters := absolute_paths(parameters), steps)  # a name none takes fails here
     # bad values, a missing GPU, an unwritable or empty folder fail before any notebook (extras: in it)
@@ -139,7 +138,7 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
                     papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target), km=kernel,
                                                parameters=shares[step], cwd=str(source), progress_bar=False,
                                                kernel_name="python3", extra_arguments=KERNEL_ARGUMENTS)
-                except PapermillExecutionError as err:
+                except papermill.PapermillExecutionError as err:
                     print("failed.")
                     raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                                      f"The executed copy, with the error, is {shown_path(target)}.") from None
