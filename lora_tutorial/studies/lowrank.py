@@ -1,8 +1,6 @@
 """Notebook 08's study: full fine-tuning's update, its singular directions, LoRA's, and what each costs.
 Runs are DataFrames, one row per seed; columns `TENSORS` hold each layer's `Decomposition`, tensors."""
 
-from __future__ import annotations
-
 import copy
 import math
 import tempfile
@@ -25,11 +23,11 @@ from ..model import count_parameters, layer_shapes, linear_layers
 from ..pipeline import finetune_key, lora_model, train_on_target
 from ..settings import Settings, SettingsError, check_whole_numbers
 from ..train import cpu_speedups, make_adam, train
+from .rank_study import split_columns
 from .stats import best_and_ties, interleaved_seconds, spread
 
 MEASURES = ("target_wrong", "others_accuracy")  # fewer wrong answers on the digit; higher accuracy elsewhere
 TENSORS = ("pieces", "biases", "a_start", "a_end", "predictions")  # the columns JSON cannot hold
-
 
 def check_lora_ranks(name: str, values: object) -> list[int]:
     """Whole numbers >= 1, sorted; every layer able to hold the largest (Settings' check, layer by layer)."""
@@ -40,7 +38,6 @@ def check_lora_ranks(name: str, values: object) -> list[int]:
     except SettingsError as err:
         raise SettingsError(f"{name}={values!r} is not valid (LoRA here adapts every layer): {err}") from None
     return ranks
-
 
 def check_replay_share(settings: Settings, share: object) -> float:
     """Checked as `replay_share` is, and above 0 (else the second full run repeats the first)."""
@@ -53,7 +50,6 @@ def check_replay_share(settings: Settings, share: object) -> float:
                             "one again; give a share above 0, e.g. 0.3.")
     return float(share)
 
-
 def check_rates(name: str, values: object) -> list[float]:
     """Learning rates: a list of finite numbers above 0, returned sorted without repeats."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf  # noqa: E731
@@ -62,27 +58,22 @@ def check_rates(name: str, values: object) -> list[float]:
                             "e.g. [3e-5, 1e-4, 3e-4, 1e-3].")
     return sorted({float(v) for v in values})
 
-
 def fully_trainable(base: nn.Module) -> nn.Module:
     """A copy of `base` in which every weight and bias trains."""
     return copy.deepcopy(base).requires_grad_(True)
 
-
 def lora_at_rank(settings: Settings, base: nn.Module, rank: int) -> nn.Module:
     """LoRA at `rank` on every layer; alpha stays fixed, so alpha / r shrinks as r grows (as in 07)."""
     return lora_model(replace(settings, rank=rank, target_modules=None), base)
-
 
 def deltas(before: nn.Module, after: nn.Module, part: str = "weight") -> dict[str, torch.Tensor]:
     """after - before of each Linear layer's weight (for LoRA, W + scale B A) or bias."""
     old, new = linear_layers(before), linear_layers(after)
     return {name: (getattr(new[name], part) - getattr(old[name], part)).detach().cpu() for name in old}
 
-
 @dataclass
 class Decomposition:
     """A matrix's singular values (all, largest first, float64) and its top k directions (unit columns)."""
-
     values: torch.Tensor
     u: torch.Tensor  # (out, k)
     v: torch.Tensor  # (in, k)
@@ -94,12 +85,10 @@ class Decomposition:
             raise ValueError(f"rank={rank}: only the top {self.u.shape[1]} directions were kept.")
         return ((self.u[:, :rank] * self.values[:rank]) @ self.v[:, :rank].T).float()
 
-
 def decompose(matrix: torch.Tensor, keep: int) -> Decomposition:
     """All singular values, the top `keep` directions (an SVD: 0.5 s for 2000 x 1000, fast enough)."""
     u, s, vh = torch.linalg.svd(matrix.detach().cpu().double(), full_matrices=False)
     return Decomposition(s, u[:, :keep], vh[:keep].T)
-
 
 def decompose_lora(lora: LoRAParametrization) -> Decomposition:
     """scale * B @ A decomposed from its factors (QR of B and A^T, SVD of the r x r core), never built."""
@@ -107,7 +96,6 @@ def decompose_lora(lora: LoRAParametrization) -> Decomposition:
     qa, ra = torch.linalg.qr(lora.lora_A.detach().cpu().double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T * lora.scale)
     return Decomposition(s, qb @ u, qa @ vh.T)
-
 
 def energy_shares(values: torch.Tensor, ranks: Iterable[int]) -> list[float]:
     """The share of the energy (sum of squared singular values) in the top r, per r; 1 at full rank."""
@@ -119,18 +107,12 @@ def energy_shares(values: torch.Tensor, ranks: Iterable[int]) -> list[float]:
         return [1.0 for _ in ranks]  # a zero update: any rank holds all of it
     return [float(cumulative[min(r, len(values)) - 1] / cumulative[-1]) for r in ranks]
 
-
 def random_abs_cosine(d: int) -> float:
     """E|cos| of two random directions in d dimensions: Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))."""
-    if d < 1:
-        raise ValueError(f"d={d}: a direction needs at least one dimension.")
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
-
 
 def chance_of_abs_cosine(c: float, d: int, points: int = 200_001) -> float:
     """P(|cos| >= c) for a random direction in d dimensions: the angle's density, sin^(d-2), integrated."""
-    if d < 1:
-        raise ValueError(f"d={d}: a direction needs at least one dimension.")
     if d == 1:
         return 1.0  # the only directions are +-1
     theta = np.linspace(0.0, np.pi / 2, points)
@@ -138,7 +120,6 @@ def chance_of_abs_cosine(c: float, d: int, points: int = 200_001) -> float:
         density = np.exp((d - 2) * np.log(np.sin(theta))) if d > 2 else np.ones_like(theta)
     cumulative = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(theta))])
     return float(np.interp(np.arccos(min(abs(c), 1.0)), theta, cumulative) / cumulative[-1])
-
 
 def with_deltas(base: nn.Module, weights: dict, biases: dict | None = None) -> nn.Module:
     """A copy of `base` with W + delta W and, where given, b + delta b."""
@@ -150,10 +131,8 @@ def with_deltas(base: nn.Module, weights: dict, biases: dict | None = None) -> n
                 getattr(layers[name], part).add_(delta.to(getattr(layers[name], part)))
     return model
 
-
 def _tested(settings: Settings, model: nn.Module, data: Mnist) -> dict:
     return evaluate(model, data.test_images, data.test_labels).digit_summary(settings.target_digit)
-
 
 def cut_rows(settings: Settings, base: nn.Module, pieces: dict[str, Decomposition], data: Mnist,
              ranks: Sequence[int], biases: dict | None = None) -> pd.DataFrame:
@@ -161,11 +140,9 @@ def cut_rows(settings: Settings, base: nn.Module, pieces: dict[str, Decompositio
     cut = lambda r: with_deltas(base, {n: p.truncated(r) for n, p in pieces.items()}, biases)  # noqa: E731
     return pd.DataFrame([{"rank": r, **_tested(settings, cut(r), data)} for r in ranks]).set_index("rank")
 
-
 def cuts_at(rows: pd.DataFrame, rank: int) -> pd.DataFrame:
     """Each seed's results for delta W cut to `rank`."""
     return pd.concat([c.loc[[rank]] for c in rows["cuts"]], ignore_index=True).assign(seed=list(rows.seed))
-
 
 def full_runs(settings: Settings, data: Mnist, base: nn.Module, seeds: Sequence[int], ranks: Sequence[int],
               verbose: bool = False) -> pd.DataFrame:
@@ -182,7 +159,6 @@ def full_runs(settings: Settings, data: Mnist, base: nn.Module, seeds: Sequence[
                      **_tested(run, model, data), "biases": biases,
                      "cuts": cut_rows(run, base, pieces, data, ranks, biases)})
     return pd.DataFrame(rows)
-
 
 def lora_runs(settings: Settings, data: Mnist, base: nn.Module, rank: int, seeds: Sequence[int],
               verbose: bool = False) -> pd.DataFrame:
@@ -204,12 +180,10 @@ def lora_runs(settings: Settings, data: Mnist, base: nn.Module, rank: int, seeds
                      "a_start": start, "a_end": end, "predictions": predictions})
     return pd.DataFrame(rows)
 
-
 def compare(candidate: pd.DataFrame, reference: pd.DataFrame) -> pd.Series:
     """'better', 'worse' or 'tie' (`Spread.versus`) over the seeds, per measure in `MEASURES`."""
     return pd.Series({k: spread(candidate[k]).versus(spread(reference[k]), k != "target_wrong")
                       for k in MEASURES})
-
 
 def direction_agreement(lora_rows: pd.DataFrame, full_rows: pd.DataFrame) -> pd.DataFrame:
     """Per layer, side, seed: |cos| of LoRA's and the full top direction, E|cos| in d, a match's chance."""
@@ -222,7 +196,6 @@ def direction_agreement(lora_rows: pd.DataFrame, full_rows: pd.DataFrame) -> pd.
                              "random": random_abs_cosine(d), "chance": chance_of_abs_cosine(cos, d)})
     return pd.DataFrame(rows)
 
-
 def adam_state_bytes(model: nn.Module) -> int:
     """Bytes Adam keeps for the trainable parameters (two running averages each), measured."""
     shadows = [torch.zeros_like(p, requires_grad=True) for p in model.parameters() if p.requires_grad]
@@ -231,7 +204,6 @@ def adam_state_bytes(model: nn.Module) -> int:
     optimizer.step()
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                if torch.is_tensor(t))
-
 
 def saved_bytes(model: nn.Module, record: dict | None = None) -> int:
     """The size of the file kept beside the base, written for real (the adapter, or what trained)."""
@@ -243,7 +215,6 @@ def saved_bytes(model: nn.Module, record: dict | None = None) -> int:
             save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
                        if p.requires_grad}, str(path))
         return path.stat().st_size
-
 
 def step_times(models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                lr: float, steps: int = 20, warmup: int = 3) -> pd.DataFrame:
@@ -265,7 +236,6 @@ def step_times(models: dict[str, nn.Module], images: torch.Tensor, labels: torch
     return pd.DataFrame({f"{part}_ms": {name: 1e3 * times[name, part].mean for name in models}
                          for part in ("forward_backward", "adam")})
 
-
 def measure_costs(settings: Settings, data: Mnist, models: dict[str, nn.Module], steps: int = 20
                   ) -> pd.DataFrame:
     """Per way: numbers trained, Adam's and the file's bytes (rank 1's is 05's file), `step_times`."""
@@ -280,43 +250,33 @@ def measure_costs(settings: Settings, data: Mnist, models: dict[str, nn.Module],
     times = step_times(models, images, labels, settings.batch_size, settings.learning_rate, steps)
     return pd.DataFrame.from_dict(rows, orient="index").join(times)
 
-
 def rate_grid(settings: Settings, data: Mnist, base: nn.Module, rates: Sequence[float], seeds: Sequence[int],
               verbose: bool = False) -> pd.DataFrame:
-    """Every weight at each rate and seed, on the validation images: 07's score (the mean of the
-    digit's accuracy and the others'), its two parts."""
+    """Every weight at each rate and seed, on the validation images: 07's score and its two parts."""
     rows = []
     for lr in rates:
         for seed in seeds:
             run = replace(settings, finetune_seed=seed, finetune_learning_rate=lr)
             model = fully_trainable(base)
             train_on_target(run, data, model, desc=f"Every weight, rate {lr:g}, seed {seed}", verbose=verbose)
-            result, digit = evaluate(model, data.val_images, data.val_labels), run.target_digit
-            wrong, others = result.wrong_counts[digit], result.mean_accuracy_except(digit)
-            score = (1 - wrong / max(1, result.per_digit_totals()[digit]) + others) / 2
-            rows.append({"learning_rate": lr, "seed": seed, "validation_target_wrong": wrong,
-                         "validation_others_accuracy": others, "validation_score": score})
-    return pd.DataFrame(rows)
-
+            result = evaluate(model, data.val_images, data.val_labels)
+            rows.append({"learning_rate": lr, "seed": seed,
+                         **split_columns("validation", result, run.target_digit)})
+    return pd.DataFrame(rows).drop(columns=["validation_target_error_rate", "validation_accuracy"])
 
 @dataclass
 class Tuned:
     """The chosen rate, each rate's mean validation score, and whether the choice is at the grid's edge."""
-
     learning_rate: float
     means: dict[float, float]
     at_edge: bool
 
-
 def tune_rate(rows: pd.DataFrame) -> Tuned:
-    """The rate with the best mean validation score over the seeds (`best_and_ties`)."""
-    if len(rows) == 0:
-        raise ValueError("tune_rate needs the rows of at least one run.")
+    """The rate with the best mean validation score over the seeds (`best_and_ties`; no rows: refused)."""
     spreads = {float(lr): spread(g) for lr, g in rows.groupby("learning_rate")["validation_score"]}
     best, rates = best_and_ties(spreads, higher_is_better=True)[0], sorted(spreads)
     edge = len(rates) > 1 and best in (rates[0], rates[-1])  # a wider grid might do better
     return Tuned(best, {r: s.mean for r, s in spreads.items()}, edge)
-
 
 def image_subset(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> tuple:
     """The first `count` of a random order drawn from `seed`: fixed per seed and nested (10 within 50)."""
@@ -324,7 +284,6 @@ def image_subset(images: torch.Tensor, labels: torch.Tensor, count: int, seed: i
         raise ValueError(f"count={count}: expected from 1 to the {len(labels):,} images there are.")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count]
     return images[order.to(labels.device)], labels[order.to(labels.device)]
-
 
 def data_size_runs(settings: Settings, data: Mnist, base: nn.Module, counts: Sequence[int],
                    seeds: Sequence[int], full_rate: float, rank: int = 1, verbose: bool = False
