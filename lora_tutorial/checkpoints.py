@@ -56,8 +56,7 @@ def load_pretrained(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint written by save_pretrained, refusing one made with other settings."""
     shown, path = shown_path(path), Path(path)
     if not path.is_file():
-        raise CheckpointError(f"No checkpoint at {shown}: run 02_pretrain first (or let the "
-                              "notebook pre-train for you).")
+        raise CheckpointError(f"No checkpoint at {shown}: run 02_pretrain first.")
     try:
         found = (payload := torch.load(path, map_location="cpu", weights_only=True))["settings"]
     except Exception as err:  # truncated, corrupt or not ours
@@ -65,8 +64,7 @@ def load_pretrained(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
                               "Delete it and pre-train again.") from err
     if found != settings:
         raise CheckpointError(f"Checkpoint {shown} was made with other settings "
-                              f"({_differences(found, settings)}); it is not used. Delete it or change the "
-                              "settings back.")
+                              f"({_differences(found, settings)}): delete it or change the settings back.")
     return payload
 
 def base_fingerprint(model: nn.Module) -> str:

@@ -1,7 +1,5 @@
 """The device to run on, and one line that says what it is (an AMD GPU is "cuda" too: ROCm's torch)."""
 
-from __future__ import annotations
-
 import os
 import platform
 

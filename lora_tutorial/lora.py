@@ -2,6 +2,7 @@
 pre-trained model), and its helpers, named as PEFT and loralib name the same job."""
 
 import copy
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,9 +39,7 @@ class LoRAParametrization(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
-        return weight + (self.lora_B @ self.lora_A) * self.scale
+        return weight + self.delta_weight() if self.enabled else weight
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, enabled={self.enabled}"
@@ -66,13 +65,10 @@ class LessonHelpers:
                    "delta_weight": lambda m: lambda: (m.lora_B @ m.lora_A) * m.scale}
         return derived[name](self) if name in derived else super().__getattr__(name)
 
-_with_helpers: dict[type, type] = {}
-
+@functools.cache  # one class per `cls`
 def with_helpers(cls: type) -> type:
-    """`cls` with `LessonHelpers` added (one class per `cls`), the original kept as `lesson_class`."""
-    if cls not in _with_helpers:
-        _with_helpers[cls] = type(cls.__name__, (LessonHelpers, cls), {"lesson_class": cls})
-    return _with_helpers[cls]
+    """`cls` with `LessonHelpers` added, the original kept as `lesson_class`."""
+    return type(cls.__name__, (LessonHelpers, cls), {"lesson_class": cls})
 
 def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0, target_modules: Iterable[str] | None = None,
              init: str = "normal", rank_pattern: dict[str, int] | None = None,
@@ -113,8 +109,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRAParametrization]:
             if all(hasattr(p, k) for k in ("lora_A", "lora_B", "scale"))}
 
 def _require_lora(model: nn.Module) -> dict[str, LoRAParametrization]:
-    found = lora_modules(model)
-    if not found:
+    if not (found := lora_modules(model)):
         raise ValueError("This model has no LoRA layers: call add_lora(model, ...) first.")
     return found
 
@@ -148,9 +143,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 def lora_parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(parameters of the base model, parameters LoRA adds)."""
-    named = list(model.named_parameters())
-    return (sum(p.numel() for n, p in named if "lora_" not in n),
-            sum(p.numel() for n, p in named if "lora_" in n))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return count_parameters(model) - lora, lora
 
 def print_trainable_parameters(model: nn.Module) -> None:
     """PEFT's one-line summary: trainable, all, and the trainable share."""

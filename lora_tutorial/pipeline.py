@@ -125,8 +125,7 @@ def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop
         payload, model = load_pretrained(path, key), OversizedMLP().to(device)
         model.load_state_dict(payload["state_dict"])
         losses = payload["losses"]
-        training = (from_confusion(payload["training_confusion"]) if "training_confusion" in payload
-                    else evaluate(model, data.train_images, data.train_labels))
+        training = from_confusion(payload["training_confusion"])  # saved with every code-2 checkpoint
         if verbose:
             print(f"Loaded the pre-trained weights for these settings from {shown_path(path)}.")
     else:

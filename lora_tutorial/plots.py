@@ -114,8 +114,7 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
         key = ("rank" if r["alpha"] == r["rank"] != 1 else r["alpha"], r["target_digit"], r["finetune_steps"])
         series.setdefault(key, {}).setdefault(r["rank"], []).append(r)
     for (rule, digit, steps), by_rank in list(series.items()):  # rank 1 with alpha 1 is also alpha = r
-        shared = series.get((1.0, digit, steps), {})
-        if rule == "rank" and 1 in shared and 1 not in by_rank:
+        if rule == "rank" and 1 in (shared := series.get((1.0, digit, steps), {})):
             by_rank[1] = shared[1]
             if set(shared) == {1}:
                 del series[(1.0, digit, steps)]

@@ -1,8 +1,6 @@
 """Results a notebook publishes: `text` for the reader, `data` for the README's tables (tools/readme),
 so a re-run notebook and the README cannot disagree unnoticed."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Any

@@ -105,18 +105,15 @@ class Settings:
             if not (value is None and name in OPTIONAL) and not (_is_number(value) and 0 < value < math.inf):
                 raise _invalid(name, value, "expected a number > 0", fix)
         if self.pretrain_loop not in ("fast", "post"):
-            raise _invalid("pretrain_loop", self.pretrain_loop, "expected 'fast' (the tutorial's loop) or "
-                           "'post' (the post's own loop, for comparison)")
+            raise _invalid("pretrain_loop", self.pretrain_loop, "expected 'fast' or 'post' (the post's loop)")
         if self.target_rule not in (None, WORST) or (self.target_rule and self.target_digit == WORST):
-            raise _invalid("target_rule", self.target_rule, "it is set by choose_target once the target "
-                           "digit is known; leave it out")
+            raise _invalid("target_rule", self.target_rule, "it is set by choose_target; leave it out")
         if not (_is_number(share := self.replay_share) and 0 <= share < 1):
             raise _invalid("replay_share", share, "expected a number from 0 up to, not including, 1",
                            REPLAY_FIX)
         if share > 0 and not 1 <= (extra := replay_count(share, self.batch_size)) < self.batch_size:
             raise SettingsError(f"replay_share={share!r} puts {extra} of every {self.batch_size} images from "
-                                f"other digits (batch_size={self.batch_size}): choose a share that gives "
-                                f"between 1 and {self.batch_size - 1}, or 0 for none.")
+                                f"other digits: choose between 1 and {self.batch_size - 1}, or 0 for none.")
         parse_device(self.device)
         if not isinstance(self.download, bool):
             raise _invalid("download", self.download, "expected True or False")
@@ -137,8 +134,7 @@ class Settings:
                 others = [n for n in targets or shapes if n != name]
                 instead = f" or leave {name} out (target_modules={others})" if others else ""
                 raise SettingsError(f"rank={self.rank} is too large for layer {name} ({shapes[name][0]} x "
-                                    f"{shapes[name][1]} weight): a rank can be at most min(out, in) = "
-                                    f"{min(shapes[name])}. Use rank <= {min(shapes[name])}{instead}.")
+                                    f"{shapes[name][1]} weight): use rank <= {min(shapes[name])}{instead}.")
         object.__setattr__(self, "target_modules", targets)
 
     @classmethod
@@ -164,12 +160,21 @@ class Settings:
         names = [*injected, *(f.name for f in fields(cls) if f.name != "target_rule")]
         return cls.from_mapping({name: namespace[name] for name in names if name in namespace}, extra)
 
-    finetune_lr = property(lambda s: s.learning_rate if s.finetune_learning_rate is None
-                           else s.finetune_learning_rate)
-    lora_seed = property(lambda s: s.seed if s.finetune_seed is None else s.finetune_seed)
-    output_path = property(lambda s: Path(s.output_dir) if s.output_dir else project_root() / "outputs")
-    checkpoint_path = property(lambda s: Path(s.checkpoint_dir) if s.checkpoint_dir
-                               else s.output_path / "checkpoints")
+    @property
+    def finetune_lr(self) -> float:
+        return self.learning_rate if self.finetune_learning_rate is None else self.finetune_learning_rate
+
+    @property
+    def lora_seed(self) -> int:
+        return self.seed if self.finetune_seed is None else self.finetune_seed
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else project_root() / "outputs"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else self.output_path / "checkpoints"
 
     def pretrain_key(self) -> dict[str, Any]:
         """The settings that decide the pre-trained weights (not the device: docs/reproducibility.md)."""

@@ -73,7 +73,7 @@ def test_weights_from_other_settings_are_refused(small):
     other = Settings(**{**settings.as_dict(), "learning_rate": 0.01})
     pretrained_path(other, data).write_bytes(pre.path.read_bytes())  # a mislabelled file
     with pytest.raises(CheckpointError, match=r"was made with other settings \(learning_rate: file has "
-                                              r"0\.001, asked for 0\.01\); it is not used"):
+                                              r"0\.001, asked for 0\.01\): delete it"):
         pretrained_model(other, data, device, verbose=False)
 
 
