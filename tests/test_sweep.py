@@ -260,6 +260,7 @@ def test_ray_options_are_refused_where_they_do_not_belong(tmp_path, capsys, monk
         (["--engine", "ray", "--dry-run"], "--dry-run prints commands for a scheduler"),
         (["--address", "127.0.0.1:6379"], "--address: only with --engine ray"),
         (["--gpus-per-config", "1"], "--gpus-per-config: only with --engine ray"),
+        (["--alphas", "2", "--alpha-equals-rank"], "--alpha-equals-rank: not allowed with argument --alphas"),
     ]:
         with pytest.raises(SystemExit):
             main(["--ranks", "1", "--out", str(tmp_path), *args])
