@@ -10,7 +10,7 @@ import torch
 
 from lora_tutorial import OversizedMLP, Settings, SettingsError, add_lora, lora_modules
 from lora_tutorial.data import Mnist
-from lora_tutorial.pipeline import finetune_key, pretrained_model, setup
+from lora_tutorial.pipeline import finetune_key
 from lora_tutorial.studies.lowrank import (
     TENSORS,
     adam_state_bytes,
@@ -241,11 +241,10 @@ def test_the_cut_is_rank_r_delta_w_plus_the_whole_delta_b():
 
 # Real runs, tiny ----------------------------------------------------------------------------
 
-def test_full_and_lora_runs_on_small_settings(small_settings):
-    device, data = setup(small_settings, verbose=False)
-    base = pretrained_model(small_settings, data, device, verbose=False).model
+def test_full_and_lora_runs_on_small_settings(small):
+    settings, data, base = small
     data = replace(data, test_images=data.test_images[:2000], test_labels=data.test_labels[:2000])
-    settings = replace(small_settings, finetune_steps=10)
+    settings = replace(settings, finetune_steps=10)
     full = full_runs(settings, data, base, [0, 1], [1, 4])
     assert list(full.seed) == [0, 1] and (full.seconds > 0).all()
     assert (full.learning_rate == settings.finetune_lr).all()
@@ -302,11 +301,10 @@ def test_image_subsets_are_fixed_per_seed_and_nested():
         image_subset(images, labels, 101, seed=0)
 
 
-def test_rate_grid_and_data_sizes_on_small_settings(small_settings):
-    device, data = setup(small_settings, verbose=False)
-    base = pretrained_model(small_settings, data, device, verbose=False).model
+def test_rate_grid_and_data_sizes_on_small_settings(small):
+    settings, data, base = small
     data = replace(data, test_images=data.test_images[:1000], test_labels=data.test_labels[:1000])
-    settings = replace(small_settings, finetune_steps=5)
+    settings = replace(settings, finetune_steps=5)
     grid = rate_grid(settings, data, base, [1e-5, 1e-3], [0, 1])
     assert list(zip(grid.learning_rate, grid.seed, strict=True)) == [(1e-5, 0), (1e-5, 1), (1e-3, 0),
                                                                        (1e-3, 1)]
