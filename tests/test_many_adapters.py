@@ -6,8 +6,9 @@ import re
 
 import pytest
 import torch
+from test_forgetting import diagonal
 
-from lora_tutorial import Evaluation, lora_modules, pretrained_model, setup
+from lora_tutorial import Evaluation, lora_modules
 from lora_tutorial.data import fit_subset
 from lora_tutorial.settings import SettingsError
 from lora_tutorial.studies.many_adapters import (
@@ -25,16 +26,9 @@ from lora_tutorial.studies.many_adapters import (
 from lora_tutorial.studies.stats import spread
 
 
-def evaluation(wrong: list[int], per_digit: int = 100) -> Evaluation:
-    """An evaluation with `per_digit` images of each digit and `wrong[d]` of digit d answered 0 (or 1)."""
-    confusion = []
-    for d, w in enumerate(wrong):
-        row = [0] * 10
-        row[d] = per_digit - w
-        row[1 if d == 0 else 0] += w
-        confusion.append(row)
-    correct = sum(confusion[d][d] for d in range(10))
-    return Evaluation(correct / (10 * per_digit), correct, 10 * per_digit, list(wrong), confusion)
+def evaluation(wrong: list[int]) -> Evaluation:
+    """100 images of each digit, `wrong[d]` of digit d answered 0 (or 1): test_forgetting's `diagonal`."""
+    return diagonal([100 - w for w in wrong])
 
 
 def test_the_weakest_digits_come_from_the_training_errors_worst_first():
@@ -79,19 +73,18 @@ def test_fit_subset_and_the_other_digits_accuracy_take_several_digits(mnist):
     assert e.mean_accuracy_except(9) == pytest.approx((8 + 0.5) / 9)
 
 
-def test_the_union_adapter_trains_on_its_digits_and_is_reused(small_settings):
-    settings = dataclasses.replace(small_settings, finetune_steps=5)
-    device, data = setup(settings, verbose=False)
-    pre = pretrained_model(settings, data, device, verbose=False)
-    first = union_adapter(settings, data, pre.model, [9, 3])
+def test_the_union_adapter_trains_on_its_digits_and_is_reused(small):
+    settings, data, base = small
+    settings = dataclasses.replace(settings, finetune_steps=5)
+    first = union_adapter(settings, data, base, [9, 3])
     assert {n: m.rank for n, m in lora_modules(first).items()} == {"linear1": 2, "linear2": 2, "linear3": 2}
     assert any(m.lora_B.abs().sum() > 0 for m in lora_modules(first).values())  # it trained
     saved = list((settings.output_path / "adapters").glob("union-*.safetensors"))
     assert len(saved) == 1
-    again = union_adapter(settings, data, pre.model, [9, 3])  # loaded from that file
+    again = union_adapter(settings, data, base, [9, 3])  # loaded from that file
     for a, b in zip(lora_modules(first).values(), lora_modules(again).values(), strict=True):
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
-    union_adapter(settings, data, pre.model, [9, 2])  # other digits: another file
+    union_adapter(settings, data, base, [9, 2])  # other digits: another file
     assert len(list((settings.output_path / "adapters").glob("union-*.safetensors"))) == 2
 
 
