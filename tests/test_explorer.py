@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from lora_tutorial import finetuned_model, lora_state_dict
+from lora_tutorial import Settings, finetuned_model, load_adapter, lora_state_dict, read_adapter, save_adapter
 from lora_tutorial.data import split_images
 from lora_tutorial.evaluate import evaluate
 from lora_tutorial.settings import SettingsError
+from lora_tutorial.studies import explore
 from lora_tutorial.studies.explore import Explorer
 from lora_tutorial.studies.trial import Trial, check_scaling, report, run_trial, trial_of, trial_settings
 
@@ -24,8 +25,6 @@ from lora_tutorial.studies.trial import Trial, check_scaling, report, run_trial,
     ({"finetune_steps": 0}, ["finetune_steps=0", ">= 1"]),
 ])
 def test_a_bad_trial_is_refused_with_the_value_and_the_fix(changes, parts):
-    from lora_tutorial import Settings
-
     trial = dataclasses.replace(Trial(), **changes)
     with pytest.raises(SettingsError) as refused:
         trial_settings(Settings(target_digit=9), trial)
@@ -33,8 +32,6 @@ def test_a_bad_trial_is_refused_with_the_value_and_the_fix(changes, parts):
 
 
 def test_the_scaling_rule_decides_the_alpha_lora_is_built_with():
-    from lora_tutorial import Settings
-
     settings = Settings(target_digit=9)
     built = {rule: trial_settings(settings, Trial(rank=4, alpha=2.0, scaling=rule)).alpha
              for rule in ("alpha fixed", "alpha = r", "rsLoRA")}
@@ -78,8 +75,6 @@ def test_the_first_press_is_05s_run_and_judged_on_the_validation_images(small):
 
 
 def test_a_pressed_adapter_saves_with_its_settings_and_loads_back(small, tmp_path):
-    from lora_tutorial import load_adapter, read_adapter, save_adapter
-
     settings, data, base = small
     images = split_images(data, ("validation",))["validation"]
     trial = Trial(rank=2, scaling="rsLoRA", replay_share=0.3, finetune_steps=5, target_digit=3, seed=4)
@@ -123,8 +118,6 @@ def test_the_panel_refuses_a_bad_rank_trains_with_the_button_disabled_and_redraw
 
 
 def test_a_run_that_fails_is_a_message_in_the_panel_not_a_traceback(small, monkeypatch):
-    import lora_tutorial.studies.explore as explore
-
     settings, data, base = small
     explorer = Explorer(settings, data, base)
     first = explorer.fine_tune()

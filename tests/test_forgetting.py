@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from lora_tutorial import SettingsError, evaluate, merge_and_unload, separate_path
+from lora_tutorial import Settings, SettingsError, evaluate, merge_and_unload, separate_path
 from lora_tutorial.evaluate import from_confusion
 from lora_tutorial.pipeline import finetuned_model
 from lora_tutorial.studies.forgetting import (
@@ -165,7 +165,6 @@ def test_bad_remedies_and_seeds_fail_before_anything_trains(small, tmp_path):
 
 
 def test_the_notebook_parameters_are_checked_with_the_fix():
-    from lora_tutorial import Settings
     plain = Settings()
     assert check_remedies(plain, {"r": {"replay_share": 0.3}})["r"].replay_share == 0.3
     with pytest.raises(SettingsError, match=r"remedies=\[\] is not valid: expected a dict"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_forgetting import diagonal
 
-from lora_tutorial import Evaluation, lora_modules
+from lora_tutorial import Evaluation, Settings, lora_modules
 from lora_tutorial.data import fit_subset
 from lora_tutorial.settings import SettingsError
 from lora_tutorial.studies.many_adapters import (
@@ -53,8 +53,6 @@ def test_adapter_digits_and_repeats_accepted():
 
 
 def test_the_union_adapter_gets_what_the_single_ones_have_together():
-    from lora_tutorial import Settings
-
     union = union_settings(Settings(rank=2, alpha=1.5, finetune_steps=40), 3)
     assert (union.rank, union.alpha, union.batch_size, union.finetune_steps) == (6, 4.5, 30, 40)
     assert [adapter_seed(0, i) for i in range(3)] == [0, 1000, 2000] and adapter_seed(2, 1) == 1002

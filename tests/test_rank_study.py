@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lora_tutorial import LoRAParametrization, OversizedMLP, Settings
+from lora_tutorial import LoRAParametrization, OversizedMLP, Settings, lora_modules, pipeline, predict
 from lora_tutorial.data import Mnist
+from lora_tutorial.pipeline import lora_copy
 from lora_tutorial.settings import SettingsError
 from lora_tutorial.studies import rank_study as study
 
@@ -49,12 +50,8 @@ def fake_row(config, seed, validation, test, norm=1.0, learning_rate=1e-3):
 SEEDS = range(5)
 
 
-def scalings_configs(ranks):
-    return [study.Config(rule, r) for rule in study.SCALINGS for r in ranks]
-
-
 def test_the_summary_has_every_seed_and_the_spread_of_each_column():
-    configs = scalings_configs([1, 2])
+    configs = [study.Config(rule, r) for rule in study.SCALINGS for r in (1, 2)]
     runs = pd.DataFrame([fake_row(c, seed, (10 + seed + c.rank, 0.90), (20 - seed, 0.89), norm=seed + 1.0)
                          for c in {c.run_as() for c in configs} for seed in SEEDS])
     table = study.summary(runs, configs).set_index(["name", "measure"])
@@ -189,8 +186,6 @@ def id_coded_mnist(count: int = 600) -> Mnist:
 
 
 def test_fine_tuning_never_sees_the_validation_or_test_images(monkeypatch):
-    import lora_tutorial.pipeline as pipeline
-
     data = id_coded_mnist()
     trained, judged = [], {}
     real_train, real_judge = pipeline.train, study.Judge.__init__
@@ -229,10 +224,6 @@ def test_fine_tuning_never_sees_the_validation_or_test_images(monkeypatch):
 @pytest.mark.parametrize("targets", [None, ["linear2", "linear3"]])
 def test_the_judge_predicts_what_evaluate_predicts(targets):
     """The judge adds the first layer's low-rank term to a product computed once; same answers."""
-    from lora_tutorial.evaluate import predict
-    from lora_tutorial.lora import lora_modules
-    from lora_tutorial.pipeline import lora_copy
-
     torch.manual_seed(0)
     base = OversizedMLP()
     images = {"validation": (torch.randn(300, 28, 28), torch.arange(300) % 10),
