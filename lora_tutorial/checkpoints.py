@@ -53,7 +53,6 @@ def save_pretrained(path: Path, state_dict: Tensors, settings: dict[str, Any], e
                                                **extra}, tmp))
 
 def load_pretrained(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint written by save_pretrained, refusing one made with other settings."""
     shown, path = shown_path(path), Path(path)
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {shown}: run 02_pretrain first.")

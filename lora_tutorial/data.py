@@ -88,7 +88,6 @@ def validation_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask.to(labels.device)
 
 def split_images(data: Mnist, splits: Sequence[str] = SPLITS) -> dict[str, Pair]:
-    """The images and labels of each split asked for, taken out once."""
     if unknown := [s for s in splits if s not in SPLITS]:
         raise ValueError(f"splits={list(splits)}: unknown {unknown}; expected names from {list(SPLITS)}.")
     return {split: (data.val_images, data.val_labels) if split == "validation" else

@@ -59,7 +59,6 @@ def from_predictions(predicted: torch.Tensor, labels: torch.Tensor) -> Evaluatio
     return from_confusion(confusion.tolist())
 
 def from_confusion(confusion: list[list[int]]) -> Evaluation:
-    """Accuracy and wrong counts per digit, read off a confusion matrix [true][predicted]."""
     correct, total = sum(confusion[d][d] for d in range(10)), sum(map(sum, confusion))
     wrong = [sum(row) - row[d] for d, row in enumerate(confusion)]
     return Evaluation(correct / total, correct, total, wrong, confusion)

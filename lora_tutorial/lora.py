@@ -35,7 +35,6 @@ class LoRAParametrization(nn.Module):
         self.enabled = True
 
     def delta_weight(self) -> torch.Tensor:
-        """The low-rank update scale * B @ A, of the weight's shape (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -114,7 +113,6 @@ def _require_lora(model: nn.Module) -> dict[str, LoRAParametrization]:
     return found
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The frozen original W of a layer, whether or not it carries LoRA."""
     return layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else (
         layer.weight)
 
@@ -126,7 +124,6 @@ def mark_only_lora_as_trainable(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if "lora_" not in name]
 
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch every LoRA layer on (W + scale * B @ A) or off (W)."""
     for lora in _require_lora(model).values():
         lora.enabled = bool(enabled)
 
@@ -153,7 +150,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
           f"trainable%: {100 * trainable / total:.4f}")
 
 def describe_lora(model: nn.Module) -> str:
-    """One line per adapted layer: W, bias, A and B shapes."""
     return "\n".join(
         f"{name}: W {tuple(base_weight(layer).shape)} + bias {tuple(layer.bias.shape)} + lora_A "
         f"{tuple(lora.lora_A.shape)} + lora_B {tuple(lora.lora_B.shape)}"
@@ -165,7 +161,6 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, value in model.state_dict().items() if "lora_" not in key}
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter's tensors (A and B of each layer): what fine-tuning produced."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -189,8 +184,6 @@ class LoRALinear(nn.Module):
 
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
-        if not parametrize.is_parametrized(layer, "weight"):
-            raise ValueError("LoRALinear wraps a layer that add_lora has parametrized.")
         self.weight, self.bias = layer.parametrizations.weight.original, layer.bias
         self.lora = layer.parametrizations.weight[0]
 

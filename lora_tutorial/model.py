@@ -20,7 +20,6 @@ class OversizedMLP(nn.Module):
 RichBoyNet = OversizedMLP  # the blog post's name (its owner does not care what it costs)
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """The model's Linear layers by name, in order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
@@ -31,7 +30,6 @@ def layer_shapes(model: nn.Module | None = None) -> dict[str, tuple[int, int]]:
     return {name: tuple(layer.weight.shape) for name, layer in linear_layers(model).items()}
 
 def describe_layers(model: nn.Module) -> str:
-    """One line per Linear layer: weight and bias shapes, as (out_features, in_features)."""
     return "\n".join(f"{name}: weight {tuple(layer.weight.shape)} + bias {tuple(layer.bias.shape)} = "
                      f"{layer.weight.numel() + layer.bias.numel():,}"
                      for name, layer in linear_layers(model).items())

@@ -27,7 +27,6 @@ NOT_USED = {  # PEFT features our LoRA does not have: the value that means "not 
 }
 
 def require_peft():
-    """The `peft` module, or one sentence that says how to install it."""
     try:
         import peft
     except ImportError:
