@@ -17,21 +17,24 @@ def text_progress_bars():
     """Notebook kernels started inside this block (they inherit the environment) draw text bars."""
     return mock.patch.dict(os.environ, {PROGRESS_ENV: "text"})
 
-def progress_bar(total: int | None, desc: str, enabled: bool = True, iterable=None):
+def progress_bar(total: int, desc: str, enabled: bool = True):
     """tqdm.auto's bar (a widget in Jupyter when ipywidgets is there), else a text bar."""
     if os.environ.get(PROGRESS_ENV) == "text":
         from tqdm.std import tqdm
-        return tqdm(iterable, total=total, desc=desc, disable=not enabled, mininterval=5.0)
+        return tqdm(total=total, desc=desc, disable=not enabled, mininterval=5.0)
     try:
         import ipywidgets  # noqa: F401  (tqdm.auto warns without it; fall back quietly)
         from tqdm.auto import tqdm
     except ImportError:
         from tqdm.std import tqdm
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled)
+    return tqdm(total=total, desc=desc, disable=not enabled)
 
 def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
     """`iterable` with a progress bar (`progress_bar`'s kind), for loops written in a notebook."""
-    return progress_bar(total, desc, enabled, iterable)
+    with progress_bar(total if total is not None else len(iterable), desc, enabled) as bar:
+        for item in iterable:
+            yield item
+            bar.update(1)
 
 @contextmanager
 def cpu_speedups(device: torch.device | str) -> Iterator[None]:
