@@ -113,7 +113,8 @@ class Settings:
                            REPLAY_FIX)
         if share > 0 and not 1 <= (extra := replay_count(share, self.batch_size)) < self.batch_size:
             raise SettingsError(f"replay_share={share!r} puts {extra} of every {self.batch_size} images from "
-                                f"other digits: choose between 1 and {self.batch_size - 1}, or 0 for none.")
+                                f"other digits (batch_size={self.batch_size}): choose a share that gives "
+                                f"between 1 and {self.batch_size - 1}, or 0 for none.")
         parse_device(self.device)
         if not isinstance(self.download, bool):
             raise _invalid("download", self.download, "expected True or False")
@@ -134,7 +135,8 @@ class Settings:
                 others = [n for n in targets or shapes if n != name]
                 instead = f" or leave {name} out (target_modules={others})" if others else ""
                 raise SettingsError(f"rank={self.rank} is too large for layer {name} ({shapes[name][0]} x "
-                                    f"{shapes[name][1]} weight): use rank <= {min(shapes[name])}{instead}.")
+                                    f"{shapes[name][1]} weight): a rank can be at most min(out, in) = "
+                                    f"{min(shapes[name])}. Use rank <= {min(shapes[name])}{instead}.")
         object.__setattr__(self, "target_modules", targets)
 
     @classmethod
