@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Circle, FancyArrowPatch, Patch, Polygon, Rectangle
 
 from .plots import new_figure
+from .settings import is_number
 
 FROZEN, TRAINED, SIGNAL = "#b8c2cc", "#f5a442", "#dbe9f6"  # untouched weights, trained ones, vectors
 
@@ -13,7 +14,7 @@ def _shapes(o: int | None, i: int | None, r: int | None) -> dict[str, str]:
     """The drawing's labels: symbols, or one real layer's sizes (out, in, rank) with their counts."""
     if (o, i, r) == (None, None, None):
         return {"W": "out × in", "A": "r × in", "B": "out × r", "x": "in", "h": "out", "r": "r"}
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (o, i, r)):
+    if not all(is_number(v, whole=True) and v >= 1 for v in (o, i, r)):
         raise ValueError(f"out_features={o!r}, in_features={i!r}, rank={r!r}: "
                          "give all three as whole numbers >= 1, or none for the symbols.")
     if r > min(o, i):

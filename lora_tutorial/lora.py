@@ -166,16 +166,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold scale * B @ A into each weight, in place. Not on a deep copy: it shares the parametrized
     class, and removing it from one breaks both (a PyTorch limitation)."""
-    for name in _require_lora(model):
-        layer = model.get_submodule(name)
-        layer.parametrizations.weight[0].enabled = True
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    return model
+    set_adapter_enabled(model, True)
+    return unload(model, merge=True)
 
-def unload(model: nn.Module) -> nn.Module:
-    """Drop the parametrizations without merging: back to the base model, in place."""
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Drop the parametrizations, back to the base model, in place (`merge`: scale * B @ A folded into W)."""
     for name in _require_lora(model):
-        parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=False)
+        parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=merge)
     return model
 
 class LoRALinear(nn.Module):

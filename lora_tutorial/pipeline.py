@@ -172,15 +172,11 @@ def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
 
 def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
                     verbose: bool = True, on_step: Callable[[int, int], None] | None = None) -> list[float]:
-    """Train whatever in `model` is trainable on the target digit, as the settings say: the
-    steps, batch size, learning rate and fine-tuning seed, and `replay_share` of each batch drawn
-    from the other digits' images. Only the fit images are used, never the validation split.
-    `on_step` goes to `train` (the explorer's progress bar). Returns the losses."""
+    """Train what in `model` is trainable on the target digit's fit images (never the validation split) as
+    the settings say, `replay_share` of each batch from the other digits; returns the losses."""
     digit = settings.target_digit
-    images, labels = fit_subset(data, digit)  # the validation images are never fine-tuned on
-    replay = None
-    if settings.replay_share:
-        replay = fit_subset(data, digit, others=True)
+    images, labels = fit_subset(data, digit)
+    replay = fit_subset(data, digit, others=True) if settings.replay_share else None
     if desc is None:
         desc = f"Fine-tuning on digit {digit}" + (f" ({settings.replay_share:g} replay)" if replay else "")
     return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,

@@ -49,7 +49,7 @@ class SettingsError(ShortError, ValueError):
 def _invalid(name: str, value: Any, expected: str, hint: str | None = None) -> SettingsError:
     return SettingsError(f"{name}={value!r} is not valid: {expected}{f' ({hint})' if hint else ''}.")
 
-def _is_number(value: Any, whole: bool = False) -> bool:
+def is_number(value: Any, whole: bool = False) -> bool:
     return isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
 
 def parse_device(name: Any) -> str:
@@ -97,18 +97,18 @@ class Settings:
             value = getattr(self, name)
             if (value is None and name in OPTIONAL) or (name == "target_digit" and value == WORST):
                 continue
-            if not (_is_number(value, whole=True) and low <= value and (high is None or value <= high)):
+            if not (is_number(value, whole=True) and low <= value and (high is None or value <= high)):
                 span = f"between {low} and {high}" if high is not None else f">= {low}"
                 raise _invalid(name, value, f"expected an integer {span}", fix)
         for name, fix in POSITIVE.items():
             value = getattr(self, name)
-            if not (value is None and name in OPTIONAL) and not (_is_number(value) and 0 < value < math.inf):
+            if not (value is None and name in OPTIONAL) and not (is_number(value) and 0 < value < math.inf):
                 raise _invalid(name, value, "expected a number > 0", fix)
         if self.pretrain_loop not in ("fast", "post"):
             raise _invalid("pretrain_loop", self.pretrain_loop, "expected 'fast' or 'post' (the post's loop)")
         if self.target_rule not in (None, WORST) or (self.target_rule and self.target_digit == WORST):
             raise _invalid("target_rule", self.target_rule, "it is set by choose_target; leave it out")
-        if not (_is_number(share := self.replay_share) and 0 <= share < 1):
+        if not (is_number(share := self.replay_share) and 0 <= share < 1):
             raise _invalid("replay_share", share, "expected a number from 0 up to, not including, 1",
                            REPLAY_FIX)
         if share > 0 and not 1 <= (extra := replay_count(share, self.batch_size)) < self.batch_size:
@@ -204,7 +204,7 @@ class Settings:
 
 def check_whole_numbers(name: str, values: Any, example: str) -> list[int]:
     """A notebook's list of whole numbers >= 1 (ranks, batch sizes), checked before any work."""
-    if not (isinstance(values, (list, tuple)) and values and all(_is_number(v, 1) and v > 0 for v in values)):
+    if not (isinstance(values, (list, tuple)) and values and all(is_number(v, 1) and v > 0 for v in values)):
         hint = (f" (papermill's -p passes text: give a list with -y '{{{name}: [1, 4]}}')"
                 if isinstance(values, str) else "")
         raise _invalid(name, values, f"expected a list of whole numbers >= 1, e.g. {example}{hint}")

@@ -11,7 +11,7 @@ from ..data import SPLITS, Mnist, split_images
 from ..evaluate import Evaluation, evaluate
 from ..pipeline import adapter_path, finetuned_model
 from ..plots import new_figure
-from ..settings import Settings, SettingsError
+from ..settings import Settings, SettingsError, is_number
 from .stats import best_and_ties, check_seeds, spread
 
 REMEDY_SETTINGS = ("rank", "alpha", "target_modules", "finetune_steps", "replay_share")  # fine-tuning's
@@ -30,7 +30,7 @@ def check_remedies(settings: Settings, variants: object) -> dict[str, Settings]:
 def check_budgets(limit: object, budgets: object) -> tuple[float | None, list[float]]:
     """max_forgetting_points (None: break-even) and the sensitivity table's budgets: 0 to 100 points."""
     def points(value: object) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 100
+        return is_number(value) and 0 <= value <= 100
     if limit is not None and not points(limit):
         raise SettingsError(f"max_forgetting_points={limit!r} is not valid: expected None for the "
                             "break-even budget, or a number of percentage points from 0 to 100, e.g. 1.0.")

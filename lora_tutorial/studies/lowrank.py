@@ -4,7 +4,6 @@ Runs are DataFrames, one row per seed; columns `TENSORS` hold each layer's `Deco
 import copy
 import math
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,10 +20,10 @@ from ..evaluate import evaluate, from_predictions, predict
 from ..lora import LoRAParametrization, lora_modules, lora_rank, separate_path
 from ..model import count_parameters, layer_shapes, linear_layers
 from ..pipeline import finetune_key, lora_model, train_on_target
-from ..settings import Settings, SettingsError, check_whole_numbers
+from ..settings import Settings, SettingsError, check_whole_numbers, is_number
 from ..train import cpu_speedups, make_adam, train
 from .rank_study import split_columns
-from .stats import best_and_ties, interleaved_seconds, spread
+from .stats import best_and_ties, interleaved_seconds, spread, timed
 
 MEASURES = ("target_wrong", "others_accuracy")  # fewer wrong answers on the digit; higher accuracy elsewhere
 TENSORS = ("pieces", "biases", "a_start", "a_end", "predictions")  # the columns JSON cannot hold
@@ -52,8 +51,8 @@ def check_replay_share(settings: Settings, share: object) -> float:
 
 def check_rates(name: str, values: object) -> list[float]:
     """Learning rates: a list of finite numbers above 0, returned sorted without repeats."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf  # noqa: E731
-    if not (isinstance(values, (list, tuple)) and values and all(map(number, values))):
+    ok = isinstance(values, (list, tuple)) and all(is_number(v) and 0 < v < math.inf for v in values)
+    if not ok or not values:
         raise SettingsError(f"{name}={values!r} is not valid: expected a list of learning rates above 0, "
                             "e.g. [3e-5, 1e-4, 3e-4, 1e-3].")
     return sorted({float(v) for v in values})
@@ -150,9 +149,7 @@ def full_runs(settings: Settings, data: Mnist, base: nn.Module, seeds: Sequence[
     rows = []
     for seed in seeds:
         run, model = replace(settings, finetune_seed=seed), fully_trainable(base)
-        started = time.perf_counter()
-        train_on_target(run, data, model, f"Every weight, seed {seed}", verbose)
-        seconds = time.perf_counter() - started
+        seconds = timed(train_on_target, run, data, model, f"Every weight, seed {seed}", verbose)[1]
         pieces = {name: decompose(delta, max(ranks)) for name, delta in deltas(base, model).items()}
         biases = deltas(base, model, "bias")
         rows.append({"seed": seed, "learning_rate": run.finetune_lr, "seconds": seconds, "pieces": pieces,
@@ -168,9 +165,8 @@ def lora_runs(settings: Settings, data: Mnist, base: nn.Module, rank: int, seeds
         run = replace(settings, finetune_seed=seed)
         model = lora_at_rank(run, base, rank)
         start = {n: m.lora_A.detach().cpu().clone() for n, m in lora_modules(model).items()}
-        started = time.perf_counter()
-        train_on_target(run, data, separate_path(model), f"LoRA rank {rank}, seed {seed}", verbose)
-        seconds = time.perf_counter() - started
+        desc = f"LoRA rank {rank}, seed {seed}"
+        seconds = timed(train_on_target, run, data, separate_path(model), desc, verbose)[1]
         end = {n: m.lora_A.detach().cpu().clone() for n, m in lora_modules(model).items()}
         predictions = predict(model, data.test_images)
         rows.append({"seed": seed, "seconds": seconds,

@@ -13,7 +13,7 @@ from ..evaluate import Evaluation
 from ..lora import separate_path
 from ..pipeline import adapter_path, finetune_key, finetuned_model, lora_copy
 from ..plots import new_figure, seed_column
-from ..settings import Settings, SettingsError, fingerprint
+from ..settings import Settings, SettingsError, fingerprint, is_number
 from ..train import train
 from .forgetting import share_answering
 from .stats import check_repeats as check_repeats  # 09 and 10 import it from here
@@ -27,10 +27,10 @@ LOAD_NETWORK = "load a network file"
 
 def check_adapter_digits(value: object) -> int | list[int]:
     """How many weakest digits get an adapter (2 to 9: one is left to measure the cost), or a list."""
-    if isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 9:
+    if is_number(value, whole=True) and 2 <= value <= 9:
         return value
     if (isinstance(value, (list, tuple)) and 2 <= len(value) <= 9 and len(set(value)) == len(value)
-            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in value)):
+            and all(is_number(d, whole=True) and 0 <= d <= 9 for d in value)):
         return list(value)
     raise SettingsError(f"adapter_digits={value!r} is not valid: expected how many of the weakest digits get "
                         "an adapter (2 to 9, e.g. 3; the others measure what the adapters cost), or a list "
@@ -88,8 +88,7 @@ def summarize(rows: Sequence[dict], digits: Sequence[int]) -> pd.DataFrame:
 def verdicts(summaries: pd.DataFrame, digits: Sequence[int], comparisons: Sequence[tuple[str, str | None]]
              ) -> pd.DataFrame:
     """`Spread.versus` per (name, against, measure); a reference of None: each digit's own adapter."""
-    missing = sorted({n for pair in comparisons for n in pair if n is not None} - set(summaries.index))
-    if missing:
+    if missing := sorted({n for pair in comparisons for n in pair if n is not None} - set(summaries.index)):
         raise ValueError(f"verdicts: no summary named {missing}; the summaries are {list(summaries.index)}.")
     pairs = []
     for name, reference in comparisons:
@@ -104,8 +103,7 @@ def plot_combinations(rows: Sequence[dict], before: dict, digits: Sequence[int],
                       title: str = ""):
     """Per adapter (`labels`: name -> tick), a point per seed: wrong answers (symlog), others' accuracy."""
     names = list(labels)
-    missing = [n for n in names if not any(r["name"] == n for r in rows)]
-    if missing:
+    if missing := [n for n in names if not any(r["name"] == n for r in rows)]:
         raise ValueError(f"plot_combinations: no rows named {missing}.")
     fig, (left, right) = new_figure(1, 2, figsize=(12, 5.2))
     width = 0.26 if len(digits) > 1 else 0

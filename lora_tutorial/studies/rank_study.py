@@ -1,7 +1,6 @@
 """07's study: LoRA's rank, scaling rule and A's init; choices on validation, reports on test."""
 
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, astuple, dataclass, replace
@@ -12,13 +11,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data import SPLITS, Mnist, split_images
-from ..evaluate import Evaluation, evaluate, from_confusion
+from ..evaluate import Evaluation, evaluate, from_predictions
 from ..lora import base_weight, lora_modules, lora_parameter_counts, separate_path
 from ..model import OversizedMLP
 from ..pipeline import lora_copy, train_on_target
-from ..settings import Settings, SettingsError, check_whole_numbers
+from ..settings import Settings, SettingsError, check_whole_numbers, is_number
 from ..train import progress_bar
-from .stats import Spread, best_and_ties, spread
+from .stats import Spread, best_and_ties, spread, timed
 
 # Each rule, with the factor in front of B @ A it gives at rank r; at rank 1 all three are one run.
 SCALINGS = {"alpha fixed": "alpha / r", "alpha = r": "alpha", "rsLoRA": "alpha / sqrt(r)"}
@@ -69,8 +68,7 @@ def check_ranks(settings: Settings, ranks: object) -> list[int]:
 
 def check_learning_rates(values: object) -> list[float]:
     """A grid to tune on: at least two distinct numbers between 0 and 1, sorted."""
-    ok = isinstance(values, (list, tuple)) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values)
+    ok = isinstance(values, (list, tuple)) and all(is_number(v) and 0 < v < 1 for v in values)
     if not ok or len(set(values)) < 2:
         raise SettingsError(f"learning_rates={values!r} is not valid: expected a list of at least two "
                             "different numbers between 0 and 1, e.g. [3e-4, 1e-3, 3e-3].")
@@ -86,9 +84,8 @@ def fine_tune(run: Settings, data: Mnist, base: nn.Module, scaling: str, init: s
     """A fresh LoRA copy of `base` trained through the separate path: the model, losses, seconds."""
     model = lora_copy(base, run.lora_seed, target_modules=run.target_modules, init=init, rank=run.rank,
                       alpha=run.alpha, use_rslora=scaling == "rsLoRA")
-    started = time.perf_counter()
-    losses = train_on_target(run, data, separate_path(model), verbose=False, on_step=on_step)
-    return model, losses, time.perf_counter() - started
+    losses, seconds = timed(train_on_target, run, data, separate_path(model), verbose=False, on_step=on_step)
+    return model, losses, seconds
 
 def split_columns(split: str, result: Evaluation, digit: int) -> dict[str, float]:
     """"score": the mean of the target digit's accuracy and the other digits' mean accuracy."""
@@ -106,9 +103,7 @@ def measure(model: nn.Module, digit: int, images: dict[str, tuple[torch.Tensor, 
 class Judge:
     """`evaluate` up to float rounding, with the frozen W1 x + b1 computed once per image set."""
 
-    def __init__(self, base: nn.Module, images: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if not isinstance(base, OversizedMLP):
-            raise TypeError(f"Judge reads an OversizedMLP's layers; got {type(base).__name__}.")
+    def __init__(self, base: OversizedMLP, images: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         first = base.linear1
         with torch.inference_mode():
             flat = {split: (x.reshape(len(x), -1), y.cpu()) for split, (x, y) in images.items()}
@@ -123,12 +118,8 @@ class Judge:
             return model.linear3(torch.relu_(model.linear2(torch.relu_(hidden)))).argmax(dim=1).cpu()
 
     def measure(self, model: nn.Module, digit: int) -> dict:
-        row = {}
-        for split, (_, labels, _) in self.sets.items():
-            pairs = labels * 10 + self.predict(model, split)  # true digit, predicted digit
-            confusion = torch.bincount(pairs, minlength=100).reshape(10, 10).tolist()
-            row.update(split_columns(split, from_confusion(confusion), digit))
-        return row
+        return {k: v for split, (_, labels, _) in self.sets.items() for k, v in
+                split_columns(split, from_predictions(self.predict(model, split), labels), digit).items()}
 
 def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterable[Config],
               seeds: Sequence[int], splits: Sequence[str] = SPLITS, done: pd.DataFrame | None = None,

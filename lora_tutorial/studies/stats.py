@@ -6,9 +6,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..settings import SettingsError
+from ..settings import SettingsError, is_number
 
-K = TypeVar("K", bound=Hashable)
+K, T = TypeVar("K", bound=Hashable), TypeVar("T")
 
 @dataclass(frozen=True)
 class Spread:
@@ -59,21 +59,24 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int, wa
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
         for name, call in calls.items():
-            started = time.perf_counter()
-            call()
+            seconds = timed(call)[1]
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - started)
+                times[name].append(seconds)
     return {name: Spread(statistics.median(v), min(v), max(v), len(v)) for name, v in times.items()}
 
+def timed(fn: Callable[..., T], *args, **kwargs) -> tuple[T, float]:
+    """What fn(*args, **kwargs) returns, and the seconds it took."""
+    started = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - started
+
 def check_repeats(value: object, name: str = "switch_repeats") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not (is_number(value, whole=True) and value >= 1):
         raise SettingsError(f"{name}={value!r} is not valid: expected a whole number >= 1, e.g. 5.")
     return value
 
 def check_seeds(values: object, at_least: int = 1) -> list[int]:
     """A notebook's list of fine-tuning seeds: distinct whole numbers >= 0, checked before any work."""
-    ok = isinstance(values, (list, tuple)) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    ok = isinstance(values, (list, tuple)) and all(is_number(v, whole=True) and v >= 0 for v in values)
     if not ok or len(set(values)) != len(values) or len(values) < at_least:
         raise SettingsError(f"seeds={values!r} is not valid: expected a list of at least {at_least} "
                             f"distinct whole numbers >= 0, e.g. {list(range(max(at_least, 3)))}.")

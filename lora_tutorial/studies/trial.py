@@ -1,7 +1,6 @@
 """One fine-tuning run as 11's explorer makes it: knobs checked as parameters are, judged on validation."""
 
 import html
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ from ..evaluate import Evaluation, evaluate
 from ..lora import lora_parameter_counts
 from ..settings import Settings
 from .rank_study import check_scaling, fine_tune, run_settings, scale_of
-from .stats import spread
+from .stats import spread, timed
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,9 @@ def run_trial(settings: Settings, data: Mnist, base: nn.Module, trial: Trial, be
     """Fine-tune a LoRA copy of `base` as `trial` says (checked first); judge it on `images`."""
     run = trial_settings(settings, trial)
     model, losses, train_seconds = fine_tune(run, data, base, trial.scaling, on_step=on_step)
-    started = time.perf_counter()
-    after = evaluate(model, *images)
+    after, judge_seconds = timed(evaluate, model, *images)
     return TrialResult(trial, lora_parameter_counts(model)[1], losses, before, after, train_seconds,
-                       time.perf_counter() - started, model, {**run.as_dict(), "scaling": trial.scaling})
+                       judge_seconds, model, {**run.as_dict(), "scaling": trial.scaling})
 
 def report(result: TrialResult, html_table: bool = False) -> str:
     """The explorer's words for a run: its headline and numbers, as text or with an HTML table."""

@@ -11,7 +11,7 @@ from typing import Any
 from jupyter_core.utils import run_sync
 
 from ..checkpoints import atomic_write
-from ..lesson import lesson_source
+from ..lesson import lesson_source, notebooks_folder
 from ..pipeline import describe_target, preflight
 from ..settings import (
     ACCEPTED_EVERYWHERE,
@@ -43,8 +43,7 @@ def parse_value(text: str) -> Any:
         return text
 
 def notebooks_dir() -> Path:
-    folder = project_root() / "notebooks"
-    if not folder.is_dir():
+    if not (folder := notebooks_folder()).is_dir():
         raise SystemExit(f"No notebooks/ folder in {project_root()}: run from a clone (pip install -e .).")
     return folder
 
