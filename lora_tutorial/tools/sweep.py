@@ -103,8 +103,7 @@ def finished(config: Config, out: Path) -> dict | None:
     s = results.get("settings", {})
     digit = WORST if s.get("target_rule") == WORST else s.get("target_digit")  # as asked, not as decided
     seed = s.get("seed") if s.get("finetune_seed") is None else s.get("finetune_seed")
-    same = (s.get("rank"), s.get("alpha"), digit, seed, s.get("finetune_steps")) == (
-        config.rank, config.alpha, config.target_digit, config.seed, config.finetune_steps)
+    same = Config(s.get("rank"), s.get("alpha"), digit, seed, s.get("finetune_steps")) == config
     return results if same else None
 
 def check_same_parameters(configs: list[Config], out: Path, extra: dict[str, Any]) -> None:
