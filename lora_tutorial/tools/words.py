@@ -8,8 +8,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from ..settings import project_root
 
 POST_PATH = ("01", "02", "03", "04", "05", "06")  # the post's steps
@@ -65,9 +63,10 @@ def post_path_total(rows: list[Count]) -> int:
     return sum(r.words for r in rows if r.name[:2] in POST_PATH)
 
 def report(rows: list[Count]) -> str:
-    shown = [*rows, Count("01-06 together", post_path_total(rows), 0, BUDGET_POST_TOTAL, 0.0)]
-    table = pd.DataFrame(shown).assign(over=["OVER" if r.over else "" for r in shown])
-    return table.to_string(index=False, float_format="{:.1f}".format)
+    together = Count("01-06 together", post_path_total(rows), 0, BUDGET_POST_TOTAL, 0.0)
+    return "\n".join([f"{'document':28s} {'words':>6s} {'budget':>6s} {'sentences':>9s} {'mean':>5s}"] + [
+        f"{r.name:28s} {r.words:6,d} {r.budget:6,d} {r.sentences:9d} {r.mean_sentence:5.1f}"
+        + ("  OVER" if r.over else "") for r in [*rows, together]])
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
