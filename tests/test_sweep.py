@@ -15,7 +15,7 @@ import pytest
 from raycluster import LocalRayCluster, free_port
 
 from lora_tutorial import OversizedMLP, linear_layers
-from lora_tutorial.settings import SettingsError
+from lora_tutorial.settings import Settings, SettingsError
 from lora_tutorial.tools import sweep as sweep_module
 from lora_tutorial.tools.engines import GRACE_SECONDS, Place, run_process
 from lora_tutorial.tools.sweep import COLUMNS, Config, configurations, finished, main, sweep
@@ -142,8 +142,21 @@ def test_a_second_run_reruns_nothing(swept, monkeypatch):
     assert sweep(configs, out, SMALL, progress=False).equals(table)
 
 
-def test_a_folder_of_runs_with_other_parameters_is_refused_before_anything_runs(swept, monkeypatch, capsys):
-    out, configs, _ = swept
+@pytest.fixture
+def recorded(tmp_path):
+    """A folder as `swept` leaves it, as far as the refusal reads it: each run's results.json settings (a
+    quick test; `test_a_second_run_reruns_nothing` checks that real runs' files pass the same check)."""
+    configs = configurations([1, 4], None, False, [9], [0], [10], SMALL)
+    for config in configs:
+        (folder := tmp_path / config.name).mkdir()
+        settings = Settings.from_mapping(config.parameters(tmp_path, SMALL)).as_dict()
+        (folder / "results.json").write_text(json.dumps({"settings": settings}))
+    return tmp_path, configs
+
+
+def test_a_folder_of_runs_with_other_parameters_is_refused_before_anything_runs(recorded, monkeypatch,
+                                                                                capsys):
+    out, configs = recorded
     before = {c.name: (out / c.name / "results.json").read_bytes() for c in configs}
     monkeypatch.setattr(sweep_module, "run_one", lambda *a: pytest.fail("a configuration was run"))
     monkeypatch.setattr(sweep_module, "prepare", lambda *a: pytest.fail("pre-trained"))
