@@ -279,7 +279,7 @@ def test_forgetting_in_small_settings(quick_run, tmp_path):
                   "seeds": [0, 1, 2, 3, 4], "latency_batches": [500, 100], "latency_repeats": 1}
     executed = execute("09_forgetting", tmp_path, parameters)
     report = json.loads((root / "out" / "forgetting.json").read_text())
-    names = ["plain (05)", "replay 0", "replay 0.3"]
+    names = ["plain", "replay 0", "replay 0.3"]
     assert [(r["name"], r["seed"]) for r in report["rows"]] == [(n, s) for n in names for s in range(5)]
     digit = results["target_digit"]
     for row in report["rows"]:
