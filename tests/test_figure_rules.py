@@ -1,9 +1,6 @@
-"""Every figure the notebooks show follows the same rules (quick: sample inputs, no training).
-
-A title; both axes labelled (units where there are any); a legend where several series share an
-axes; a bar chart's value axis starting at zero, or a title that says plainly where it is cut; an
-opaque background, so that the figure reads in JupyterLab's dark theme as in its light one.
-"""
+"""Every figure the package draws follows the figure rules (figure_rules.py; quick: sample inputs, no
+training). The figures 07-11 draw in their cells are checked as the small-settings runs show them
+(figure_check.py, tests/test_notebooks.py)."""
 
 import matplotlib
 
@@ -12,43 +9,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
+from figure_rules import figure_problems  # noqa: E402
 
 from lora_tutorial import diagrams, plots  # noqa: E402
-
-CUT = ("axis starts at", "axis is cut", "cut at", "starts at")
-
-
-def figure_problems(fig: plt.Figure) -> list[str]:
-    """What breaks the rules in `fig`, one line per problem (empty: none)."""
-    problems = []
-    face = fig.patch.get_facecolor()
-    if face[3] < 1:
-        problems.append(f"transparent background {face}")
-    suptitle = fig._suptitle.get_text() if fig._suptitle else ""
-    legends = [a.get_legend() for a in fig.axes if a.get_legend()] + list(fig.legends)
-    explained = {t.get_text() for legend in legends for t in legend.get_texts()}  # one legend may serve all
-    for index, ax in enumerate(fig.axes):
-        if not ax.axison or ax.get_label() == "<colorbar>":
-            continue
-        where = f"axes {index} ({ax.get_title() or suptitle!r})"
-        title = ax.get_title() or suptitle
-        if not title:
-            problems.append(f"{where}: no title")
-        if not ax.get_xlabel() or not ax.get_ylabel():
-            problems.append(f"{where}: an axis without a label")
-        named = {h.get_label() for h in ax.get_lines() + ax.collections + ax.containers + ax.patches
-                 if not h.get_label().startswith("_")}
-        if len(named) > 1 and not named <= explained:
-            problems.append(f"{where}: {len(named)} series and no legend")
-        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-        if bars and not isinstance(bars[0], ErrorbarContainer):
-            horizontal = bars[0].orientation == "horizontal"
-            low = ax.get_xlim()[0] if horizontal else ax.get_ylim()[0]
-            scale = ax.get_xscale() if horizontal else ax.get_yscale()
-            if scale == "linear" and low != 0 and not any(word in title.lower() for word in CUT):
-                problems.append(f"{where}: a bar axis starting at {low:g} without saying so in the title")
-    return problems
 
 
 @pytest.fixture(autouse=True)

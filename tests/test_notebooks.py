@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from figure_check import execute as execute_checking_figures
 
 from lora_tutorial.tools.run import STEPS, check_trends, main, run, summary
 
@@ -208,14 +209,11 @@ def test_an_old_results_file_is_never_reported_as_this_runs(tmp_path, monkeypatc
 
 
 def execute(name, out, parameters):
-    """One notebook through papermill, as docs/papermill.md's command line does; returns the output copy."""
-    import papermill
-
+    """One notebook through papermill, its figures checked (figure_check.py); returns the output copy."""
     from lora_tutorial.tools.run import notebooks_dir
 
     target = out / f"{name}.ipynb"
-    papermill.execute_notebook(str(notebooks_dir() / f"{name}.ipynb"), str(target), parameters=parameters,
-                               cwd=str(notebooks_dir()), kernel_name="python3", progress_bar=False)
+    execute_checking_figures(notebooks_dir() / f"{name}.ipynb", target, parameters, notebooks_dir())
     assert errors_in(target) == []
     return target
 

@@ -289,7 +289,7 @@ def test_run_study_reuses_what_it_has_and_runs_each_learning_rate(monkeypatch):
 def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints):
     """07 on 2,000 training images, 10 steps, ranks 1 and 2, five seeds, two learning rates: it runs
     and writes its JSON."""
-    import papermill
+    from figure_check import execute
 
     from lora_tutorial.tools.run import notebooks_dir
 
@@ -298,9 +298,7 @@ def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints):
                   "learning_rates": [1e-3, 3e-3], "output_dir": str(out),
                   "checkpoint_dir": shared_checkpoints}
     executed = tmp_path / "07_rank_sweep.ipynb"
-    papermill.execute_notebook(str(notebooks_dir() / "07_rank_sweep.ipynb"), str(executed),
-                               parameters=parameters, cwd=str(notebooks_dir()), kernel_name="python3",
-                               progress_bar=False)
+    execute(notebooks_dir() / "07_rank_sweep.ipynb", executed, parameters, notebooks_dir())  # figures checked
     nb = nbformat.read(executed, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     report = json.loads((out / "rank_study.json").read_text())
