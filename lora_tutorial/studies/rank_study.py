@@ -118,8 +118,10 @@ class Judge:
             return model.linear3(torch.relu_(model.linear2(torch.relu_(hidden)))).argmax(dim=1).cpu()
 
     def measure(self, model: nn.Module, digit: int) -> dict:
-        return {k: v for split, (_, labels, _) in self.sets.items() for k, v in
-                split_columns(split, from_predictions(self.predict(model, split), labels), digit).items()}
+        row = {}
+        for split, (_, labels, _) in self.sets.items():
+            row.update(split_columns(split, from_predictions(self.predict(model, split), labels), digit))
+        return row
 
 def run_study(settings: Settings, data: Mnist, base: nn.Module, configs: Iterable[Config],
               seeds: Sequence[int], splits: Sequence[str] = SPLITS, done: pd.DataFrame | None = None,

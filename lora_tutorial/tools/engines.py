@@ -114,7 +114,8 @@ class RayEngine:
             (self.gpus is not None and (self.gpus < 0 or (self.gpus > 1 and self.gpus != int(self.gpus))),
              f"--gpus-per-config={self.gpus or 0:g}: give 0, a fraction up to 1, or a whole number of GPUs."),
             (rocr and not os.environ.get("HIP_VISIBLE_DEVICES"), f"ROCR_VISIBLE_DEVICES={rocr} is set, which "
-             "Ray refuses: export HIP_VISIBLE_DEVICES=$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES."),
+             "Ray refuses: export HIP_VISIBLE_DEVICES=$ROCR_VISIBLE_DEVICES; unset ROCR_VISIBLE_DEVICES, "
+             "here and before `ray start` on every node."),
             (address not in ("", "auto") and (not host or not port.isdigit()), f"--address {address!r}: "
              "expected HOST:PORT, e.g. 10.0.0.1:6379, as `ray start --head` prints it.")]:
             if wrong:

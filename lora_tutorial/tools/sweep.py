@@ -50,9 +50,9 @@ class Config:
                 f"_steps{self.finetune_steps}")
 
     def parameters(self, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-        return {**extra, **pretrain_parameters(out, extra), "rank": self.rank, "alpha": self.alpha,
-                "target_digit": self.target_digit, "finetune_seed": self.seed,
-                "finetune_steps": self.finetune_steps, "output_dir": str(out / self.name)}
+        return {**extra, "rank": self.rank, "alpha": self.alpha, "target_digit": self.target_digit,
+                "finetune_seed": self.seed, "finetune_steps": self.finetune_steps,
+                "output_dir": str(out / self.name), "checkpoint_dir": checkpoint_dir(out, extra)}
 
 def row(config: Config, results: dict | None = None, where: Where | None = None, error: str = "") -> dict:
     """The table's row (a record of COLUMNS): done with results, else failed with `error`."""
@@ -68,9 +68,12 @@ def row(config: Config, results: dict | None = None, where: Where | None = None,
                       finetune_seconds=results.get("finetune_seconds"))
     return record
 
-def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:  # one checkpoint folder for all
+def checkpoint_dir(out: Path, extra: dict[str, Any]) -> str:  # one checkpoint folder for all
+    return str(extra.get("checkpoint_dir") or out / "checkpoints")
+
+def pretrain_parameters(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in extra.items() if k in notebook_takes("02_pretrain")}, "output_dir": str(out),
-            "checkpoint_dir": str(extra.get("checkpoint_dir") or out / "checkpoints")}
+            "checkpoint_dir": checkpoint_dir(out, extra)}
 
 def configurations(ranks: list[int], alphas: list[float] | None, alpha_equals_rank: bool,
                    digits: list[int | str], seeds: list[int], steps: list[int],
