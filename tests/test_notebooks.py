@@ -377,3 +377,44 @@ def test_explorer_in_small_settings(quick_run, tmp_path):
     text = text_of(executed)
     assert "Same knobs, 5 seeds: wrong on" in text and "Seed 0 is the press above" in text
     assert re.search(r"The first press gave 05's adapter: 6 tensors of A and B, within \S+ of it\.", text)
+
+
+@pytest.mark.slow
+def test_lora_family_in_small_settings(quick_run, tmp_path):
+    """12 on 2,000 images and 30 steps, one tuning seed and one coarse rate: every variant agrees with
+    PEFT's to float rounding, every method gets the same tuning budget, and the tables have their rows."""
+    root, results = quick_run
+    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
+                  "tuning_seeds": [0], "coarse_rates": [1e-3], "vera_rank": 8, "curve_ranks": [1, 2],
+                  "curve_steps": 5, "peft_steps": 5}
+    executed = execute("12_lora_family", tmp_path, parameters)
+    report = json.loads((root / "out" / "lora_family.json").read_text())
+    methods = ["every weight", "LoRA", "LoRA+", "DoRA", "PiSSA", "VeRA"]
+    assert report["methods"] == methods
+    trained = report["trained"]
+    assert list(trained) == methods and trained["LoRA"] == results["lora_parameters"] == trained["LoRA+"]
+    assert trained["DoRA"] == trained["LoRA"] + 3_010  # one length per output row: 1,000 + 2,000 + 10
+    assert trained["VeRA"] == 3 * 8 + 3_010 and trained["every weight"] == 2_807_010
+    checked = {row["method"]: row for row in report["peft_check"]}
+    assert list(checked) == methods[1:]
+    for method, row in checked.items():
+        assert row["trained (ours)"] == row["trained (PEFT)"], method
+        for key in ("logit gap at step 0", "logit gap after 5 steps"):
+            assert row[key] <= 1e-5 * row["largest logit"], (method, key, row)  # float rounding only
+    tried = report["tried"]
+    budget = {m: sorted((r["learning_rate"], r["seed"]) for r in tried if r["method"] == m) for m in methods}
+    assert all(len(b) == 2 for b in budget.values())  # the coarse rate and one more, seed 0
+    for method, rate in report["chosen_rates"].items():
+        scores = {r["learning_rate"]: r["validation_score"] for r in tried if r["method"] == method}
+        assert scores[rate] == max(scores.values())  # chosen on the validation images
+    for table in ("tuned", "naive"):
+        rows = [(r["method"], r["seed"]) for r in report[table]]
+        assert rows == [(m, s) for m in methods for s in range(5)]
+    assert {r["learning_rate"] for r in report["naive"]} == {1e-3}
+    assert [r["learning_rate"] for r in report["tuned"][::5]] == [report["chosen_rates"][m] for m in methods]
+    best = report["chosen_rates"]  # one tuning seed: its best rates are the chosen ones
+    assert report["rate_ratio_per_seed"] == [pytest.approx(best["LoRA"] / best["every weight"])]
+    nb = nbformat.read(executed, as_version=4)
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "image/png" in o.get("data", {})]
+    assert len(figures) == 2  # the comparison, and the loss curves

@@ -12,6 +12,7 @@ from lora_tutorial.tools import readme
 from lora_tutorial.tools.readme import (
     BLOCK,
     FIGURES,
+    block_data,
     documents,
     figures,
     main,
@@ -27,9 +28,11 @@ def test_the_readme_tables_match_the_committed_notebooks(capsys):
 def test_a_number_edited_by_hand_in_a_table_is_caught():
     root = project_root()
     readme = (root / "README.md").read_text()
-    found = published(root / "notebooks" / "06_compare.ipynb")["results"]
+    found = block_data(root)
+    assert found["results"] == published(root / "notebooks" / "06_compare.ipynb")["results"]
+    assert found["lora-family"] == published(root / "notebooks" / "12_lora_family.ipynb")["lora_family"]
     blocks = {m.group("name") for m in BLOCK.finditer(readme)}
-    assert blocks == {"results"}
+    assert blocks == {"results", "lora-family"}
     assert {m.group("name") for m in BLOCK.finditer((root / "docs" / "running.md").read_text())} == {
         "run-summary"}
     edited = readme.replace("| pre-trained accuracy | 0.951 | ", "| pre-trained accuracy | 0.951 | 9", 1)

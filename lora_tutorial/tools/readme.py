@@ -1,5 +1,5 @@
 """`python -m lora_tutorial.tools.readme`: README.md's and docs/'s generated blocks (BLOCK) rewritten
-from 06_compare's published results, FIGURES copied from the notebooks. `--check` only compares."""
+from the results the notebooks publish (TABLES), FIGURES copied from them. `--check` only compares."""
 
 import argparse
 import base64
@@ -12,6 +12,7 @@ from typing import Any
 from ..checkpoints import atomic_write
 from ..report import published
 from ..settings import project_root
+from ..studies.stats import spread
 from .run import summary
 
 BLOCK = re.compile(r"(<!-- begin generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)"
@@ -51,7 +52,33 @@ def run_summary(r: dict[str, Any]) -> str:
     data = {**r["data"], "location": shown_location(r["data"]["location"], project_root())}
     return f"```\n{summary({**r, 'data': data})}\n```"
 
-TABLES = {"results": results_table, "run-summary": run_summary}  # each from 06_compare's results
+def family_table(r: dict[str, Any]) -> str:
+    """12_lora_family's methods at their tuned rates, on the test images, with the rule it tested."""
+    digit, rates = r["settings"]["target_digit"], r["chosen_rates"]
+    lines = [f"| method | numbers trained | tuned rate | digit {digit} wrong | other digits % |",
+             "|---|---|---|---|---|"]
+    for method in r["methods"]:
+        runs = [row for row in r["tuned"] if row["method"] == method]
+        wrong = spread([x["target_wrong"] for x in runs])
+        others = spread([x["others_accuracy"] for x in runs])
+        lines.append(f"| {method} | {r['trained'][method]:,} | {rates[method]:.2g} | {wrong.text(1)} | "
+                     f"{others.text(1, 100)} |")
+    ratios = ", ".join(f"{x:.3g}" for x in r["rate_ratio_per_seed"])
+    gap = max(row[k] for row in r["peft_check"] for k in row if k.startswith("logit gap"))
+    return "\n".join([*lines, "", f"Mean (min-max) of {len(r['seeds'])} seeds; rates tuned on the validation "
+                      f"images.", f"LoRA's best rate over full fine-tuning's, per tuning seed: {ratios}.",
+                      f"Largest logit gap to PEFT's version of each method: {gap:.1e}."])
+
+# Each block: the notebook, the name of the result it publishes, and what writes the block from it.
+TABLES = {"results": ("06_compare", "results", results_table),
+          "run-summary": ("06_compare", "results", run_summary),
+          "lora-family": ("12_lora_family", "lora_family", family_table)}
+
+def block_data(root: Path) -> dict[str, dict[str, Any]]:
+    """Each block's data, as its committed notebook published it."""
+    found = {notebook: published(root / "notebooks" / f"{notebook}.ipynb")
+             for notebook, _, _ in TABLES.values()}
+    return {block: found[notebook][name] for block, (notebook, name, _) in TABLES.items()}
 
 def notebook_figure(path: Path, tag: str) -> bytes:
     """The first PNG that the cell tagged `tag` shows in a committed notebook."""
@@ -65,11 +92,13 @@ def figures(root: Path) -> dict[Path, bytes]:
     return {root / name: notebook_figure(root / "notebooks" / f"{notebook}.ipynb", tag)
             for name, (notebook, tag) in FIGURES.items()}
 
-def render(text: str, results: dict[str, Any]) -> str:
-    """The document with every generated block rewritten from 06_compare's results."""
+def render(text: str, data: dict[str, dict[str, Any]]) -> str:
+    """The document with every generated block rewritten from its data (`block_data`)."""
     if unknown := {match["name"] for match in BLOCK.finditer(text)} - set(TABLES):
         raise KeyError(f"Generated blocks {sorted(unknown)} that readme.py does not know.")
-    return BLOCK.sub(lambda match: f"{match[1]}{TABLES[match['name']](results)}\n{match[4]}", text)
+    def block(match: re.Match) -> str:
+        return f"{match[1]}{TABLES[match['name']][2](data[match['name']])}\n{match[4]}"
+    return BLOCK.sub(block, text)
 
 def documents(root: Path) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
@@ -79,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 when a block differs")
     check, root = parser.parse_args(argv).check, project_root()
-    results = published(root / "notebooks" / "06_compare.ipynb")["results"]
-    texts = {path: path.read_text() for path in documents(root)}
-    changed = {path: new for path, text in texts.items() if (new := render(text, results)) != text}
+    data, texts = block_data(root), {path: path.read_text() for path in documents(root)}
+    changed = {path: new for path, text in texts.items() if (new := render(text, data)) != text}
     pictures = figures(root)
     stale = [p.relative_to(root).as_posix() for p in changed]
     stale += [p.name for p, png in pictures.items() if not p.is_file() or p.read_bytes() != png]

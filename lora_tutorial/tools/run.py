@@ -25,7 +25,8 @@ from ..settings import (
 from ..train import text_progress_bars
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
-BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting", "10_peft_and_many_adapters", "11_explorer")
+BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting", "10_peft_and_many_adapters", "11_explorer",
+          "12_lora_family")
 ACCURACY_BAR = {"mnist": 0.94, "sample": 0.85}  # the post's 0.95 less a margin; the sample reaches 0.90
 TRENDS = ("pre-trained accuracy >= 0.94 (0.85 on the offline sample)",
           "wrong answers on the target digit fall by >= 70 %",
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--out", type=Path, default=project_root() / "outputs" / "run", help="default: outputs/run")
     add("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
         help="a notebook parameter, e.g. -p rank 4")
-    add("--only", nargs="+", choices=STEPS + BEYOND, help="these notebooks only (07-11 run only if named)")
+    add("--only", nargs="+", choices=STEPS + BEYOND, help="these notebooks only (07-12 run only if named)")
     add("--check", action="store_true", help="exit 1 unless: " + "; ".join(TRENDS).replace("%", "%%"))
     args = parser.parse_args(argv)
     if args.check and args.only and "06_compare" not in args.only:
