@@ -5,18 +5,23 @@ Here, not in tests/, because pytest loads a conftest.py only beside or above wha
 a run of notebooks/ alone must get the same rules:
 
 - which MNIST the kernels and tests read ($LORA_TUTORIAL_DATA; LORA_TUTORIAL_OFFLINE=1 hides it);
-- with pytest-xdist (`-n 2` in pyproject.toml), the committed notebooks run together, in order, in
-  one process (a notebook's cells share one kernel, and 02_pretrain trains the network the later
-  ones load), and each test file runs whole in one process. xdist's own `xdist_group` marks
-  cannot do this on every pytest: from pytest 9.2 the group no longer reaches xdist's scheduler.
-  So the scheduler is ours, and a notebook cell whose earlier cells ran in another process fails
-  with the fix, rather than with a NameError deep in the notebook;
+- with pytest-xdist (`-n 2` in pyproject.toml), each notebook runs whole in one process (its cells
+  share one kernel), and each test file too. The committed notebooks run together, in order, in one
+  process (02_pretrain trains the network the later ones load, 05 the adapter), except the studies
+  that need only 02's network (ALONE): each is a unit of its own that another process can take, and
+  it waits until 02 has finished. xdist's own `xdist_group` marks cannot do this on every pytest:
+  from pytest 9.2 the group no longer reaches xdist's scheduler. So the scheduler is ours, and a
+  notebook cell whose earlier cells ran in another process fails with the fix, rather than with a
+  NameError deep in the notebook;
 - the longest parts first, everything that runs a notebook marked slow, nbval blind to stderr.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,12 +47,17 @@ try:
 except ImportError:  # nbval not installed: no notebook is ever collected
     IPyNbCell = IPyNbFile = None
 
-NOTEBOOKS = "committed-notebooks"  # the one part every notebook belongs to
+NOTEBOOKS = "committed-notebooks"  # the part every notebook belongs to, except ALONE's
+PRETRAIN = "02_pretrain.ipynb"  # trains the network every later notebook loads
+ALONE = ("07_rank_sweep.ipynb", "08_why_low_rank.ipynb", "12_lora_family.ipynb")  # need 02's network only
 # The order parts are handed out in (pyproject: --no-loadscope-reorder keeps it): the longest
-# first, so that no process is left with one at the end. xdist gives each process two parts at the
-# start. The sweep's file comes second, so that its Ray cluster boots while the other process is
-# in its first notebooks (Ray gives a booting node 30 s, which a machine busy everywhere can miss).
-LONGEST_FIRST = (NOTEBOOKS, "test_sweep.py", "test_notebooks.py", "test_lab.py", "test_jupyterlab.py")
+# first, so that no process is left with one at the end; a process takes the next part as it
+# finishes one. The sweep's file comes second, so that its Ray cluster boots while the other process
+# is in the first notebooks (Ray gives a booting node 30 s, which a machine busy everywhere can
+# miss), and the ALONE studies find 02 finished when that file is done.
+LONGEST_FIRST = (NOTEBOOKS, "test_sweep.py", "08_why_low_rank.ipynb", "07_rank_sweep.ipynb",
+                 "12_lora_family.ipynb", "test_notebooks.py", "test_lab.py", "test_jupyterlab.py")
+READY_ENV = "LORA_TUTORIAL_PRETRAINED_MARK"  # a file that exists once 02 has run (processes inherit it)
 
 
 def is_notebook_cell(item: pytest.Item) -> bool:
@@ -56,7 +66,21 @@ def is_notebook_cell(item: pytest.Item) -> bool:
 
 
 def part(item: pytest.Item) -> str:
-    return NOTEBOOKS if is_notebook_cell(item) else item.path.name
+    if not is_notebook_cell(item):
+        return item.path.name
+    return item.path.name if item.path.name in ALONE else NOTEBOOKS
+
+
+def pytest_configure(config):
+    """Before xdist starts its processes: where 02 leaves its mark (a folder removed at the end)."""
+    if not hasattr(config, "workerinput"):
+        config._pretrained_mark = Path(tempfile.mkdtemp(prefix="lora-tutorial-pytest-")) / "02-ran"
+        os.environ[READY_ENV] = str(config._pretrained_mark)
+
+
+def pytest_unconfigure(config):
+    if (mark := getattr(config, "_pretrained_mark", None)) is not None:
+        shutil.rmtree(mark.parent, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -72,9 +96,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadgroup (pyproject.toml's): every notebook in one unit of work, each test file in
-    one, explicit `xdist_group` marks honoured. Other --dist modes are xdist's own; the check in
-    pytest_runtest_setup stops a notebook they split."""
+    """--dist loadgroup (pyproject.toml's): the notebooks in one unit of work (ALONE's in one each),
+    each test file in one, explicit `xdist_group` marks honoured. Other --dist modes are xdist's
+    own; the check in pytest_runtest_setup stops a notebook they split."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling
@@ -85,7 +109,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             path = root / nodeid.split("::", 1)[0].split("@", 1)[0]
             if path.suffix == ".ipynb":
-                return NOTEBOOKS
+                return path.name if path.name in ALONE else NOTEBOOKS
             group = super()._split_scope(nodeid)  # an xdist_group mark's name, else the whole id
             return group if group != nodeid else str(path)
 
@@ -107,9 +131,14 @@ def pytest_runtest_logstart(nodeid, location):
 
 def pytest_runtest_setup(item):
     """A notebook's cells share one kernel: a cell whose earlier cells ran in another process
-    would fail with a NameError that hides the cause. Say the cause instead."""
+    would fail with a NameError that hides the cause. Say the cause instead. An ALONE notebook
+    waits for 02 when 02 runs in this session (else it would train 02's network a second time)."""
     if not is_notebook_cell(item):
         return
+    if item.path.name in ALONE and any(other.path.name == PRETRAIN for other in item.session.items):
+        mark, deadline = Path(os.environ.get(READY_ENV, "")), time.monotonic() + 3600
+        while not mark.is_file() and time.monotonic() < deadline:  # 02 failed to start: go on after an hour
+            time.sleep(1)
     elsewhere = [other.name for other in item.session.items
                  if other.path == item.path and is_notebook_cell(other)
                  and _index(other) < _index(item) and other.nodeid not in _started]
@@ -124,3 +153,10 @@ def pytest_runtest_setup(item):
 
 def _index(item: pytest.Item) -> int:
     return getattr(item, "cell_num", 0)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """02's last cell has run (passed or not): the ALONE notebooks may start."""
+    if (is_notebook_cell(item) and item.path.name == PRETRAIN and READY_ENV in os.environ
+            and (nextitem is None or nextitem.path != item.path)):
+        Path(os.environ[READY_ENV]).touch()
