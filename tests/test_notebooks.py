@@ -9,7 +9,21 @@ import nbformat
 import pytest
 from figure_check import execute as execute_checking_figures
 
+from lora_tutorial.data import DATA_ENV
 from lora_tutorial.tools.run import STEPS, check_trends, main, run, summary
+
+# The small settings run on the offline sample (2,000 of its training images, its 1,000 test images):
+# on full MNIST, evaluating 10,000 test images after every run was most of these tests' time. The
+# committed notebooks run on full MNIST under nbval. No download is tried.
+SMALL = {"train_samples": 2000, "download": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sample_only():
+    """Kernels started in this module see no MNIST folder ($LORA_TUTORIAL_DATA unset)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(DATA_ENV, raising=False)
+        yield
 
 
 def errors_in(path):
@@ -28,7 +42,7 @@ def text_of(path):
 def quick_run(tmp_path_factory):
     """All six notebooks on 2,000 training images and 30 fine-tuning steps."""
     root = tmp_path_factory.mktemp("run")
-    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out")}
+    parameters = {**SMALL, "finetune_steps": 30, "output_dir": str(root / "out")}
     results = run(root / "executed", parameters)
     return root, results
 
@@ -99,7 +113,7 @@ def test_the_notebooks_print_what_they_check(quick_run):
 def test_later_notebooks_alone_with_other_parameters(quick_run, tmp_path):
     """05 and 06 run without the earlier notebooks (pre-training is reused) and follow the rank."""
     root, first = quick_run
-    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"), "rank": 3}
+    parameters = {**SMALL, "finetune_steps": 30, "output_dir": str(root / "out"), "rank": 3}
     results = run(tmp_path, parameters, ("05_finetune", "06_compare"))
     assert results["lora_parameters"] == 3 * 6_794
     assert results["pretrained"] == first["pretrained"]  # the same checkpoint, loaded
@@ -223,7 +237,7 @@ def test_why_low_rank_in_small_settings(quick_run, tmp_path):
     """08 on 2,000 images and 30 steps, the five seeds it demands, one learning rate, one image count,
     cuts at ranks 1 and 16, LoRA at rank 1: what it computes, read from its results."""
     root, results = quick_run
-    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
+    parameters = {**SMALL, "finetune_steps": 30, "output_dir": str(root / "out"),
                   "seeds": [0, 1, 2, 3, 4], "full_learning_rates": [1e-3], "image_counts": [10],
                   "ranks": [1, 16], "lora_ranks": [1]}
     executed = execute("08_why_low_rank", tmp_path, parameters)
@@ -272,7 +286,7 @@ def test_forgetting_in_small_settings(quick_run, tmp_path):
     from lora_tutorial.studies.forgetting import SPLITS, choose_setting, summarize
 
     root, results = quick_run
-    parameters = {"train_samples": 2000, "finetune_steps": 10, "output_dir": str(root / "out"),
+    parameters = {**SMALL, "finetune_steps": 10, "output_dir": str(root / "out"),
                   "remedies": {"replay 0": {"replay_share": 0.0}, "replay 0.3": {"replay_share": 0.3}},
                   "seeds": [0, 1, 2, 3, 4], "latency_batches": [500, 100], "latency_repeats": 1}
     executed = execute("09_forgetting", tmp_path, parameters)
@@ -314,7 +328,7 @@ def test_peft_and_many_adapters_in_small_settings(quick_run, tmp_path):
     """10 on 2,000 images and 30 steps: PEFT and the tutorial agree where the notebook says they do,
     every adapter and combination is evaluated once per seed, and the table has its columns."""
     root, results = quick_run
-    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
+    parameters = {**SMALL, "finetune_steps": 30, "output_dir": str(root / "out"),
                   "switch_repeats": 2}
     executed = execute("10_peft_and_many_adapters", tmp_path, parameters)
     report = json.loads((root / "out" / "many_adapters.json").read_text())
@@ -363,7 +377,7 @@ def test_explorer_in_small_settings(quick_run, tmp_path):
     """11 headless, as papermill and nbval run it: the panel is built and pressed once, and the
     committed output keeps its text and figure beside the widget; the first press is 05's run."""
     root, results = quick_run
-    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
+    parameters = {**SMALL, "finetune_steps": 30, "output_dir": str(root / "out"),
                   "seeds": [0, 1, 2, 3, 4]}
     executed = execute("11_explorer", tmp_path, parameters)
     nb = nbformat.read(executed, as_version=4)
@@ -384,7 +398,7 @@ def test_lora_family_in_small_settings(quick_run, tmp_path):
     """12 on 2,000 images and 30 steps, one tuning seed and one coarse rate: every variant agrees with
     PEFT's to float rounding, every method gets the same tuning budget, and the tables have their rows."""
     root, results = quick_run
-    parameters = {"train_samples": 2000, "finetune_steps": 30, "output_dir": str(root / "out"),
+    parameters = {**SMALL, "finetune_steps": 30, "output_dir": str(root / "out"),
                   "tuning_seeds": [0], "coarse_rates": [1e-3], "vera_rank": 8, "curve_ranks": [1, 2],
                   "curve_steps": 5, "peft_steps": 5}
     executed = execute("12_lora_family", tmp_path, parameters)

@@ -286,16 +286,19 @@ def test_run_study_reuses_what_it_has_and_runs_each_learning_rate(monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints):
-    """07 on 2,000 training images, 10 steps, ranks 1 and 2, five seeds, two learning rates: it runs
-    and writes its JSON."""
+def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints, monkeypatch):
+    """07 on 2,000 of the offline sample's training images (its 1,000 test images: evaluating full
+    MNIST's 10,000 was most of the time), 10 steps, ranks 1 and 2, five seeds, two learning rates:
+    it runs and writes its JSON. nbval runs the committed 07 on full MNIST."""
     from figure_check import execute
 
+    from lora_tutorial.data import DATA_ENV
     from lora_tutorial.tools.run import notebooks_dir
 
+    monkeypatch.delenv(DATA_ENV, raising=False)  # the kernel finds no MNIST folder
     out = tmp_path / "out"
-    parameters = {"train_samples": 2000, "finetune_steps": 10, "ranks": [1, 2], "seeds": [0, 1, 2, 3, 4],
-                  "learning_rates": [1e-3, 3e-3], "output_dir": str(out),
+    parameters = {"train_samples": 2000, "download": False, "finetune_steps": 10, "ranks": [1, 2],
+                  "seeds": [0, 1, 2, 3, 4], "learning_rates": [1e-3, 3e-3], "output_dir": str(out),
                   "checkpoint_dir": shared_checkpoints}
     executed = tmp_path / "07_rank_sweep.ipynb"
     execute(notebooks_dir() / "07_rank_sweep.ipynb", executed, parameters, notebooks_dir())  # figures checked
@@ -314,7 +317,8 @@ def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints):
     for row in report["runs"]:
         assert {"validation_score", "test_score", "delta_norm_linear1", "seconds"} <= set(row)
     for entry in report["summary"]["main"] + report["summary"]["scaling"] + report["summary"]["init"]:
-        assert entry["seeds"] == 5 and entry["low"] <= entry["mean"] <= entry["high"]
+        assert entry["seeds"] == 5  # the mean within the range, up to float rounding (equal seeds):
+        assert entry["low"] - 1e-12 <= entry["mean"] <= entry["high"] + 1e-12
     assert {e["measure"] for e in report["summary"]["init"]} >= {"validation_score", "test_target_wrong"}
     assert chosen in (1, 2)
     # one in six of each digit's images among the 2,000 training images; the test set whole (the
