@@ -307,6 +307,9 @@ def test_11_explorer_retrains_in_jupyterlab_when_the_rank_changes(lab):
                                arg=[numbers.element_handle(), first_numbers], timeout=30_000)
         page.wait_for_function("([img, old]) => img.getAttribute('src') !== old",
                                arg=[figure.element_handle(), first_figure], timeout=10_000)
+        # the panel writes its message last: the numbers, the figure, then the time it took
+        page.wait_for_function("el => el.innerText.startsWith('Updated in ')",
+                               arg=message.element_handle(), timeout=10_000)
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "11_explorer-unchanged.png"))
         raise AssertionError(f"the panel did not redraw after the rank changed: {numbers.inner_text()!r}, "
