@@ -65,10 +65,12 @@ def is_notebook_cell(item: pytest.Item) -> bool:
     return (IPyNbCell is not None and isinstance(item, IPyNbCell)) or item.path.suffix == ".ipynb"
 
 
+def notebook_part(path: Path) -> str:
+    return path.name if path.name in ALONE else NOTEBOOKS
+
+
 def part(item: pytest.Item) -> str:
-    if not is_notebook_cell(item):
-        return item.path.name
-    return item.path.name if item.path.name in ALONE else NOTEBOOKS
+    return notebook_part(item.path) if is_notebook_cell(item) else item.path.name
 
 
 def pytest_configure(config):
@@ -109,7 +111,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             path = root / nodeid.split("::", 1)[0].split("@", 1)[0]
             if path.suffix == ".ipynb":
-                return path.name if path.name in ALONE else NOTEBOOKS
+                return notebook_part(path)
             group = super()._split_scope(nodeid)  # an xdist_group mark's name, else the whole id
             return group if group != nodeid else str(path)
 
@@ -135,9 +137,10 @@ def pytest_runtest_setup(item):
     waits for 02 when 02 runs in this session (else it would train 02's network a second time)."""
     if not is_notebook_cell(item):
         return
-    if item.path.name in ALONE and any(other.path.name == PRETRAIN for other in item.session.items):
-        mark, deadline = Path(os.environ.get(READY_ENV, "")), time.monotonic() + 3600
-        while not mark.is_file() and time.monotonic() < deadline:  # 02 failed to start: go on after an hour
+    if (READY_ENV in os.environ and item.path.name in ALONE
+            and any(other.path.name == PRETRAIN for other in item.session.items)):
+        mark, deadline = Path(os.environ[READY_ENV]), time.monotonic() + 3600
+        while not mark.is_file() and time.monotonic() < deadline:  # 02's process died: go on after an hour
             time.sleep(1)
     elsewhere = [other.name for other in item.session.items
                  if other.path == item.path and is_notebook_cell(other)
