@@ -1,4 +1,5 @@
-"""lora_tutorial: the helpers behind the LoRA notebooks (model, data, LoRA, training, evaluation)."""
+"""lora_tutorial: the helpers behind the LoRA notebooks (model, data, LoRA, training, evaluation).
+What this file imports is the public API: `from lora_tutorial import add_lora`."""
 
 from .checkpoints import CheckpointError, base_fingerprint, load_adapter, read_adapter, save_adapter
 from .data import MnistError, fit_subset, load_mnist
@@ -32,14 +33,3 @@ from .pipeline import (
 )
 from .settings import Settings, SettingsError
 from .train import cpu_speedups, make_adam, progress, train
-
-__all__ = [
-    "CheckpointError", "Evaluation", "LoRAParametrization", "MnistError", "OversizedMLP", "Settings",
-    "SettingsError", "adapter_path", "add_lora", "base_fingerprint", "base_weight", "choose_target",
-    "count_parameters", "cpu_speedups", "describe_device", "describe_layers", "describe_lora",
-    "disable_adapter", "evaluate", "finetune", "finetuned_model", "fit_subset", "linear_layers",
-    "load_adapter", "load_mnist", "lora_model", "lora_modules", "lora_parameter_counts", "lora_state_dict",
-    "make_adam", "mark_only_lora_as_trainable", "merge_and_unload", "pick_device", "predict",
-    "pretrained_model", "print_trainable_parameters", "progress", "read_adapter", "save_adapter",
-    "save_finetuned", "separate_path", "set_adapter_enabled", "setup", "train",
-]

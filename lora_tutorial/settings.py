@@ -60,9 +60,16 @@ def parse_device(name: Any) -> str:
         raise _invalid("device", name, "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return text
 
-def replay_count(share: float, batch_size: int) -> int:
-    """How many images of each batch replay other digits: share x batch size, rounded half up."""
-    return math.floor(share * batch_size + 0.5)
+def replay_count(share: Any, batch_size: int) -> int:
+    """How many images of each batch replay other digits: share x batch size, rounded half up; refused
+    unless 0 (none) or from 1 to batch_size - 1 (`Settings` and `train` both check here)."""
+    if not (is_number(share) and 0 <= share < 1):
+        raise _invalid("replay_share", share, "expected a number from 0 up to, not including, 1", REPLAY_FIX)
+    if share > 0 and not 1 <= (extra := math.floor(share * batch_size + 0.5)) < batch_size:
+        raise SettingsError(f"replay_share={share!r} puts {extra} of every {batch_size} images from other "
+                            f"digits (batch_size={batch_size}): choose a share that gives between 1 and "
+                            f"{batch_size - 1}, or 0 for none.")
+    return extra if share > 0 else 0
 
 @dataclass(frozen=True)
 class Settings:
@@ -108,13 +115,7 @@ class Settings:
             raise _invalid("pretrain_loop", self.pretrain_loop, "expected 'fast' or 'post' (the post's loop)")
         if self.target_rule not in (None, WORST) or (self.target_rule and self.target_digit == WORST):
             raise _invalid("target_rule", self.target_rule, "it is set by choose_target; leave it out")
-        if not (is_number(share := self.replay_share) and 0 <= share < 1):
-            raise _invalid("replay_share", share, "expected a number from 0 up to, not including, 1",
-                           REPLAY_FIX)
-        if share > 0 and not 1 <= (extra := replay_count(share, self.batch_size)) < self.batch_size:
-            raise SettingsError(f"replay_share={share!r} puts {extra} of every {self.batch_size} images from "
-                                f"other digits (batch_size={self.batch_size}): choose a share that gives "
-                                f"between 1 and {self.batch_size - 1}, or 0 for none.")
+        replay_count(self.replay_share, self.batch_size)
         parse_device(self.device)
         if not isinstance(self.download, bool):
             raise _invalid("download", self.download, "expected True or False")

@@ -80,10 +80,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
     """Every step's loss; batches as the post's loop draws them for the same `seed` (None: the global
     generator); `replay_share` of each batch from `replay`; a non-finite loss raises FloatingPointError."""
     params, device = _trainable(model)
-    extra = replay_count(replay_share, batch_size)
-    if not 0 <= replay_share < 1 or (replay_share > 0 and not 1 <= extra < batch_size):
-        raise ValueError(f"replay_share={replay_share!r} with batch_size={batch_size}: expected 0, or a "
-                         "share that puts between 1 and batch_size - 1 replayed images in each batch.")
+    extra = replay_count(replay_share, batch_size)  # refuses a share no batch can hold
     if extra and (replay is None or len(replay[1]) == 0):
         raise ValueError(f"replay_share={replay_share} needs replay=(images, labels) to draw from.")
     images, labels = images.to(device), labels.to(device)
