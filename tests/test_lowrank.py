@@ -16,7 +16,6 @@ from lora_tutorial.studies.lowrank import (
     adam_state_bytes,
     chance_of_abs_cosine,
     check_lora_ranks,
-    check_rates,
     check_replay_share,
     compare,
     cut_rows,
@@ -149,10 +148,6 @@ def test_the_notebooks_parameters_are_refused_with_the_value_the_limit_and_the_f
         check_replay_share(settings, 1.5)
     with pytest.raises(SettingsError, match=r"full_replay_share=0 .*e.g. 0.3"):
         check_replay_share(settings, 0)
-    assert check_rates("full_learning_rates", [1e-3, 1e-4, 1e-4]) == [1e-4, 1e-3]
-    for bad in ([], [0], [-1e-3], [float("nan")], "1e-3", [True]):
-        with pytest.raises(SettingsError, match=r"full_learning_rates=.* above 0, e.g. \[3e-5"):
-            check_rates("full_learning_rates", bad)
 
 
 # The models and what they cost --------------------------------------------------------------

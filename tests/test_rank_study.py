@@ -15,6 +15,7 @@ from lora_tutorial.data import Mnist
 from lora_tutorial.pipeline import lora_copy
 from lora_tutorial.settings import SettingsError
 from lora_tutorial.studies import rank_study as study
+from lora_tutorial.studies.stats import check_rates
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
@@ -240,9 +241,9 @@ def test_the_judge_predicts_what_evaluate_predicts(targets):
     assert judge.measure(model, 9) == study.measure(model, 9, images).to_dict()
 
 
-def refusal(check, *args) -> str:
+def refusal(check, *args, **kwargs) -> str:
     with pytest.raises(SettingsError) as refused:
-        check(*args)
+        check(*args, **kwargs)
     return str(refused.value)
 
 
@@ -254,10 +255,17 @@ def test_ranks_are_checked_before_any_work():
     assert "ranks='1 2'" in refusal(study.check_ranks, Settings(), "1 2")
     msg = refusal(study.check_ranks, Settings(), [4, 4])
     assert "ranks=[4, 4]" in msg and "two different ranks" in msg and "[1, 8]" in msg
-    assert study.check_learning_rates([1e-3, 3e-4, 1e-3]) == [3e-4, 1e-3]
-    for bad in ([1e-3], [0, 1e-3], [1e-3, "3e-3"], "1e-3 3e-3", [True, 1e-3], [1e-3, 1.0]):
-        msg = refusal(study.check_learning_rates, bad)
-        assert f"learning_rates={bad!r}" in msg and "between 0 and 1" in msg and "[3e-4, 1e-3, 3e-3]" in msg
+
+
+def test_a_grid_of_learning_rates_is_checked_once_for_every_notebook():
+    """07 (two rates at least), 08 and 12 (one) share `check_rates`: numbers between 0 and 1."""
+    assert check_rates("learning_rates", [1e-3, 3e-4, 1e-3], at_least=2) == [3e-4, 1e-3]
+    assert check_rates("coarse_rates", [1e-2]) == [1e-2]
+    for bad in ([], [0], [-1e-3], [float("nan")], [1e-3, 1.0], [1e-3, "3e-3"], "1e-3 3e-3", [True]):
+        msg = refusal(check_rates, "full_learning_rates", bad)
+        assert f"full_learning_rates={bad!r}" in msg and "between 0 and 1" in msg and "[3e-4, 1e-3" in msg
+    msg = refusal(check_rates, "learning_rates", [1e-3, 1e-3], at_least=2)
+    assert "learning_rates=[0.001, 0.001]" in msg and "2 different at least" in msg
 
 
 def test_a_scaling_rule_is_one_of_three():

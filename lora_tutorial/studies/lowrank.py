@@ -20,7 +20,7 @@ from ..evaluate import evaluate, from_predictions, predict
 from ..lora import LoRAParametrization, lora_modules, lora_rank, separate_path
 from ..model import count_parameters, layer_shapes, linear_layers
 from ..pipeline import finetune_key, lora_model, train_on_target
-from ..settings import Settings, SettingsError, check_whole_numbers, is_number
+from ..settings import Settings, SettingsError, check_whole_numbers
 from ..train import cpu_speedups, make_adam, train
 from .rank_study import split_columns
 from .stats import best_and_ties, interleaved_seconds, spread, timed
@@ -48,14 +48,6 @@ def check_replay_share(settings: Settings, share: object) -> float:
         raise SettingsError("full_replay_share=0 is not valid: the second full fine-tune would be the first "
                             "one again; give a share above 0, e.g. 0.3.")
     return float(share)
-
-def check_rates(name: str, values: object) -> list[float]:
-    """Learning rates: a list of finite numbers above 0, returned sorted without repeats."""
-    ok = isinstance(values, (list, tuple)) and all(is_number(v) and 0 < v < math.inf for v in values)
-    if not ok or not values:
-        raise SettingsError(f"{name}={values!r} is not valid: expected a list of learning rates above 0, "
-                            "e.g. [3e-5, 1e-4, 3e-4, 1e-3].")
-    return sorted({float(v) for v in values})
 
 def fully_trainable(base: nn.Module) -> nn.Module:
     """A copy of `base` in which every weight and bias trains."""

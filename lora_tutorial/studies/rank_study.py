@@ -15,7 +15,7 @@ from ..evaluate import Evaluation, evaluate, from_predictions
 from ..lora import base_weight, lora_modules, lora_parameter_counts, separate_path
 from ..model import OversizedMLP
 from ..pipeline import lora_copy, train_on_target
-from ..settings import Settings, SettingsError, check_whole_numbers, is_number
+from ..settings import Settings, SettingsError, check_whole_numbers
 from ..train import progress_bar
 from .stats import Spread, best_and_ties, spread, timed
 
@@ -65,14 +65,6 @@ def check_ranks(settings: Settings, ranks: object) -> list[int]:
     if len(checked) < 2:
         raise SettingsError(f"ranks={ranks!r}: give at least two different ranks to compare, e.g. [1, 8].")
     return checked
-
-def check_learning_rates(values: object) -> list[float]:
-    """A grid to tune on: at least two distinct numbers between 0 and 1, sorted."""
-    ok = isinstance(values, (list, tuple)) and all(is_number(v) and 0 < v < 1 for v in values)
-    if not ok or len(set(values)) < 2:
-        raise SettingsError(f"learning_rates={values!r} is not valid: expected a list of at least two "
-                            "different numbers between 0 and 1, e.g. [3e-4, 1e-3, 3e-3].")
-    return sorted({float(v) for v in values})
 
 def run_settings(settings: Settings, scaling: str, rank: int, alpha: float, seed: int, **changes) -> Settings:
     """One run's settings, checked with alpha as given; LoRA's alpha then follows the scaling rule."""

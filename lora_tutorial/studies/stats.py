@@ -81,3 +81,12 @@ def check_seeds(values: object, at_least: int = 1) -> list[int]:
         raise SettingsError(f"seeds={values!r} is not valid: expected a list of at least {at_least} "
                             f"distinct whole numbers >= 0, e.g. {list(range(max(at_least, 3)))}.")
     return list(values)
+
+def check_rates(name: str, values: object, at_least: int = 1) -> list[float]:
+    """A grid of learning rates: numbers between 0 and 1, `at_least` of them different; sorted, unique."""
+    ok = isinstance(values, (list, tuple)) and all(is_number(v) and 0 < v < 1 for v in values)
+    if not ok or len(set(values)) < max(1, at_least):
+        several = f" ({at_least} different at least)" if at_least > 1 else ""
+        raise SettingsError(f"{name}={values!r} is not valid: expected a list of learning rates between 0 "
+                            f"and 1{several}, e.g. [3e-4, 1e-3, 3e-3].")
+    return sorted({float(v) for v in values})
