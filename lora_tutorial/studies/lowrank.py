@@ -8,10 +8,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
+from scipy.special import betainc
 from torch import nn
 
 from ..checkpoints import save_adapter
@@ -102,15 +102,10 @@ def random_abs_cosine(d: int) -> float:
     """E|cos| of two random directions in d dimensions: Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))."""
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
 
-def chance_of_abs_cosine(c: float, d: int, points: int = 200_001) -> float:
-    """P(|cos| >= c) for a random direction in d dimensions: the angle's density, sin^(d-2), integrated."""
-    if d == 1:
-        return 1.0  # the only directions are +-1
-    theta = np.linspace(0.0, np.pi / 2, points)
-    with np.errstate(divide="ignore"):
-        density = np.exp((d - 2) * np.log(np.sin(theta))) if d > 2 else np.ones_like(theta)
-    cumulative = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(theta))])
-    return float(np.interp(np.arccos(min(abs(c), 1.0)), theta, cumulative) / cumulative[-1])
+def chance_of_abs_cosine(c: float, d: int) -> float:
+    """P(|cos| >= c) for a random direction in d dimensions: cos^2 ~ Beta(1/2, (d-1)/2), so the regularized
+    incomplete beta I_{1-c^2}((d-1)/2, 1/2)."""
+    return 1.0 if d == 1 else float(betainc((d - 1) / 2, 0.5, 1.0 - min(abs(c), 1.0) ** 2))  # d=1: +-1 only
 
 def with_deltas(base: nn.Module, weights: dict, biases: dict | None = None) -> nn.Module:
     """A copy of `base` with W + delta W and, where given, b + delta b."""
