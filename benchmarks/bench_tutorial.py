@@ -2,15 +2,16 @@
 
     python benchmarks/bench_tutorial.py --json outputs/bench.json
     python benchmarks/bench_tutorial.py --train-samples 5000 --eval-images 2000   # a quick look
+    python benchmarks/bench_tutorial.py --device cuda --json outputs/bench-gpu.json  # on a GPU (ROCm too)
 
 Three phases, each run both ways from the same starting weights and the same batch order:
 - pre-train: one epoch. The post: torchvision's MNIST with ToTensor + Normalize applied to every
   image at every step through a DataLoader, the default Adam, the loss read back every step.
   Ours: `lora_tutorial.train` (tensors normalised once, indexed batches, fused Adam, denormals
-  flushed on the CPU).
+  flushed on the CPU); with --device cuda, `train_graphed` (each step one captured graph).
 - fine-tune: 100 batches of LoRA (rank 1) on digit 9 from the same pre-trained weights. The
   post: through the parametrization with its DataLoader loop. Ours: `finetune`'s separate
-  low-rank path.
+  low-rank path (graphed too on a GPU).
 - evaluate: the 10,000 test images. The post: batches of 10, then one image at a time in
   Python. Ours: `evaluate`, one batch under inference_mode.
 
@@ -39,7 +40,7 @@ from lora_tutorial.data import DATA_ENV, MEAN, STD, check_raw_files, digit_subse
 from lora_tutorial.evaluate import evaluate_like_the_post
 from lora_tutorial.lora import separate_path
 from lora_tutorial.settings import project_root
-from lora_tutorial.train import train, train_with_dataloader
+from lora_tutorial.train import train, train_graphed, train_with_dataloader
 
 
 class PeakMemory:
@@ -104,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: both procedures on the GPU (an AMD GPU is cuda too), ours graphed")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: PyTorch {torch.__version__} sees no GPU here; leave --device out")
+    device = torch.device(args.device)
+    ours = train_graphed if device.type == "cuda" else train  # one launch a step, where launches dominate
     for name in ("train_samples", "eval_images", "finetune_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_samples:
             train_set = Subset(train_set, range(min(args.train_samples, len(train_set))))
         torch.manual_seed(args.seed)
-        model = OversizedMLP()
+        model = OversizedMLP().to(device)
         train_with_dataloader(model, train_set, seed=None, desc="Pre-training (post)")
         return model
 
@@ -139,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_samples:
             data = data.limit(args.train_samples)
         torch.manual_seed(args.seed)
-        model = OversizedMLP()
-        train(model, data.train_images, data.train_labels, seed=None, desc="Pre-training (ours)")
+        model, data = OversizedMLP().to(device), data.to(device)
+        ours(model, data.train_images, data.train_labels, seed=None, desc="Pre-training (ours)")
         return model, data
 
     baseline = timed(post_pretrain)
@@ -162,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline = timed(lambda: train_with_dataloader(post_lora, nines, max_steps=settings.finetune_steps,
                                                    seed=args.seed, desc="Fine-tuning (post)"))
     images, labels = digit_subset(data.train_images, data.train_labels, digit)
-    project = timed(lambda: train(separate_path(our_lora), images, labels, max_steps=settings.finetune_steps,
-                                  seed=args.seed, desc="Fine-tuning (ours)"))
+    project = timed(lambda: ours(separate_path(our_lora), images, labels, max_steps=settings.finetune_steps,
+                                 seed=args.seed, desc="Fine-tuning (ours)"))
     record(f"fine-tune {settings.finetune_steps} batches", settings.finetune_steps, baseline, project,
            baseline_target_wrong=evaluate(post_lora, test_images, test_labels).wrong_counts[digit],
            project_target_wrong=evaluate(our_lora, test_images, test_labels).wrong_counts[digit])
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
           f"ours {pre['project_accuracy']:.4f}")
     meta = {"torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "device": "cpu",
+            "threads": torch.get_num_threads(), "device": args.device,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "train_images": len(data.train_labels), "test_images": len(test_labels)}
     print(f"({meta['threads']} threads, PyTorch {meta['torch']}, {meta['train_images']:,} training images)")
     if args.json:

@@ -25,7 +25,7 @@ from .lora import (
 )
 from .model import OversizedMLP
 from .settings import WORST, Settings, check_writable, fingerprint, shown_path
-from .train import train, train_with_dataloader
+from .train import train, train_graphed, train_with_dataloader
 
 Loop = Callable[[nn.Module, torch.Tensor, torch.Tensor, Settings], list[float]]
 
@@ -64,6 +64,13 @@ def post_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                                  batch_size=settings.batch_size, lr=settings.learning_rate, seed=None,
                                  desc="Pre-training (the post's loop)")
 
+def graphed_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     settings: Settings) -> list[float]:
+    """02's loop with each step replayed as one captured graph on a GPU (`train_graphed`; on a CPU:
+    `package_pretrain`'s weights)."""
+    return train_graphed(model, images, labels, epochs=settings.pretrain_epochs, lr=settings.learning_rate,
+                         batch_size=settings.batch_size, seed=None, desc="Pre-training (graphed)")
+
 def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      settings: Settings) -> list[float]:
     """05's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
@@ -71,8 +78,8 @@ def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                  lr=settings.finetune_lr, seed=settings.lora_seed, progress=False)
 
 def pretrain_loop(settings: Settings) -> Loop:
-    """02's cell, or the post's loop (`pretrain_loop="post"`); the package's copy outside a clone."""
-    return post_pretrain if settings.pretrain_loop == "post" else (
+    """02's cell, the post's loop or the graphed one (`pretrain_loop`); the package's copy outside a clone."""
+    return {"post": post_pretrain, "graphed": graphed_pretrain}.get(settings.pretrain_loop) or (
         lesson("pretrain") if available("pretrain") else package_pretrain)
 
 def lora_class() -> type:
@@ -119,7 +126,7 @@ class Pretrained:
 def pretrained_model(settings: Settings, data: Mnist, device: torch.device, loop: Loop | None = None,
                      retrain: bool = False, verbose: bool = True) -> Pretrained:
     """The pre-trained network: from its checkpoint, or trained with `loop` (02's cell) and saved."""
-    loop = pretrain_loop(settings) if settings.pretrain_loop == "post" or loop is None else loop
+    loop = pretrain_loop(settings) if settings.pretrain_loop != "fast" or loop is None else loop
     path, key = pretrained_path(settings, data, loop), pretrain_key(settings, data, loop)
     if loaded := path.exists() and not retrain:
         payload, model = load_pretrained(path, key), OversizedMLP().to(device)

@@ -93,7 +93,7 @@ class Settings:
     replay_share: float = 0.0  # share of each fine-tuning batch drawn from the other digits
     target_rule: str | None = None  # "worst" once `choose_target` decided the digit; not a user's
     finetune_seed: int | None = None  # LoRA's random A and the batch order; None: `seed`
-    pretrain_loop: str = "fast"  # "post": the post's own loop, slower, for a bit-for-bit comparison
+    pretrain_loop: str = "fast"  # "post": the post's own loop, slower; "graphed": `train_graphed` (GPUs)
     finetune_learning_rate: float | None = None  # None: `learning_rate` (05's knob; no re-pre-training)
 
     def __post_init__(self) -> None:
@@ -111,8 +111,9 @@ class Settings:
             value = getattr(self, name)
             if not (value is None and name in OPTIONAL) and not (is_number(value) and 0 < value < math.inf):
                 raise _invalid(name, value, "expected a number > 0", fix)
-        if self.pretrain_loop not in ("fast", "post"):
-            raise _invalid("pretrain_loop", self.pretrain_loop, "expected 'fast' or 'post' (the post's loop)")
+        if self.pretrain_loop not in ("fast", "post", "graphed"):
+            raise _invalid("pretrain_loop", self.pretrain_loop, "expected 'fast', 'post' (the post's loop) "
+                           "or 'graphed' (each step one captured graph on a GPU)")
         if self.target_rule not in (None, WORST) or (self.target_rule and self.target_digit == WORST):
             raise _invalid("target_rule", self.target_rule, "it is set by choose_target; leave it out")
         replay_count(self.replay_share, self.batch_size)
@@ -182,7 +183,7 @@ class Settings:
     def pretrain_key(self) -> dict[str, Any]:
         """The settings that decide the pre-trained weights (not the device: docs/reproducibility.md)."""
         names = ("seed", "pretrain_epochs", "batch_size", "learning_rate", "train_samples")
-        loop = {"loop": "post"} if self.pretrain_loop == "post" else {}
+        loop = {"loop": self.pretrain_loop} if self.pretrain_loop != "fast" else {}
         return {"code": TRAINING_CODE_VERSION, **{name: getattr(self, name) for name in names}, **loop}
 
     def finetune_key(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The post's training, fast: batches by index on the device, the loss read back only for the bar."""
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -52,12 +53,13 @@ def cpu_speedups(device: torch.device | str) -> Iterator[None]:
 def _generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed)  # None: the global one
 
-def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel where this PyTorch and device have it, else the default."""
+def make_adam(params: list[nn.Parameter], lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this PyTorch and device have it, else the default (`capturable`:
+    its step can be captured in a CUDA graph)."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, capturable=capturable)
 
 def _batches(shuffler, n: int, fresh: int, device: torch.device) -> Iterator[torch.Tensor]:
     """Each batch's indices, epoch after epoch (each epoch's order drawn only when it starts)."""
@@ -109,19 +111,96 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoch
                 optimizer.step()
                 losses[step - 1] = loss.detach()
                 if step % refresh == 0 or step == steps:
-                    seen = losses[:step]
-                    if not torch.isfinite(seen).all():
-                        bad = int((~torch.isfinite(seen)).nonzero()[0])
-                        raise FloatingPointError(
-                            f"The loss became {seen[bad].item()} at step {bad + 1}: training diverged. "
-                            f"Lower the learning rate (lr={lr:g}) or LoRA's alpha.")
-                    bar.set_postfix(loss=f"{seen.mean().item():.3f}", refresh=False)
-                    bar.update(step - bar.n)
-                    if on_step is not None:
-                        on_step(step, steps)
+                    _report(losses[:step], steps, lr, bar, on_step)
     finally:
         model.train(was_training)
     return losses.tolist()
+
+def _report(seen: torch.Tensor, steps: int, lr: float, bar, on_step: Callable | None) -> None:
+    """The losses so far: a non-finite one raises; else the bar (and `on_step`) catch up."""
+    if not torch.isfinite(seen).all():
+        bad = int((~torch.isfinite(seen)).nonzero()[0])
+        raise FloatingPointError(f"The loss became {seen[bad].item()} at step {bad + 1}: training diverged. "
+                                 f"Lower the learning rate (lr={lr:g}) or LoRA's alpha.")
+    bar.set_postfix(loss=f"{seen.mean().item():.3f}", refresh=False)
+    bar.update(len(seen) - bar.n)
+    if on_step is not None:
+        on_step(len(seen), steps)
+
+def train_graphed(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 1,
+                  max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3, seed: int | None = 0,
+                  desc: str = "Training (graphed)", progress: bool = True) -> list[float]:
+    """`train` (no replay) with each step captured once as a CUDA graph (HIP on ROCm) and replayed: one
+    launch a step, where a batch of 10 spends most of its time launching kernels. Every batch's indices
+    and the step counter live on the GPU. Elsewhere the same step runs eagerly: `train`'s weights."""
+    params, device = _trainable(model)
+    images, labels = images.to(device), labels.to(device)
+    n, graphs = len(labels), device.type == "cuda"
+    steps = max_steps if max_steps is not None else epochs * math.ceil(n / batch_size)
+    shuffler = torch.utils.data.DataLoader(range(n), batch_size=n, shuffle=True, generator=_generator(seed))
+    batches = [b for _, b in zip(range(steps), _batches(shuffler, n, batch_size, device), strict=False)]
+    sizes = list(dict.fromkeys(len(b) for b in batches))  # a short last batch per epoch: a second graph
+    tables = {k: torch.stack([b for b in batches if len(b) == k]) for k in sizes}  # each size's batches
+    at = {k: torch.zeros(1, dtype=torch.long, device=device) for k in sizes}  # the next row of each table
+    done = torch.zeros(1, dtype=torch.long, device=device)
+    losses = torch.zeros(steps, device=device)
+    optimizer = make_adam(params, lr, capturable=graphs)
+
+    def step(size: int) -> None:  # everything on the device: nothing here waits for the host
+        optimizer.zero_grad(set_to_none=not graphs)  # in a graph: zeroed in place, as replays need
+        batch = tables[size].index_select(0, at[size]).squeeze(0)
+        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        loss.backward()
+        optimizer.step()
+        losses.index_copy_(0, done, loss.detach().reshape(1))
+        at[size].add_(1)
+        done.add_(1)
+
+    run = {k: functools.partial(step, k) for k in sizes}
+    was_training = model.training
+    model.train()
+    try:
+        if graphs:
+            run = _capture(run, params, optimizer, [*at.values(), done])
+        refresh = max(1, min(200, steps // 50))
+        with progress_bar(steps, desc, progress) as bar, cpu_speedups(device):
+            for index, batch in enumerate(batches, start=1):
+                run[len(batch)]()
+                if index % refresh == 0 or index == steps:
+                    _report(losses[:index], steps, lr, bar, None)
+    finally:
+        model.train(was_training)
+    return losses.tolist()
+
+Step = Callable[[], None]
+
+def _capture(steps: dict[int, Step], params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+             counters: list[torch.Tensor]) -> dict[int, Step]:
+    """Each step captured as a CUDA graph (one memory pool), after warm-up runs on a side stream that
+    create Adam's state; the weights, that state and the `counters` are then set back to the start."""
+    start = [p.detach().clone() for p in params]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for step in steps.values():
+                step()
+                for counter in counters:
+                    counter.zero_()  # the warm-up reads each table's first row, writes the first loss
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for p, p0 in zip(params, start, strict=True):
+            p.copy_(p0)
+        for state in optimizer.state.values():
+            for tensor in state.values():
+                tensor.zero_()  # Adam's averages and its step count: as before any step
+    graphs, pool = {}, None
+    for size, step in steps.items():
+        graphs[size] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[size], pool=pool):
+            step()
+        pool = graphs[size].pool()
+    return {size: graph.replay for size, graph in graphs.items()}
 
 def train_with_dataloader(model: nn.Module, dataset: torch.utils.data.Dataset, *, epochs: int = 1,
                           max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,

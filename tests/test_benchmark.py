@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_tutorial.data import DATA_ENV
 
@@ -37,6 +38,10 @@ def test_benchmark_refuses_bad_options(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--train-samples", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--train-samples=0: expected an integer >= 1" in done.stderr
+    if not torch.cuda.is_available():  # the GPU comparison, asked for where there is none
+        done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and "--device cuda: PyTorch" in done.stderr and "no GPU" in done.stderr
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ BAD_VALUES = [
     ("device", None, ["device=None", "'auto'"]),
     ("download", "yes", ["download='yes'", "True or False"]),
     ("output_dir", "", ["output_dir=''", "a folder path, or None"]),
-    ("pretrain_loop", "slow", ["pretrain_loop='slow'", "'fast'", "'post'"]),
+    ("pretrain_loop", "slow", ["pretrain_loop='slow'", "'fast'", "'post'", "'graphed'"]),
     ("target_modules", ["linear4"], ["target_modules=['linear4']", "no layer called linear4",
                                      "['linear1', 'linear2', 'linear3'], or None"]),
     ("target_modules", [], ["target_modules=[]", "distinct layer names"]),
@@ -132,6 +132,8 @@ def test_finetune_seed_and_pretrain_loop():
     # the post's loop trains other weights: another checkpoint; the default key is unchanged
     assert "loop" not in decided.pretrain_key()
     assert decided.pretrain_key() != replace(decided, pretrain_loop="post").pretrain_key()
+    keys = {replace(decided, pretrain_loop=loop).pretrain_key()["loop"] for loop in ("post", "graphed")}
+    assert keys == {"post", "graphed"}  # each its own checkpoint: a GPU's graphed run rounds its own way
 
 
 def test_fingerprints_separate_what_matters():

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from lora_tutorial import OversizedMLP, add_lora, base_weight, evaluate, mark_only_lora_as_trainable, train
+from lora_tutorial.lora import separate_path
+from lora_tutorial.train import train_graphed
 
 
 def pretrain_small(mnist, seed=0, samples=1000):
@@ -256,3 +258,47 @@ def test_pretrain_loop_post_reproduces_the_posts_code_bit_for_bit(mnist, tmp_pat
     ours = pretrained_model(settings, data, torch.device("cpu"), verbose=False).model
     for name, value in post.state_dict().items():
         assert torch.equal(value, ours.state_dict()[name]), name
+
+
+def test_the_graphed_step_on_a_cpu_gives_trains_weights_bit_for_bit(mnist):
+    """`train_graphed` keeps every batch's indices and its counters on the device so that a GPU can replay
+    each step as one captured graph; on a CPU it runs the same step eagerly, and must be `train` exactly:
+    the same batches (a short last one per epoch), losses and weights, for pre-training and LoRA."""
+    images, labels = mnist.train_images[:305], mnist.train_labels[:305]  # 31 batches an epoch, the last of 5
+    runs = []
+    for loop in (train, train_graphed):
+        torch.manual_seed(0)
+        model = OversizedMLP()
+        runs.append((model, loop(model, images, labels, epochs=2, seed=5, progress=False)))
+    (plain, plain_losses), (graphed, graphed_losses) = runs
+    assert len(graphed_losses) == 62 and graphed_losses == plain_losses
+    for a, b in zip(plain.state_dict().values(), graphed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    nines = mnist.train_labels == 9
+    tuned = []
+    for loop in (train, train_graphed):  # LoRA through the separate path, past the end of an epoch
+        model = lora_on_small(mnist)
+        losses = loop(separate_path(model), mnist.train_images[nines][:95], mnist.train_labels[nines][:95],
+                      max_steps=23, seed=1, progress=False)
+        tuned.append((losses, {k: v for k, v in model.state_dict().items() if "lora_" in k}))
+    assert tuned[0][0] == tuned[1][0] and len(tuned[1][0]) == 23
+    assert all(torch.equal(tuned[0][1][k], tuned[1][1][k]) for k in tuned[0][1])
+    assert not torch.equal(tuned[1][1]["linear1.parametrizations.weight.0.lora_B"], torch.zeros(1000, 2))
+
+
+def test_pretrain_loop_graphed_is_the_default_loops_weights_on_a_cpu_under_its_own_name(mnist, tmp_path):
+    from lora_tutorial import Settings, pretrained_model
+
+    data = mnist.limit(300)
+    runs = {loop: pretrained_model(Settings(pretrain_loop=loop, output_dir=str(tmp_path)), data, "cpu",
+                                   verbose=False) for loop in ("fast", "graphed")}
+    assert runs["fast"].path != runs["graphed"].path and runs["fast"].losses == runs["graphed"].losses
+    for a, b in zip(*(r.model.state_dict().values() for r in runs.values()), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_graphed_step_stops_on_a_diverged_loss(mnist):
+    torch.manual_seed(0)
+    with pytest.raises(FloatingPointError, match=r"lr=1e\+20"):
+        train_graphed(OversizedMLP(), mnist.train_images[:200], mnist.train_labels[:200], lr=1e20,
+                      progress=False)
