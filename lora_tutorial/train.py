@@ -178,28 +178,29 @@ def _capture(steps: dict[int, Step], params: list[nn.Parameter], optimizer: torc
              counters: list[torch.Tensor]) -> dict[int, Step]:
     """Each step captured as a CUDA graph (one memory pool), after warm-up runs on a side stream that
     create Adam's state; the weights, that state and the `counters` are then set back to the start."""
-    start = [p.detach().clone() for p in params]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            for step in steps.values():
+    start, device = [p.detach().clone() for p in params], params[0].device
+    with torch.cuda.device(device):  # streams and graphs on the model's GPU, not the current one
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                for step in steps.values():
+                    step()
+                    for counter in counters:
+                        counter.zero_()  # the warm-up reads each table's first row, writes the first loss
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for p, p0 in zip(params, start, strict=True):
+                p.copy_(p0)
+            for state in optimizer.state.values():
+                for tensor in state.values():
+                    tensor.zero_()  # Adam's averages and its step count: as before any step
+        graphs, pool = {}, None
+        for size, step in steps.items():
+            graphs[size] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[size], pool=pool):
                 step()
-                for counter in counters:
-                    counter.zero_()  # the warm-up reads each table's first row, writes the first loss
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.no_grad():
-        for p, p0 in zip(params, start, strict=True):
-            p.copy_(p0)
-        for state in optimizer.state.values():
-            for tensor in state.values():
-                tensor.zero_()  # Adam's averages and its step count: as before any step
-    graphs, pool = {}, None
-    for size, step in steps.items():
-        graphs[size] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[size], pool=pool):
-            step()
-        pool = graphs[size].pool()
+            pool = graphs[size].pool()
     return {size: graph.replay for size, graph in graphs.items()}
 
 def train_with_dataloader(model: nn.Module, dataset: torch.utils.data.Dataset, *, epochs: int = 1,
