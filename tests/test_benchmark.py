@@ -13,6 +13,7 @@ from lora_tutorial.data import DATA_ENV
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tutorial.py"
 EXPLORER = SCRIPT.with_name("bench_explorer.py")
+GRAPHED = SCRIPT.with_name("bench_graphed.py")
 
 
 @pytest.mark.slow
@@ -66,3 +67,24 @@ def test_explorer_benchmark_refuses_bad_options():
     done = subprocess.run([sys.executable, str(EXPLORER), "--presses", "0"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "--presses=0: expected an integer >= 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_graphed_benchmark_times_both_loops_and_finds_no_gap_on_a_cpu(tmp_path):
+    """On a CPU the graphed loop runs its step eagerly: the script must find the two runs' weights equal."""
+    out = tmp_path / "graphed.json"
+    done = subprocess.run([sys.executable, str(GRAPHED), "--device", "cpu", "--train-samples", "150",
+                           "--finetune-steps", "5", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert list(result["phases"]) == ["pre-train epoch", "fine-tune 5 batches"]
+    assert [p["steps"] for p in result["phases"].values()] == [15, 5]
+    for phase in result["phases"].values():
+        assert phase["largest_weight_gap"] == 0.0 and phase["ratio"] == pytest.approx(
+            phase["plain_s"] / phase["graphed_s"])
+    assert result["accuracy"]["train"] == result["accuracy"]["train_graphed"]
+    refused = subprocess.run([sys.executable, str(GRAPHED), "--device", "tpu"], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "device='tpu'" in refused.stderr and "'cpu'" in refused.stderr
+
