@@ -34,3 +34,17 @@ def test_a_name_no_notebook_takes_stops_the_command_before_anything_runs(capsys,
     monkeypatch.setattr(run_module, "_start_kernel", lambda cwd: pytest.fail("a kernel was started"))
     assert run_module.main(["-p", "rnak", "4", "--only", "01_data"]) == 2
     assert "'rnak'" in capsys.readouterr().err  # the message itself: the test above
+
+
+def test_the_runner_times_02s_pretraining_cell_apart(tmp_path):
+    """The runner's last line splits the time into the pre-training cell and the rest: 02's cell that calls
+    `pretrained_model` carries the tag it looks for (an untagged cell made it report 0.0 s)."""
+    import json
+    import shutil
+
+    copy = shutil.copy(notebooks_dir() / "02_pretrain.ipynb", tmp_path / "02_pretrain.ipynb")
+    cells = json.loads(copy.read_text())["cells"]
+    timed = [c for c in cells if "pretrained_model(" in "".join(c["source"]) and c["cell_type"] == "code"]
+    total, pretraining = run_module._tidy(copy)
+    assert len(timed) == 1 and pretraining == timed[0]["metadata"]["papermill"]["duration"] > 0
+    assert total > pretraining
