@@ -8,7 +8,7 @@ Three phases, each run both ways from the same starting weights and the same bat
 - pre-train: one epoch. The post: torchvision's MNIST with ToTensor + Normalize applied to every
   image at every step through a DataLoader, the default Adam, the loss read back every step.
   Ours: `lora_tutorial.train` (tensors normalised once, indexed batches, fused Adam, denormals
-  flushed on the CPU); with --device cuda, `train_graphed` (each step one captured graph).
+  flushed on the CPU); with --device cuda, `train(graphed=True)` (each step one captured graph).
 - fine-tune: 100 batches of LoRA (rank 1) on digit 9 from the same pre-trained weights. The
   post: through the parametrization with its DataLoader loop. Ours: `finetune`'s separate
   low-rank path (graphed too on a GPU).
@@ -23,6 +23,7 @@ side by side, rather than seconds across machines or runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -40,7 +41,7 @@ from lora_tutorial.data import DATA_ENV, MEAN, STD, check_raw_files, digit_subse
 from lora_tutorial.evaluate import evaluate_like_the_post
 from lora_tutorial.lora import separate_path
 from lora_tutorial.settings import project_root
-from lora_tutorial.train import train, train_graphed, train_with_dataloader
+from lora_tutorial.train import train, train_with_dataloader
 
 
 class PeakMemory:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: PyTorch {torch.__version__} sees no GPU here; leave --device out")
     device = torch.device(args.device)
-    ours = train_graphed if device.type == "cuda" else train  # one launch a step, where launches dominate
+    ours = functools.partial(train, graphed=device.type == "cuda")  # one launch a step: launches dominate
     for name in ("train_samples", "eval_images", "finetune_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:

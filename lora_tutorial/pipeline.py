@@ -25,7 +25,7 @@ from .lora import (
 )
 from .model import OversizedMLP
 from .settings import WORST, Settings, check_writable, fingerprint, shown_path
-from .train import train, train_graphed, train_with_dataloader
+from .train import train, train_with_dataloader
 
 Loop = Callable[[nn.Module, torch.Tensor, torch.Tensor, Settings], list[float]]
 
@@ -52,9 +52,12 @@ def setup(settings: Settings, verbose: bool = True) -> tuple[torch.device, Mnist
 
 def package_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      settings: Settings) -> list[float]:
-    """02's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
+    """02's loop as the package writes it (`train`): the same weights, bit for bit (a test checks); with
+    `pretrain_loop="graphed"` each step one captured graph on a GPU (on a CPU: the same weights)."""
+    graphed = settings.pretrain_loop == "graphed"
     return train(model, images, labels, epochs=settings.pretrain_epochs, batch_size=settings.batch_size,
-                 lr=settings.learning_rate, seed=None, desc="Pre-training")
+                 lr=settings.learning_rate, seed=None, desc="Pre-training" + " (graphed)" * graphed,
+                 graphed=graphed)
 
 def post_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   settings: Settings) -> list[float]:
@@ -64,13 +67,6 @@ def post_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                                  batch_size=settings.batch_size, lr=settings.learning_rate, seed=None,
                                  desc="Pre-training (the post's loop)")
 
-def graphed_pretrain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                     settings: Settings) -> list[float]:
-    """02's loop with each step replayed as one captured graph on a GPU (`train_graphed`; on a CPU:
-    `package_pretrain`'s weights)."""
-    return train_graphed(model, images, labels, epochs=settings.pretrain_epochs, lr=settings.learning_rate,
-                         batch_size=settings.batch_size, seed=None, desc="Pre-training (graphed)")
-
 def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      settings: Settings) -> list[float]:
     """05's loop as the package writes it (`train`): the same weights, bit for bit (a test checks)."""
@@ -79,7 +75,7 @@ def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def pretrain_loop(settings: Settings) -> Loop:
     """02's cell, the post's loop or the graphed one (`pretrain_loop`); the package's copy outside a clone."""
-    return {"post": post_pretrain, "graphed": graphed_pretrain}.get(settings.pretrain_loop) or (
+    return {"post": post_pretrain, "graphed": package_pretrain}.get(settings.pretrain_loop) or (
         lesson("pretrain") if available("pretrain") else package_pretrain)
 
 def lora_class() -> type:

@@ -93,7 +93,7 @@ class Settings:
     replay_share: float = 0.0  # share of each fine-tuning batch drawn from the other digits
     target_rule: str | None = None  # "worst" once `choose_target` decided the digit; not a user's
     finetune_seed: int | None = None  # LoRA's random A and the batch order; None: `seed`
-    pretrain_loop: str = "fast"  # "post": the post's own loop, slower; "graphed": `train_graphed` (GPUs)
+    pretrain_loop: str = "fast"  # "post": the post's own loop, slower; "graphed": train(graphed=True), GPUs
     finetune_learning_rate: float | None = None  # None: `learning_rate` (05's knob; no re-pre-training)
 
     def __post_init__(self) -> None:

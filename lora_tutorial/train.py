@@ -12,6 +12,7 @@ from torch import nn
 
 from .settings import replay_count
 
+Step = Callable[[], None]  # one training step, as `_graphed_steps` makes it
 PROGRESS_ENV = "LORA_TUTORIAL_PROGRESS"  # "text" forces plain-text bars (headless runs)
 
 def text_progress_bars():
@@ -77,39 +78,51 @@ def _trainable(model: nn.Module) -> tuple[list[nn.Parameter], torch.device]:
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 1,
           max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3,
           seed: int | None = 0, desc: str = "Training", progress: bool = True,
-          replay: tuple[torch.Tensor, torch.Tensor] | None = None,
-          replay_share: float = 0.0, on_step: Callable[[int, int], None] | None = None) -> list[float]:
+          replay: tuple[torch.Tensor, torch.Tensor] | None = None, replay_share: float = 0.0,
+          on_step: Callable[[int, int], None] | None = None, graphed: bool = False) -> list[float]:
     """Every step's loss; batches as the post's loop draws them for the same `seed` (None: the global
-    generator); `replay_share` of each batch from `replay`; a non-finite loss raises FloatingPointError."""
+    generator); `replay_share` of each batch from `replay`; a non-finite loss raises FloatingPointError.
+    `graphed` (no replay): `_graphed_steps`, one launch a step on a GPU; elsewhere the same weights."""
     params, device = _trainable(model)
     extra = replay_count(replay_share, batch_size)  # refuses a share no batch can hold
     if extra and (replay is None or len(replay[1]) == 0):
         raise ValueError(f"replay_share={replay_share} needs replay=(images, labels) to draw from.")
+    if extra and graphed:
+        raise ValueError(f"replay_share={replay_share} with graphed=True: a captured step replays nothing; "
+                         "give replay_share=0 or graphed=False.")
     images, labels = images.to(device), labels.to(device)
     if extra:
         replay_images, replay_labels = replay[0].to(device), replay[1].to(device)
         replay_generator = _generator(None if seed is None else seed + 1)
     n, fresh = len(labels), batch_size - extra  # fresh: each batch's images from `images`
     steps = max_steps if max_steps is not None else epochs * math.ceil(n / fresh)
-    optimizer, loss_fn = make_adam(params, lr), nn.CrossEntropyLoss()
+    optimizer = make_adam(params, lr, capturable=graphed and device.type == "cuda")
     # The post's DataLoader(shuffle=True) seeded alike gives the same order; only indices are loaded.
     shuffler = torch.utils.data.DataLoader(range(n), batch_size=n, shuffle=True, generator=_generator(seed))
+    batches = zip(range(1, steps + 1), _batches(shuffler, n, fresh, device), strict=False)
     losses = torch.zeros(steps, device=device)
     refresh = max(1, min(200, steps // 50))  # read the loss back this often, not every step
     was_training = model.training
     model.train()
     try:
+        if graphed:
+            batches = list(batches)
+            run = _graphed_steps(model, images, labels, [b for _, b in batches], losses, optimizer)
         with progress_bar(steps, desc, progress) as bar, cpu_speedups(device):
-            for step, batch in zip(range(1, steps + 1), _batches(shuffler, n, fresh, device), strict=False):
-                x, y = images[batch], labels[batch]
-                if extra:
-                    pick = torch.randint(len(replay_labels), (extra,), generator=replay_generator).to(device)
-                    x, y = torch.cat([x, replay_images[pick]]), torch.cat([y, replay_labels[pick]])
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                optimizer.step()
-                losses[step - 1] = loss.detach()
+            for step, batch in batches:
+                if graphed:
+                    run[len(batch)]()
+                else:
+                    x, y = images[batch], labels[batch]
+                    if extra:
+                        pick = torch.randint(len(replay_labels), (extra,), generator=replay_generator)
+                        pick = pick.to(device)
+                        x, y = torch.cat([x, replay_images[pick]]), torch.cat([y, replay_labels[pick]])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    optimizer.step()
+                    losses[step - 1] = loss.detach()
                 if step % refresh == 0 or step == steps:
                     _report(losses[:step], steps, lr, bar, on_step)
     finally:
@@ -127,24 +140,16 @@ def _report(seen: torch.Tensor, steps: int, lr: float, bar, on_step: Callable | 
     if on_step is not None:
         on_step(len(seen), steps)
 
-def train_graphed(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 1,
-                  max_steps: int | None = None, batch_size: int = 10, lr: float = 1e-3, seed: int | None = 0,
-                  desc: str = "Training (graphed)", progress: bool = True) -> list[float]:
-    """`train` (no replay) with each step captured once as a CUDA graph (HIP on ROCm) and replayed: one
-    launch a step, where a batch of 10 spends most of its time launching kernels. Every batch's indices
-    and the step counter live on the GPU. Elsewhere the same step runs eagerly: `train`'s weights."""
-    params, device = _trainable(model)
-    images, labels = images.to(device), labels.to(device)
-    n, graphs = len(labels), device.type == "cuda"
-    steps = max_steps if max_steps is not None else epochs * math.ceil(n / batch_size)
-    shuffler = torch.utils.data.DataLoader(range(n), batch_size=n, shuffle=True, generator=_generator(seed))
-    batches = [b for _, b in zip(range(steps), _batches(shuffler, n, batch_size, device), strict=False)]
+def _graphed_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
+                   losses: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[int, Step]:
+    """Per batch size, a step that reads nothing from the host (the batches stacked by size, the next row
+    and the step count on the device), so that a GPU replays it as one captured CUDA graph (HIP on ROCm):
+    a batch of 10 spends most of its time launching kernels. Without a GPU it runs eagerly."""
+    device, graphs = losses.device, losses.device.type == "cuda"
     sizes = list(dict.fromkeys(len(b) for b in batches))  # a short last batch per epoch: a second graph
     tables = {k: torch.stack([b for b in batches if len(b) == k]) for k in sizes}  # each size's batches
     at = {k: torch.zeros(1, dtype=torch.long, device=device) for k in sizes}  # the next row of each table
     done = torch.zeros(1, dtype=torch.long, device=device)
-    losses = torch.zeros(steps, device=device)
-    optimizer = make_adam(params, lr, capturable=graphs)
 
     def step(size: int) -> None:  # everything on the device: nothing here waits for the host
         optimizer.zero_grad(set_to_none=not graphs)  # in a graph: zeroed in place, as replays need
@@ -157,27 +162,13 @@ def train_graphed(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         done.add_(1)
 
     run = {k: functools.partial(step, k) for k in sizes}
-    was_training = model.training
-    model.train()
-    try:
-        if graphs:
-            run = _capture(run, params, optimizer, [*at.values(), done])
-        refresh = max(1, min(200, steps // 50))
-        with progress_bar(steps, desc, progress) as bar, cpu_speedups(device):
-            for index, batch in enumerate(batches, start=1):
-                run[len(batch)]()
-                if index % refresh == 0 or index == steps:
-                    _report(losses[:index], steps, lr, bar, None)
-    finally:
-        model.train(was_training)
-    return losses.tolist()
+    return _capture(run, optimizer, [*at.values(), done]) if graphs else run
 
-Step = Callable[[], None]
-
-def _capture(steps: dict[int, Step], params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-             counters: list[torch.Tensor]) -> dict[int, Step]:
+def _capture(steps: dict[int, Step], optimizer: torch.optim.Optimizer, counters: list[torch.Tensor]
+             ) -> dict[int, Step]:
     """Each step captured as a CUDA graph (one memory pool), after warm-up runs on a side stream that
     create Adam's state; the weights, that state and the `counters` are then set back to the start."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     start, device = [p.detach().clone() for p in params], params[0].device
     with torch.cuda.device(device):  # streams and graphs on the model's GPU, not the current one
         side = torch.cuda.Stream()

@@ -7,7 +7,6 @@ import torch
 
 from lora_tutorial import OversizedMLP, add_lora, base_weight, evaluate, mark_only_lora_as_trainable, train
 from lora_tutorial.lora import separate_path
-from lora_tutorial.train import train_graphed
 
 
 def pretrain_small(mnist, seed=0, samples=1000):
@@ -261,25 +260,25 @@ def test_pretrain_loop_post_reproduces_the_posts_code_bit_for_bit(mnist, tmp_pat
 
 
 def test_the_graphed_step_on_a_cpu_gives_trains_weights_bit_for_bit(mnist):
-    """`train_graphed` keeps every batch's indices and its counters on the device so that a GPU can replay
-    each step as one captured graph; on a CPU it runs the same step eagerly, and must be `train` exactly:
+    """`train(graphed=True)` keeps every batch's indices and its counters on the device so that a GPU can
+    replay each step as one captured graph; on a CPU it runs the same step eagerly, and must be `train`:
     the same batches (a short last one per epoch), losses and weights, for pre-training and LoRA."""
     images, labels = mnist.train_images[:305], mnist.train_labels[:305]  # 31 batches an epoch, the last of 5
     runs = []
-    for loop in (train, train_graphed):
+    for graphed in (False, True):
         torch.manual_seed(0)
         model = OversizedMLP()
-        runs.append((model, loop(model, images, labels, epochs=2, seed=5, progress=False)))
+        runs.append((model, train(model, images, labels, epochs=2, seed=5, progress=False, graphed=graphed)))
     (plain, plain_losses), (graphed, graphed_losses) = runs
     assert len(graphed_losses) == 62 and graphed_losses == plain_losses
     for a, b in zip(plain.state_dict().values(), graphed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     nines = mnist.train_labels == 9
     tuned = []
-    for loop in (train, train_graphed):  # LoRA through the separate path, past the end of an epoch
+    for graphed in (False, True):  # LoRA through the separate path, past the end of an epoch
         model = lora_on_small(mnist)
-        losses = loop(separate_path(model), mnist.train_images[nines][:95], mnist.train_labels[nines][:95],
-                      max_steps=23, seed=1, progress=False)
+        losses = train(separate_path(model), mnist.train_images[nines][:95], mnist.train_labels[nines][:95],
+                       max_steps=23, seed=1, progress=False, graphed=graphed)
         tuned.append((losses, {k: v for k, v in model.state_dict().items() if "lora_" in k}))
     assert tuned[0][0] == tuned[1][0] and len(tuned[1][0]) == 23
     assert all(torch.equal(tuned[0][1][k], tuned[1][1][k]) for k in tuned[0][1])
@@ -300,5 +299,8 @@ def test_pretrain_loop_graphed_is_the_default_loops_weights_on_a_cpu_under_its_o
 def test_the_graphed_step_stops_on_a_diverged_loss(mnist):
     torch.manual_seed(0)
     with pytest.raises(FloatingPointError, match=r"lr=1e\+20"):
-        train_graphed(OversizedMLP(), mnist.train_images[:200], mnist.train_labels[:200], lr=1e20,
-                      progress=False)
+        train(OversizedMLP(), mnist.train_images[:200], mnist.train_labels[:200], lr=1e20, progress=False,
+              graphed=True)
+    with pytest.raises(ValueError, match=r"replay_share=0.3 with graphed=True.*replay_share=0"):
+        train(OversizedMLP(), mnist.train_images[:20], mnist.train_labels[:20], replay_share=0.3,
+              replay=(mnist.train_images[20:40], mnist.train_labels[20:40]), graphed=True, progress=False)
