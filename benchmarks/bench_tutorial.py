@@ -35,13 +35,24 @@ import torch
 from torch.utils.data import Subset
 from torchvision import datasets, transforms
 
-from lora_tutorial import OversizedMLP, Settings, evaluate, load_mnist, lora_model
+from lora_tutorial import Evaluation, OversizedMLP, Settings, evaluate, load_mnist, lora_model
 from lora_tutorial.checkpoints import write_json
-from lora_tutorial.data import DATA_ENV, MEAN, STD, check_raw_files, digit_subset
-from lora_tutorial.evaluate import evaluate_like_the_post
+from lora_tutorial.data import DATA_ENV, MEAN, STD, check_raw_files
+from lora_tutorial.evaluate import from_confusion
 from lora_tutorial.lora import separate_path
 from lora_tutorial.settings import project_root
 from lora_tutorial.train import train, train_with_dataloader
+
+
+def evaluate_like_the_post(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
+                           batch_size: int = 10) -> Evaluation:
+    """The post's test loop (a DataLoader, then one image at a time), to show `evaluate` agrees."""
+    device, confusion = next(model.parameters()).device, [[0] * 10 for _ in range(10)]
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            for row, label in zip(model(x.to(device).view(-1, 28 * 28)), y, strict=True):
+                confusion[int(label)][int(torch.argmax(row))] += 1
+    return from_confusion(confusion)
 
 
 class PeakMemory:
@@ -169,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     post_lora, our_lora = lora_model(settings, our_model), lora_model(settings, our_model)
     baseline = timed(lambda: train_with_dataloader(post_lora, nines, max_steps=settings.finetune_steps,
                                                    seed=args.seed, desc="Fine-tuning (post)"))
-    images, labels = digit_subset(data.train_images, data.train_labels, digit)
+    mine = data.train_labels == digit  # all its training images, as the post's Subset takes them
+    images, labels = data.train_images[mine], data.train_labels[mine]
     project = timed(lambda: ours(separate_path(our_lora), images, labels, max_steps=settings.finetune_steps,
                                  seed=args.seed, desc="Fine-tuning (ours)"))
     record(f"fine-tune {settings.finetune_steps} batches", settings.finetune_steps, baseline, project,

@@ -73,11 +73,6 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32, the same arithmetic as ToTensor() + Normalize((MEAN,), (STD,))."""
     return pixels.to(torch.float32).div(255).sub(MEAN).div(STD)
 
-def digit_subset(images: torch.Tensor, labels: torch.Tensor, digit: int, others: bool = False) -> Pair:
-    """The images of one digit (with `others`, of every other digit), as new tensors."""
-    keep = (labels != digit) if others else (labels == digit)
-    return images[keep], labels[keep]
-
 def validation_mask(labels: torch.Tensor) -> torch.Tensor:
     """The validation split: one in six of each digit's images, by a fixed generator (same everywhere)."""
     cpu, mask = labels.detach().cpu(), torch.zeros(len(labels), dtype=torch.bool)

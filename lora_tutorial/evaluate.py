@@ -62,13 +62,3 @@ def from_confusion(confusion: list[list[int]]) -> Evaluation:
     correct, total = sum(confusion[d][d] for d in range(10)), sum(map(sum, confusion))
     wrong = [sum(row) - row[d] for d, row in enumerate(confusion)]
     return Evaluation(correct / total, correct, total, wrong, confusion)
-
-def evaluate_like_the_post(model: nn.Module, dataset: torch.utils.data.Dataset,
-                           batch_size: int = 10) -> Evaluation:
-    """The post's test loop (a DataLoader, then one image at a time), to show `evaluate` agrees."""
-    device, confusion = next(model.parameters()).device, [[0] * 10 for _ in range(10)]
-    with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            for row, label in zip(model(x.to(device).view(-1, 28 * 28)), y, strict=True):
-                confusion[int(label)][int(torch.argmax(row))] += 1
-    return from_confusion(confusion)

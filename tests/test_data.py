@@ -18,7 +18,6 @@ from lora_tutorial.data import (
     DATA_ENV,
     RAW_FILES,
     MnistError,
-    digit_subset,
     load_mnist,
     load_sample,
     normalize,
@@ -181,14 +180,6 @@ def test_a_damaged_project_data_folder_is_an_error_too(isolated):
     (isolated / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
     with pytest.raises(MnistError, match="train-images-idx3-ubyte is truncated or corrupt: 0 bytes"):
         load_mnist()
-
-
-def test_digit_subset_leaves_the_data_alone(mnist):
-    labels_before = mnist.train_labels.clone()
-    images, labels = digit_subset(mnist.train_images, mnist.train_labels, 9)
-    assert (labels == 9).all() and len(labels) == int((labels_before == 9).sum())
-    assert torch.equal(images, mnist.train_images[labels_before == 9])
-    assert torch.equal(mnist.train_labels, labels_before)
 
 
 def test_full_mnist_when_available(mnist):
