@@ -24,7 +24,6 @@ from .model import OversizedMLP, count_parameters, describe_layers, linear_layer
 from .pipeline import (
     adapter_path,
     choose_target,
-    finetune,
     finetuned_model,
     lora_model,
     pretrained_model,

@@ -68,8 +68,9 @@ def load_pretrained(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 def base_fingerprint(model: nn.Module) -> str:
     """A hash of the base weights, not A and B: on other weights an adapter is silent nonsense."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(lora.base_state_dict(model).items()):
+    digest, base = hashlib.sha256(), {key.replace(".parametrizations.weight.original", ".weight"): value
+                                      for key, value in model.state_dict().items() if "lora_" not in key}
+    for name, tensor in sorted(base.items()):  # the base's own tensors under their plain names, LoRA or not
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

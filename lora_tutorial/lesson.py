@@ -38,14 +38,13 @@ def lesson_source(notebook: str, tag: str, folder: Path | None = None) -> str:
                           "restore the tag on the cell that defines the lesson's code.")
     return "".join(tagged[0]["source"])  # a string, or a list of lines
 
-def available(name: str, folder: Path | None = None) -> bool:
-    """Whether the notebook holding `name` is here (a clone, not an installed wheel)."""
-    return ((folder or notebooks_folder()) / f"{LESSONS[name][0]}.ipynb").is_file()
-
-def lesson(name: str, folder: Path | None = None) -> Any:
-    """The function or class `name` as its notebook cell defines it now (see LESSONS)."""
+def lesson(name: str, fallback: Any = None) -> Any:
+    """The function or class `name` as its notebook cell defines it now (see LESSONS); `fallback`, when
+    given, where that notebook is not here (an installed wheel, not a clone)."""
     notebook, tag = LESSONS[name]
-    source = lesson_source(notebook, tag, folder)
+    if fallback is not None and not (notebooks_folder() / f"{notebook}.ipynb").is_file():
+        return fallback
+    source = lesson_source(notebook, tag)
     key = (notebook, source)
     if key not in _loaded:
         filename = f"<{notebook}.ipynb, cell {tag}>"

@@ -155,11 +155,6 @@ def describe_lora(model: nn.Module) -> str:
         f"{tuple(lora.lora_A.shape)} + lora_B {tuple(lora.lora_B.shape)}"
         for name, lora in _require_lora(model).items() for layer in [model.get_submodule(name)])
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's own tensors under their plain names (`linear1.weight`), LoRA or not."""
-    return {key.replace(".parametrizations.weight.original", ".weight"): value
-            for key, value in model.state_dict().items() if "lora_" not in key}
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 

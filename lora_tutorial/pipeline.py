@@ -14,13 +14,12 @@ from .checkpoints import load_adapter, load_pretrained, save_adapter, save_pretr
 from .data import Mnist, check_raw_files, fit_subset, load_mnist, named_folder
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate, from_confusion
-from .lesson import available, code_fingerprint, lesson
+from .lesson import code_fingerprint, lesson
 from .lora import (
     LoRAParametrization,
     add_lora,
     lora_modules,
     mark_only_lora_as_trainable,
-    separate_path,
     with_helpers,
 )
 from .model import OversizedMLP
@@ -75,17 +74,16 @@ def package_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def pretrain_loop(settings: Settings) -> Loop:
     """02's cell, the post's loop or the graphed one (`pretrain_loop`); the package's copy outside a clone."""
-    return {"post": post_pretrain, "graphed": package_pretrain}.get(settings.pretrain_loop) or (
-        lesson("pretrain") if available("pretrain") else package_pretrain)
+    loops = {"post": post_pretrain, "graphed": package_pretrain}
+    return loops.get(settings.pretrain_loop) or lesson("pretrain", package_pretrain)
 
 def lora_class() -> type:
     """03's cell (the package's own class outside a clone)."""
-    return lesson("LoRAParametrization") if available("LoRAParametrization") else LoRAParametrization
+    return lesson("LoRAParametrization", LoRAParametrization)
 
 def finetune_loop(settings: Settings) -> Loop | None:
     """05's cell; None when batches replay other digits (`replay_share`): `train_on_target` does that."""
-    return None if settings.replay_share else (
-        lesson("finetune_lora") if available("finetune_lora") else package_finetune)
+    return None if settings.replay_share else lesson("finetune_lora", package_finetune)
 
 def pretrain_key(settings: Settings, data: Mnist, loop: Loop | None = None) -> dict:
     loop = loop or pretrain_loop(settings)
@@ -157,9 +155,6 @@ def choose_target(settings: Settings, pretrained: Pretrained, verbose: bool = Tr
               f"{seen.per_digit_totals()[digit]:,} training images wrong; per digit {seen.wrong_counts})")
     return replace(settings, target_digit=digit, target_rule=WORST)
 
-def describe_target(digit: int, rule: str | None) -> str:
-    return f"{digit} (the worst)" if rule == WORST else f"{digit} (given)"
-
 def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
     """A copy of `base` with `add_lora(**lora_args)` (A drawn right after seeding) and the rest frozen."""
     model = copy.deepcopy(base)
@@ -185,13 +180,6 @@ def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str
     return train(model, images, labels, max_steps=settings.finetune_steps, batch_size=settings.batch_size,
                  lr=settings.finetune_lr, seed=settings.lora_seed, desc=desc, progress=verbose,
                  replay=replay, replay_share=settings.replay_share, on_step=on_step)
-
-def finetune(settings: Settings, data: Mnist, model: nn.Module, verbose: bool = True,
-             fast_path: bool = True) -> list[float]:
-    """Fine-tune with the package's loop (via `separate_path` if `fast_path`), saved under its name."""
-    losses = train_on_target(settings, data, separate_path(model) if fast_path else model, verbose=verbose)
-    save_finetuned(settings, data, model, train_on_target, losses, verbose)
-    return losses
 
 def save_finetuned(settings: Settings, data: Mnist, model: nn.Module, loop: Loop, losses: list[float],
                    verbose: bool = True) -> Path:

@@ -10,7 +10,6 @@ from lora_tutorial import (
     Settings,
     choose_target,
     evaluate,
-    finetune,
     finetuned_model,
     lora_model,
     lora_modules,
@@ -19,7 +18,8 @@ from lora_tutorial import (
 )
 from lora_tutorial.checkpoints import atomic_write, load_adapter, load_pretrained, save_pretrained
 from lora_tutorial.evaluate import from_confusion
-from lora_tutorial.pipeline import adapter_path, finetune_key, pretrained_path, setup
+from lora_tutorial.lora import separate_path
+from lora_tutorial.pipeline import adapter_path, finetune_key, pretrained_path, setup, train_on_target
 
 
 @pytest.fixture
@@ -134,8 +134,8 @@ def test_fast_and_parametrized_fine_tuning_agree(small):
     settings, device, data = small
     pre = pretrained_model(settings, data, device, verbose=False)
     fast, slow = lora_model(settings, pre.model), lora_model(settings, pre.model)
-    losses_fast = finetune(settings, data, fast, verbose=False, fast_path=True)
-    losses_slow = finetune(settings, data, slow, verbose=False, fast_path=False)
+    losses_fast = train_on_target(settings, data, separate_path(fast), verbose=False)
+    losses_slow = train_on_target(settings, data, slow, verbose=False)
     assert losses_fast == pytest.approx(losses_slow, rel=1e-3, abs=1e-4)
     for name, lora in lora_modules(fast).items():
         other = lora_modules(slow)[name]

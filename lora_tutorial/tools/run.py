@@ -12,9 +12,10 @@ from jupyter_core.utils import run_sync
 
 from ..checkpoints import atomic_write
 from ..lesson import lesson_source, notebooks_folder
-from ..pipeline import describe_target, preflight
+from ..pipeline import preflight
 from ..settings import (
     ACCEPTED_EVERYWHERE,
+    WORST,
     Settings,
     SettingsError,
     ShortError,
@@ -78,7 +79,7 @@ def summary(results: dict) -> str:
     r, digit, data = results, results["target_digit"], results["data"]
     return "\n".join([
         f"Data: {data['location']} ({data['train_images']:,} training, {data['test_images']:,} test images)",
-        f"Target digit:                {describe_target(digit, r.get('target_rule'))}",
+        f"Target digit:                {digit} ({'the worst' if r.get('target_rule') == WORST else 'given'})",
         f"Pre-trained accuracy:        {r['pretrained']['accuracy']:.4f}",
         f"With LoRA (rank {r['settings']['rank']}):          {r['lora_on']['accuracy']:.4f}",
         f"Wrong answers on digit {digit}:    {r['target_wrong_before']} -> {r['target_wrong_after']}",
