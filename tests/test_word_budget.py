@@ -1,10 +1,9 @@
-"""The word budgets: what a reader reads, counted by `lora_tutorial.tools.words`."""
+"""The word budgets: what a reader reads, counted by `word_budget.py` beside this file."""
 
 import json
 
 import nbformat
-
-from lora_tutorial.tools.words import (
+from word_budget import (
     BUDGET_POST_TOTAL,
     MEAN_SENTENCE,
     counts,
@@ -50,7 +49,7 @@ def test_a_long_winded_readme_fails_the_check(tmp_path, monkeypatch, capsys):
     (tmp_path / "notebooks").mkdir()
     sentence = " ".join(["word"] * (MEAN_SENTENCE + 5)) + ". "
     (tmp_path / "README.md").write_text(sentence * 10)
-    monkeypatch.setattr("lora_tutorial.tools.words.project_root", lambda: tmp_path)
+    monkeypatch.setattr("word_budget.project_root", lambda: tmp_path)
     assert main([]) == 1
     assert "README.md" in capsys.readouterr().out and "OVER" in report(counts(tmp_path))
     (tmp_path / "README.md").write_text("A short README. It says what it is.\n")

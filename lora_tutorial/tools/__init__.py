@@ -1,1 +1,1 @@
-"""What runs the notebooks: the runner, the sweep and its engines, the lab, the README's tables, the words."""
+"""What runs the notebooks: the runner, the sweep and its engines, the lab, the README's tables."""

@@ -1,5 +1,6 @@
-"""`python -m lora_tutorial.tools.words`: words (as `wc -w`) per notebook and in the README against the
-budgets, exit 1 when one is over. A notebook counts its markdown and the prose its cells display."""
+"""`python tests/word_budget.py`: words (as `wc -w`) per notebook and in the README against the budgets,
+exit 1 when one is over. A notebook counts its markdown and the prose its cells display. The project's
+check on its own prose, beside the test that applies it; not part of the tutorial's package."""
 
 import argparse
 import json
@@ -8,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..settings import project_root
+from lora_tutorial.settings import project_root
 
 POST_PATH = ("01", "02", "03", "04", "05", "06")  # the post's steps
 BUDGET_POST_EACH, BUDGET_POST_TOTAL, BUDGET_LATER, BUDGET_README = 900, 4_000, 1_500, 1_500
