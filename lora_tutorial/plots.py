@@ -20,7 +20,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[plt.Figure, ob
     fig.patch.set(facecolor=BACKGROUND, alpha=1.0)
     return fig, axes
 
-def _done(fig: plt.Figure, title: str | None = None, **kwargs) -> plt.Figure:
+def finish(fig: plt.Figure, title: str | None = None, **kwargs) -> plt.Figure:
+    """The title (when given) above a tight layout: how every figure here ends."""
     if title:
         fig.suptitle(title, **kwargs)
     fig.tight_layout()
@@ -33,10 +34,10 @@ def seed_column(ax, x: float, ys: Sequence[float], color: str, step: float, half
     ax.scatter(xs, ys, s=size, color=color, alpha=0.8, zorder=3, label=label)
     ax.hlines(sum(ys) / len(ys), x - half_width, x + half_width, color=color, lw=2, label=mean_label)
 
-def legend_below(fig: plt.Figure, ax, title: str, bottom: float) -> None:
+def legend_below(fig: plt.Figure, ax, title: str, bottom: float, **legend) -> None:
     """One legend for every panel (`ax`'s labels) under the figure, and the title above it."""
     handles, names = ax.get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    fig.legend(handles, names, **{"loc": "lower center", "ncol": len(names), "frameon": False, **legend})
     fig.suptitle(title)
     fig.tight_layout(rect=(0, bottom, 1, 1))
 
@@ -58,7 +59,7 @@ def show_digits(images: torch.Tensor, labels: torch.Tensor, count: int = 24, col
     for ax, pixels, label in zip(axes.flat, _pixels(images[:count]), labels, strict=False):
         ax.imshow(pixels, cmap="gray_r")
         ax.set_title(str(int(label)), fontsize=10)
-    return _done(fig, title)
+    return finish(fig, title)
 
 def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-training loss") -> plt.Figure:
     """Loss per step (faint) and its moving average over `window` steps."""
@@ -73,7 +74,7 @@ def plot_loss(losses: Sequence[float], window: int = 100, title: str = "Pre-trai
         top, title = cut, title + " (axis cut at the 99th percentile of the batches)"
     ax.set(xlabel="step (batch)", ylabel="cross-entropy loss", title=title, ylim=(0, top * 1.02))
     ax.legend()
-    return _done(fig)
+    return finish(fig)
 
 def _mark_target(ax, digit: int) -> None:
     ax.axvspan(digit - 0.5, digit + 0.5, color="tab:orange", alpha=0.12, zorder=0,
@@ -90,7 +91,7 @@ def plot_wrong_counts(before: Sequence[int], after: Sequence[int], target_digit:
     ax.set(xticks=np.arange(10), xlabel="true digit", ylabel="wrong answers (test set)",
            title="Wrong answers per digit")
     ax.legend()
-    return _done(fig)
+    return finish(fig)
 
 def _mean_and_bars(groups: Sequence[Sequence[float]]) -> tuple[list[float], list[list[float]]]:
     # each group's mean, and matplotlib's error bars down to its minimum and up to its maximum
@@ -152,8 +153,8 @@ def plot_sweep(rows: list[dict]) -> dict[str, plt.Figure]:
     left.legend(fontsize=8)
     trade.legend(fontsize=8)
     trade.grid(alpha=0.3)
-    return {"sweep_rank.png": _done(rank_fig, "What LoRA's rank buys (mean and min-max over the seeds)"),
-            "sweep_tradeoff.png": _done(trade_fig)}
+    return {"sweep_rank.png": finish(rank_fig, "What LoRA's rank buys (mean and min-max over the seeds)"),
+            "sweep_tradeoff.png": finish(trade_fig)}
 
 def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Sequence[Sequence[float]],
                             target_digit: int, images: str = "test images") -> plt.Figure:
@@ -161,7 +162,7 @@ def plot_per_digit_accuracy(before: Sequence[float], after: Sequence[float] | Se
     fig, ax = new_figure(figsize=(8, 3.8))
     _per_digit_bars(ax, before, after, target_digit, images)
     ax.set_title("Accuracy per digit after fine-tuning (numbers: mean change in points)")
-    return _done(fig)
+    return finish(fig)
 
 def _per_digit_bars(ax, before, after, target_digit: int, images: str) -> None:
     digits, before = np.arange(10), 100 * np.asarray(before, dtype=float)
@@ -191,7 +192,7 @@ def plot_trial(before: Sequence[float], after: Sequence[float], losses: Sequence
     curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     curve.set_title("Fine-tuning loss (axis starts at 0)", fontsize=10)
     curve.legend(fontsize=8, frameon=False)
-    return _done(fig, title, fontsize=10)
+    return finish(fig, title, fontsize=10)
 
 def plot_input_directions(rows: dict[str, torch.Tensor], title: str,
                           captions: dict[str, list[str]] | None = None) -> plt.Figure:
@@ -224,4 +225,4 @@ def show_changed_predictions(images: torch.Tensor, labels: torch.Tensor, before:
             axes[r, c].imshow(pixels[i], cmap="gray_r")
             change = f"{int(before[i])} -> {int(after[i])}"
             axes[r, c].set_title(f"{name}: {change}" if c == 0 else change, fontsize=8, color=color)
-    return _done(fig, title + " (predicted before -> with LoRA)")
+    return finish(fig, title + " (predicted before -> with LoRA)")

@@ -10,7 +10,7 @@ from torch import nn
 from ..data import SPLITS, Mnist, split_images
 from ..evaluate import Evaluation, evaluate
 from ..pipeline import adapter_path, finetuned_model
-from ..plots import new_figure
+from ..plots import legend_below, new_figure
 from ..settings import Settings, SettingsError, is_number
 from .stats import best_and_ties, check_seeds, spread
 
@@ -151,8 +151,6 @@ def plot_front(rows: Sequence[dict], summaries: pd.DataFrame, before: dict[str, 
                title=f"{split} images" + (" (a winner is named here)" if ax is axes[0] else " (reported)"),
                ylim=(0, 1.08 * max(before[s]["target_wrong"] for s in SPLITS)))
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8, frameon=False)
-    fig.suptitle(f"Fixing digit {digit} against keeping the others "
-                 "(small dots: one seed each; large: the mean)")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    legend_below(fig, axes[0], f"Fixing digit {digit} against keeping the others (small dots: one seed each; "
+                 "large: the mean)", 0.1, ncol=6, fontsize=8)
     return fig

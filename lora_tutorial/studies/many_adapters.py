@@ -12,7 +12,7 @@ from ..data import Mnist, fit_subset
 from ..evaluate import Evaluation
 from ..lora import separate_path
 from ..pipeline import adapter_path, finetune_key, finetuned_model, lora_copy
-from ..plots import new_figure, seed_column
+from ..plots import finish, new_figure, seed_column
 from ..settings import Settings, SettingsError, fingerprint, is_number
 from ..train import train
 from .forgetting import share_answering
@@ -128,6 +128,4 @@ def plot_combinations(rows: Sequence[dict], before: dict, digits: Sequence[int],
         ax.set(xticks=range(len(names)), xticklabels=[labels[n] for n in names], xlabel="adapter")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3 if ax is left else 2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return finish(fig, title)
