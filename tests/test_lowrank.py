@@ -15,7 +15,6 @@ from lora_tutorial.studies.lowrank import (
     TENSORS,
     adam_state_bytes,
     chance_of_abs_cosine,
-    check_lora_ranks,
     check_replay_share,
     compare,
     cut_rows,
@@ -39,6 +38,7 @@ from lora_tutorial.studies.lowrank import (
     tune_rate,
     with_deltas,
 )
+from lora_tutorial.studies.rank_study import check_ranks
 
 PARAMETERS = 2_807_010
 
@@ -135,11 +135,12 @@ def test_compare_calls_overlapping_ranges_a_tie_and_knows_which_way_is_better():
 
 
 def test_the_notebooks_parameters_are_refused_with_the_value_the_limit_and_the_fix():
-    assert check_lora_ranks("lora_ranks", [4, 1, 10, 1]) == [1, 4, 10]
+    every = {"name": "lora_ranks", "at_least": 1, "every_layer": True}  # as 08 and 12 check their ranks
+    assert check_ranks(Settings(), [4, 1, 10, 1], **every) == [1, 4, 10]
     with pytest.raises(SettingsError, match=r"lora_ranks=\[0\] .* whole numbers >= 1"):
-        check_lora_ranks("lora_ranks", [0])
+        check_ranks(Settings(), [0], **every)
     with pytest.raises(SettingsError) as refused:
-        check_lora_ranks("lora_ranks", [1, 16])
+        check_ranks(Settings(), [1, 16], **every)
     assert "lora_ranks=[1, 16]" in str(refused.value) and "linear3" in str(refused.value)
     assert "rank <= 10" in str(refused.value) and "leave" not in str(refused.value)  # 08 keeps every layer
     settings = Settings()

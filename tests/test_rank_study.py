@@ -254,7 +254,7 @@ def test_ranks_are_checked_before_any_work():
     assert study.check_ranks(Settings(target_modules=["linear1", "linear2"]), [1, 16]) == [1, 16]
     assert "ranks='1 2'" in refusal(study.check_ranks, Settings(), "1 2")
     msg = refusal(study.check_ranks, Settings(), [4, 4])
-    assert "ranks=[4, 4]" in msg and "two different ranks" in msg and "[1, 8]" in msg
+    assert "ranks=[4, 4]" in msg and "2 different ranks" in msg and "[1, 8]" in msg
 
 
 def test_a_grid_of_learning_rates_is_checked_once_for_every_notebook():

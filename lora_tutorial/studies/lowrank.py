@@ -18,25 +18,15 @@ from ..checkpoints import save_adapter
 from ..data import Mnist, fit_subset
 from ..evaluate import evaluate, from_predictions, predict
 from ..lora import LoRAParametrization, lora_modules, lora_rank, separate_path
-from ..model import count_parameters, layer_shapes, linear_layers
+from ..model import count_parameters, linear_layers
 from ..pipeline import finetune_key, lora_model, train_on_target
-from ..settings import Settings, SettingsError, check_whole_numbers
+from ..settings import Settings, SettingsError
 from ..train import cpu_speedups, make_adam, train
 from .rank_study import split_columns
 from .stats import best_and_ties, interleaved_seconds, spread, timed
 
 MEASURES = ("target_wrong", "others_accuracy")  # fewer wrong answers on the digit; higher accuracy elsewhere
 TENSORS = ("pieces", "biases", "a_start", "a_end", "predictions")  # the columns JSON cannot hold
-
-def check_lora_ranks(name: str, values: object) -> list[int]:
-    """Whole numbers >= 1, sorted; every layer able to hold the largest (Settings' check, layer by layer)."""
-    ranks = sorted(set(check_whole_numbers(name, values, "[1, 4]")))
-    try:
-        for layer in layer_shapes():  # one at a time: 08 cannot leave a layer out
-            Settings(rank=ranks[-1], target_modules=[layer])
-    except SettingsError as err:
-        raise SettingsError(f"{name}={values!r} is not valid (LoRA here adapts every layer): {err}") from None
-    return ranks
 
 def check_replay_share(settings: Settings, share: object) -> float:
     """Checked as `replay_share` is, and above 0 (else the second full run repeats the first)."""

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from ..data import SPLITS, Mnist, split_images
 from ..evaluate import Evaluation, evaluate, from_predictions
 from ..lora import base_weight, lora_modules, lora_parameter_counts, separate_path
-from ..model import OversizedMLP
+from ..model import OversizedMLP, layer_shapes
 from ..pipeline import lora_copy, train_on_target
 from ..settings import Settings, SettingsError, check_whole_numbers
 from ..train import progress_bar
@@ -55,15 +55,19 @@ class Config:
         """The configuration actually trained: at rank 1 every scaling rule is the same run."""
         return replace(self, scaling="alpha fixed") if self.rank == 1 else self
 
-def check_ranks(settings: Settings, ranks: object) -> list[int]:
-    """The ranks, sorted, at least two; the largest checked by the settings (every smaller one then fits)."""
-    checked = sorted(set(check_whole_numbers("ranks", ranks, "[1, 2, 4, 8]")))
+def check_ranks(settings: Settings, ranks: object, name: str = "ranks", at_least: int = 2,
+                every_layer: bool = False) -> list[int]:
+    """The ranks, sorted, `at_least` different; the largest checked by the settings (every smaller one
+    then fits), with `every_layer` on each layer alone (08 and 12 adapt all: none can be left out)."""
+    checked = sorted(set(check_whole_numbers(name, ranks, "[1, 2, 4, 8]")))
     try:
-        replace(settings, rank=checked[-1])
+        for layers in [[layer] for layer in layer_shapes()] if every_layer else [settings.target_modules]:
+            replace(settings, rank=checked[-1], target_modules=layers)
     except SettingsError as err:
-        raise SettingsError(f"ranks={list(ranks)}: {err}") from None
-    if len(checked) < 2:
-        raise SettingsError(f"ranks={ranks!r}: give at least two different ranks to compare, e.g. [1, 8].")
+        raise SettingsError(f"{name}={list(ranks)}: {err}") from None
+    if len(checked) < at_least:
+        raise SettingsError(f"{name}={ranks!r}: give at least {at_least} different ranks to compare, "
+                            "e.g. [1, 8].")
     return checked
 
 def run_settings(settings: Settings, scaling: str, rank: int, alpha: float, seed: int, **changes) -> Settings:
