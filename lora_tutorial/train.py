@@ -5,7 +5,6 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from unittest import mock
 
 import torch
 from torch import nn
@@ -14,10 +13,6 @@ from .settings import replay_count
 
 Step = Callable[[], None]  # one training step, as `_graphed_steps` makes it
 PROGRESS_ENV = "LORA_TUTORIAL_PROGRESS"  # "text" forces plain-text bars (headless runs)
-
-def text_progress_bars():
-    """Notebook kernels started inside this block (they inherit the environment) draw text bars."""
-    return mock.patch.dict(os.environ, {PROGRESS_ENV: "text"})
 
 def progress_bar(total: int, desc: str, enabled: bool = True):
     """tqdm.auto's bar (a widget in Jupyter when ipywidgets is there), else a text bar."""

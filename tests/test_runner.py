@@ -48,3 +48,27 @@ def test_the_runner_times_02s_pretraining_cell_apart(tmp_path):
     total, pretraining = run_module._tidy(copy)
     assert len(timed) == 1 and pretraining == timed[0]["metadata"]["papermill"]["duration"] > 0
     assert total > pretraining
+
+
+def test_the_runners_kernels_draw_text_bars_and_the_callers_environment_stays_as_it_was(monkeypatch):
+    """Its executed copies hold plain-text bars (no widgets), and the process that runs it keeps its own."""
+    from jupyter_client.blocking import BlockingKernelClient
+    from jupyter_core.utils import run_sync
+
+    from lora_tutorial.train import PROGRESS_ENV
+
+    monkeypatch.setenv(PROGRESS_ENV, "widgets")
+    kernel = run_module._start_kernel(notebooks_dir())
+    try:
+        client = BlockingKernelClient(connection_file=kernel.connection_file)
+        client.load_connection_file()
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        printed = []
+        client.execute_interactive(f"import os; print(os.environ.get({PROGRESS_ENV!r}))", timeout=60,
+                                   output_hook=lambda m: printed.append(m["content"].get("text")))
+        client.stop_channels()
+    finally:
+        run_sync(kernel.shutdown_kernel)(now=True)
+    assert "text\n" in printed
+    assert run_module.os.environ[PROGRESS_ENV] == "widgets"

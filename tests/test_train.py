@@ -1,6 +1,5 @@
 """The training loop: it learns, it is reproducible, it trains only what is trainable, it stops on NaN."""
 
-import os
 
 import pytest
 import torch
@@ -151,20 +150,6 @@ def test_seed_none_follows_the_global_generator_like_the_post(mnist):
     finally:
         torch.set_num_threads(threads)
     assert post[0] == ours[0] and ours[0] != other[0]
-
-
-def test_text_progress_bars_are_asked_for_only_inside_the_block(monkeypatch):
-    """The headless runner asks its kernels for text bars without changing its caller's own."""
-    from lora_tutorial.train import PROGRESS_ENV, text_progress_bars
-
-    monkeypatch.delenv(PROGRESS_ENV, raising=False)
-    with text_progress_bars():
-        assert os.environ[PROGRESS_ENV] == "text"
-    assert PROGRESS_ENV not in os.environ
-    monkeypatch.setenv(PROGRESS_ENV, "widgets")
-    with pytest.raises(KeyboardInterrupt), text_progress_bars():
-        raise KeyboardInterrupt
-    assert os.environ[PROGRESS_ENV] == "widgets"
 
 
 def lora_on_small(mnist):

@@ -3,6 +3,7 @@
 import argparse
 import ast
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..settings import (
     project_root,
     shown_path,
 )
-from ..train import text_progress_bars
+from ..train import PROGRESS_ENV
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
 BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting", "10_peft_and_many_adapters", "11_explorer",
@@ -104,11 +105,12 @@ def _tidy(path: Path) -> tuple[float, float]:
     return sum(s for s, _ in seconds), sum(s for s, tags in seconds if "pretraining" in tags)
 
 def _start_kernel(cwd: Path):
-    """A kernel started ahead: it imports the package (seconds) while the current notebook runs."""
+    """A kernel started ahead (it imports the package while the current notebook runs); text bars."""
     from jupyter_client.manager import AsyncKernelManager
 
     kernel = AsyncKernelManager(kernel_name="python3")
-    run_sync(kernel.start_kernel)(cwd=str(cwd), extra_arguments=[*KERNEL_ARGUMENTS, WARM_UP])
+    run_sync(kernel.start_kernel)(cwd=str(cwd), extra_arguments=[*KERNEL_ARGUMENTS, WARM_UP],
+                                  env={**os.environ, PROGRESS_ENV: "text"})
     return kernel
 
 def absolute_paths(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -128,29 +130,28 @@ def run(out: Path, parameters: dict[str, Any], steps: tuple[str, ...] = STEPS) -
     source, results_path = notebooks_dir(), settings.output_path / "results.json"
     out.mkdir(parents=True, exist_ok=True)
     started_all, started_at, pretraining = time.perf_counter(), time.time(), 0.0
-    with text_progress_bars():  # plain-text bars in the executed copies (kernels inherit it)
-        upcoming = _start_kernel(source)
-        try:
-            for index, step in enumerate(steps):
-                kernel, upcoming = upcoming, (_start_kernel(source) if index + 1 < len(steps) else None)
-                target, started = out / f"{step}.ipynb", time.perf_counter()
-                print(f"Running {step} ...", end=" ", flush=True)
-                try:
-                    papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target), km=kernel,
-                                               parameters=shares[step], cwd=str(source), progress_bar=False,
-                                               kernel_name="python3", extra_arguments=KERNEL_ARGUMENTS)
-                except papermill.PapermillExecutionError as err:
-                    print("failed.")
-                    raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                                     f"The executed copy, with the error, is {shown_path(target)}.") from None
-                finally:
-                    run_sync(kernel.shutdown_kernel)(now=True)
-                cells, tagged = _tidy(target)
-                pretraining += tagged
-                print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
-        finally:
-            if upcoming is not None:  # a notebook failed, or Ctrl-C: the kernel started for the next one
-                run_sync(upcoming.shutdown_kernel)(now=True)
+    upcoming = _start_kernel(source)
+    try:
+        for index, step in enumerate(steps):
+            kernel, upcoming = upcoming, (_start_kernel(source) if index + 1 < len(steps) else None)
+            target, started = out / f"{step}.ipynb", time.perf_counter()
+            print(f"Running {step} ...", end=" ", flush=True)
+            try:
+                papermill.execute_notebook(str(source / f"{step}.ipynb"), str(target), km=kernel,
+                                           parameters=shares[step], cwd=str(source), progress_bar=False,
+                                           kernel_name="python3", extra_arguments=KERNEL_ARGUMENTS)
+            except papermill.PapermillExecutionError as err:
+                print("failed.")
+                raise SystemExit(f"{step} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                                 f"The executed copy, with the error, is {shown_path(target)}.") from None
+            finally:
+                run_sync(kernel.shutdown_kernel)(now=True)
+            cells, tagged = _tidy(target)
+            pretraining += tagged
+            print(f"done in {time.perf_counter() - started:.1f} s (cells {cells:.1f} s)")
+    finally:
+        if upcoming is not None:  # a notebook failed, or Ctrl-C: the kernel started for the next one
+            run_sync(upcoming.shutdown_kernel)(now=True)
     total = time.perf_counter() - started_all
     split = (f": the pre-training cell {pretraining:.1f} s, everything else {total - pretraining:.1f} s "
              "(starting kernels, imports, data, the other cells)" if "02_pretrain" in steps else "")
