@@ -19,7 +19,7 @@ from .settings import ShortError, shown_path
 
 ADAPTER_FORMAT = "lora-tutorial-adapter/1"
 Tensors, Info = dict[str, torch.Tensor], dict[str, Any]  # an adapter: A and B by name, and its metadata
-_LORA_FACTS = (lora.lora_rank, lora.lora_alpha, lora.uses_rslora)  # each layer's rank, alpha, scaling rule
+_LORA_FACTS = (lambda m: m.rank, lambda m: float(m.alpha), lambda m: bool(m.use_rslora))  # rank, alpha, rule
 
 class CheckpointError(ShortError, RuntimeError):
     """A checkpoint is missing, damaged, or was made with other settings."""

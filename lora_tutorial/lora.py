@@ -43,24 +43,13 @@ class LoRAParametrization(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, enabled={self.enabled}"
 
-def lora_rank(lora: nn.Module) -> int:
-    return int(lora.lora_A.shape[0])
-
-def lora_alpha(lora: nn.Module) -> float:
-    """alpha as given, or worked back from scale = alpha / r (03's class keeps only the scale)."""
-    try:
-        return float(object.__getattribute__(lora, "alpha"))
-    except AttributeError:
-        return round(float(lora.scale) * lora_rank(lora), 12)
-
-def uses_rslora(lora: nn.Module) -> bool:
-    return bool(getattr(lora, "use_rslora", False))
-
 class LessonHelpers:
-    """rank, alpha, use_rslora and delta_weight for a class with only lora_A, lora_B and scale (03's)."""
+    """rank, alpha, use_rslora and delta_weight for a class with only lora_A, lora_B and scale (03's):
+    what the package reads off every LoRA layer (an adapter file records them)."""
 
     def __getattr__(self, name: str):  # only for names the class (or nn.Module) does not have
-        derived = {"rank": lora_rank, "alpha": lora_alpha, "use_rslora": lambda m: False,
+        derived = {"rank": lambda m: int(m.lora_A.shape[0]), "use_rslora": lambda m: False,
+                   "alpha": lambda m: round(float(m.scale) * m.rank, 12),  # worked back from alpha / r
                    "delta_weight": lambda m: lambda: (m.lora_B @ m.lora_A) * m.scale}
         return derived[name](self) if name in derived else super().__getattr__(name)
 
@@ -74,7 +63,7 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0, target_modules
              alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False,
              cls: type | None = None) -> nn.Module:
     """LoRA on each targeted Linear weight (all by default), in place; `rank_pattern`/`alpha_pattern`
-    (PEFT's) give some layers their own; `cls` is another LoRA class, cls(in, out, rank, alpha) (03's)."""
+    (PEFT's) give some layers their own; `cls`: another class, cls(in, out, rank, alpha), `with_helpers`."""
     layers = linear_layers(model)
     targets = list(layers) if target_modules is None else list(target_modules)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
@@ -96,7 +85,7 @@ def add_lora(model: nn.Module, rank: int = 1, alpha: float = 1.0, target_modules
     for name in targets:
         layer, r, a = layers[name], rank_pattern.get(name, rank), alpha_pattern.get(name, alpha)
         lora = (LoRAParametrization(layer.in_features, layer.out_features, r, a, init, use_rslora)
-                if cls is None else cls(layer.in_features, layer.out_features, r, a))
+                if cls is None else with_helpers(cls)(layer.in_features, layer.out_features, r, a))
         lora.to(device=layer.weight.device, dtype=layer.weight.dtype)
         parametrize.register_parametrization(layer, "weight", lora)
     return model

@@ -15,13 +15,7 @@ from .data import Mnist, check_raw_files, fit_subset, load_mnist, named_folder
 from .device import describe_device, pick_device
 from .evaluate import Evaluation, evaluate, from_confusion
 from .lesson import code_fingerprint, lesson
-from .lora import (
-    LoRAParametrization,
-    add_lora,
-    lora_modules,
-    mark_only_lora_as_trainable,
-    with_helpers,
-)
+from .lora import LoRAParametrization, add_lora, lora_modules, mark_only_lora_as_trainable
 from .model import OversizedMLP
 from .settings import WORST, Settings, check_writable, fingerprint, shown_path
 from .train import train, train_with_dataloader
@@ -164,9 +158,9 @@ def lora_copy(base: nn.Module, seed: int, **lora_args) -> nn.Module:
     return model
 
 def lora_model(settings: Settings, base: nn.Module) -> nn.Module:
-    """`lora_copy` with 03's class (`with_helpers` answers what the package asks of it), as 04 freezes it."""
+    """`lora_copy` with 03's class, as 04 freezes it."""
     return lora_copy(base, settings.lora_seed, rank=settings.rank, alpha=settings.alpha,
-                     target_modules=settings.target_modules or None, cls=with_helpers(lora_class()))
+                     target_modules=settings.target_modules or None, cls=lora_class())
 
 def train_on_target(settings: Settings, data: Mnist, model: nn.Module, desc: str | None = None,
                     verbose: bool = True, on_step: Callable[[int, int], None] | None = None) -> list[float]:

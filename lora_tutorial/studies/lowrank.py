@@ -17,7 +17,7 @@ from torch import nn
 from ..checkpoints import save_adapter
 from ..data import Mnist, fit_subset
 from ..evaluate import evaluate, from_predictions, predict
-from ..lora import LoRAParametrization, lora_modules, lora_rank, separate_path
+from ..lora import LoRAParametrization, lora_modules, separate_path
 from ..model import count_parameters, linear_layers
 from ..pipeline import finetune_key, lora_model, train_on_target
 from ..settings import Settings, SettingsError
@@ -215,7 +215,7 @@ def measure_costs(settings: Settings, data: Mnist, models: dict[str, nn.Module],
     rows = {}
     for name, model in models.items():
         loras = lora_modules(model)
-        record = loras and finetune_key(replace(settings, rank=max(map(lora_rank, loras.values()))), data)
+        record = loras and finetune_key(replace(settings, rank=max(m.rank for m in loras.values())), data)
         rows[name] = {"trainable": count_parameters(model, trainable_only=True),
                       "optimizer_bytes": adam_state_bytes(model),
                       "file_bytes": saved_bytes(model, record or None)}
