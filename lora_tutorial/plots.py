@@ -11,8 +11,6 @@ from torch.nn import functional as F
 from .data import MEAN, STD
 
 BACKGROUND = "white"  # opaque: Jupyter's transparent default is unreadable on a dark theme
-SCALING_STYLE = {"alpha fixed": ("tab:blue", "alpha / r"), "alpha = r": ("tab:red", "1"),
-                 "rsLoRA": ("tab:green", "alpha / sqrt(r)")}  # 07's rules: colour, factor before B @ A
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[plt.Figure, object]:
     """`plt.subplots` with an opaque background, readable in JupyterLab's light and dark themes."""

@@ -14,7 +14,6 @@ from lora_tutorial.settings import SettingsError
 from lora_tutorial.studies.many_adapters import (
     adapter_seed,
     check_adapter_digits,
-    check_repeats,
     figures,
     plot_combinations,
     summarize,
@@ -23,7 +22,7 @@ from lora_tutorial.studies.many_adapters import (
     verdicts,
     weakest_digits,
 )
-from lora_tutorial.studies.stats import spread
+from lora_tutorial.studies.stats import check_repeats, spread
 
 
 def evaluation(wrong: list[int]) -> Evaluation:

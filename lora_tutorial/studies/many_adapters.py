@@ -16,14 +16,8 @@ from ..plots import finish, new_figure, seed_column
 from ..settings import Settings, SettingsError, fingerprint, is_number
 from ..train import train
 from .forgetting import share_answering
-from .stats import check_repeats as check_repeats  # 09 and 10 import it from here
 from .stats import spread
 
-SWITCH = "switch adapters (PEFT's set_adapter)"  # what 10 times, by name
-SWITCH_TWO = "the same, 2 adapters held"
-SWAP = "copy another A and B in (ours)"
-LOAD_ADAPTER = "load + delete an adapter folder (PEFT)"
-LOAD_NETWORK = "load a network file"
 
 def check_adapter_digits(value: object) -> int | list[int]:
     """How many weakest digits get an adapter (2 to 9: one is left to measure the cost), or a list."""
