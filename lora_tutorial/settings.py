@@ -162,7 +162,12 @@ class Settings:
             raise SettingsError(f"This notebook does not take {stray}: {own} {list(ACCEPTED_EVERYWHERE)}. "
                                 "Check the spelling, or leave the name out for this notebook.")
         names = [*injected, *(f.name for f in fields(cls) if f.name != "target_rule")]
-        return cls.from_mapping({name: namespace[name] for name in names if name in namespace}, extra)
+        try:
+            return cls.from_mapping({name: namespace[name] for name in names if name in namespace}, extra)
+        except SettingsError as err:  # a rank fix that names target_modules, which this notebook lacks
+            if "target_modules" in (*namespace, *extra) or " out (target_modules=" not in str(err):
+                raise
+            raise SettingsError(str(err).split(" or leave ")[0] + ".") from None
 
     @property
     def finetune_lr(self) -> float:

@@ -72,6 +72,17 @@ def test_rank_is_checked_against_every_targeted_layer():
     assert "leave" not in str(caught.value)  # the only layer: nothing to leave out
 
 
+def test_a_notebook_that_takes_no_target_modules_is_not_told_to_change_them():
+    """12 adapts every layer and takes `rank` alone: its fix is a smaller rank, not another setting."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_globals({"rank": 16})
+    assert "Use rank <= 10." in str(caught.value) and "target_modules" not in str(caught.value)
+    for takes in ({"rank": 16, "target_modules": None}, {"rank": 16, "In": ["", "rank = 1\n"]}):
+        extra = ("target_modules",) if "In" in takes else ()
+        with pytest.raises(SettingsError, match=r"leave linear3 out \(target_modules="):
+            Settings.from_globals(takes, extra=extra)
+
+
 def test_one_layer_name_alone_and_lists_are_kept_as_json_lists():
     settings = Settings(target_modules="linear3", target_digit=9)
     assert settings.target_modules == ("linear3",)
