@@ -323,7 +323,8 @@ def test_11_explorer_retrains_in_jupyterlab_when_the_rank_changes(lab):
     panel.locator(".lora-explorer-rank select").select_option(label="16")  # linear3 is 10 x 2,000
     page.wait_for_function("el => el.textContent.includes('too large for layer linear3')",
                            arg=message.element_handle(), timeout=10_000)
-    assert button.is_disabled()
+    # the kernel disables the button before it writes the refusal; the page draws each a moment later
+    page.wait_for_function("el => el.disabled", arg=button.element_handle(), timeout=10_000)
     assert numbers.inner_text().startswith("rank 4,")  # the last good run stays shown
     stderr = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output"
                           '[data-mime-type="application/vnd.jupyter.stderr"]')

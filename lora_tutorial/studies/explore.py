@@ -90,7 +90,7 @@ class Explorer(W.VBox):
     def show_error(self, error: Exception) -> bool:
         red = "var(--jp-error-color1, #c62828)"  # JupyterLab's own, in both themes
         text = html.escape(str(error) or type(error).__name__)
-        self.message.value, self.button.disabled = f'<span style="color: {red}">{text}</span>', True
+        self.button.disabled, self.message.value = True, f'<span style="color: {red}">{text}</span>'
         return False
 
     def fine_tune(self) -> TrialResult | None:
