@@ -244,6 +244,10 @@ def test_why_low_rank_in_small_settings(quick_run, tmp_path):
     report = json.loads((root / "out" / "why_low_rank.json").read_text())
     assert report["seeds"] == [0, 1, 2, 3, 4] and report["ranks"] == [1, 16]
     assert report["full_replay_share"] == 0.3
+    # the rate is tried with the tuning seeds only; the chosen rate then runs with every seed
+    assert report["tuning_seeds"] == [0, 1]
+    assert {name: [row["seed"] for row in rows] for name, rows in report["rate_grid"].items()} == {
+        "plain": [0, 1], "replay 0.3": [0, 1]}
     assert list(report["full"]) == ["plain", "replay 0.3"]  # the non-degenerate run beside the plain one
     for rows in report["full"].values():
         assert [row["seed"] for row in rows] == [0, 1, 2, 3, 4]
