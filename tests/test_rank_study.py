@@ -15,7 +15,7 @@ from lora_tutorial.data import Mnist
 from lora_tutorial.pipeline import lora_copy
 from lora_tutorial.settings import SettingsError
 from lora_tutorial.studies import rank_study as study
-from lora_tutorial.studies.stats import check_rates
+from lora_tutorial.studies.stats import check_rates, check_seeds
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
@@ -268,6 +268,16 @@ def test_a_grid_of_learning_rates_is_checked_once_for_every_notebook():
     assert "learning_rates=[0.001, 0.001]" in msg and "2 different at least" in msg
 
 
+def test_seeds_are_checked_under_the_name_the_reader_gave():
+    """07, 08 and 12 check `seeds` and `tuning_seeds` alike; the message names the one that is wrong."""
+    assert check_seeds([0, 1, 2, 3, 4], at_least=5) == [0, 1, 2, 3, 4]
+    for bad in ([], [0, 0], [-1], [0.5], "0 1"):
+        msg = refusal(check_seeds, bad, name="tuning_seeds")
+        assert msg.startswith(f"tuning_seeds={bad!r} is not valid") and "[0, 1, 2]" in msg
+    msg = refusal(check_seeds, [0, 1], at_least=5)
+    assert msg.startswith("seeds=[0, 1] is not valid: expected a list of at least 5")
+
+
 def test_a_scaling_rule_is_one_of_three():
     msg = refusal(study.check_scaling, "alpha / r")
     assert "scaling='alpha / r'" in msg and "'rsLoRA'" in msg
@@ -340,3 +350,25 @@ def test_the_notebook_in_small_settings(tmp_path, shared_checkpoints, monkeypatc
     # offline sample's has 1,000 images, MNIST's 10,000)
     assert 2_000 // 6 - 10 <= report["data"]["validation_images"] <= 2_000 // 6
     assert report["data"]["test_images"] in (1_000, 10_000)
+
+
+@pytest.mark.slow
+def test_tuning_seeds_outside_the_reported_seeds_are_refused_before_any_work(tmp_path):
+    """A tuning seed's runs join the reported ones in 07, so it must be one of `seeds`: said in one
+    sentence from the parameters cell, before any data is loaded or anything is written."""
+    import subprocess
+    import sys
+
+    from lora_tutorial.tools.run import notebooks_dir
+
+    out = tmp_path / "07.ipynb"
+    done = subprocess.run([sys.executable, "-m", "papermill", str(notebooks_dir() / "07_rank_sweep.ipynb"),
+                           str(out), "--cwd", str(notebooks_dir()), "-k", "python3", "--no-progress-bar",
+                           "-p", "output_dir", str(tmp_path / "outputs"), "-y", "tuning_seeds: [0, 7]"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "SettingsError: tuning_seeds=[0, 7]: each must also be in seeds=[0, 1, 2, 3, 4], e.g. [0, 1].")
+    assert not (tmp_path / "outputs").exists()  # no pre-training, no runs, no results file
+    ran = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" and c.execution_count]
+    assert len(ran) == 3  # the knobs, papermill's parameters, the cell that checks them

@@ -74,11 +74,11 @@ def check_repeats(value: object, name: str = "switch_repeats") -> int:
         raise SettingsError(f"{name}={value!r} is not valid: expected a whole number >= 1, e.g. 5.")
     return value
 
-def check_seeds(values: object, at_least: int = 1) -> list[int]:
+def check_seeds(values: object, at_least: int = 1, name: str = "seeds") -> list[int]:
     """A notebook's list of fine-tuning seeds: distinct whole numbers >= 0, checked before any work."""
     ok = isinstance(values, (list, tuple)) and all(is_number(v, whole=True) and v >= 0 for v in values)
     if not ok or len(set(values)) != len(values) or len(values) < at_least:
-        raise SettingsError(f"seeds={values!r} is not valid: expected a list of at least {at_least} "
+        raise SettingsError(f"{name}={values!r} is not valid: expected a list of at least {at_least} "
                             f"distinct whole numbers >= 0, e.g. {list(range(max(at_least, 3)))}.")
     return list(values)
 
