@@ -49,14 +49,16 @@ except ImportError:  # nbval not installed: no notebook is ever collected
 
 NOTEBOOKS = "committed-notebooks"  # the part every notebook belongs to, except ALONE's
 PRETRAIN = "02_pretrain.ipynb"  # trains the network every later notebook loads
-ALONE = ("07_rank_sweep.ipynb", "08_why_low_rank.ipynb", "12_lora_family.ipynb")  # need 02's network only
+ALONE = ("07_rank_sweep.ipynb", "08_why_low_rank.ipynb", "12_lora_family.ipynb",  # need 02's network only
+         "13_memory_and_qlora.ipynb")
 # The order parts are handed out in (pyproject: --no-loadscope-reorder keeps it): the longest
 # first, so that no process is left with one at the end; a process takes the next part as it
 # finishes one. The sweep's file comes second, so that its Ray cluster boots while the other process
 # is in the first notebooks (Ray gives a booting node 30 s, which a machine busy everywhere can
 # miss), and the ALONE studies find 02 finished when that file is done.
 LONGEST_FIRST = (NOTEBOOKS, "test_sweep.py", "08_why_low_rank.ipynb", "07_rank_sweep.ipynb",
-                 "12_lora_family.ipynb", "test_notebooks.py", "test_lab.py", "test_jupyterlab.py")
+                 "12_lora_family.ipynb", "13_memory_and_qlora.ipynb", "test_notebooks.py", "test_lab.py",
+                 "test_jupyterlab.py")
 READY_ENV = "LORA_TUTORIAL_PRETRAINED_MARK"  # a file that exists once 02 has run (processes inherit it)
 
 

@@ -434,3 +434,42 @@ def test_lora_family_in_small_settings(quick_run, tmp_path):
     figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                if "image/png" in o.get("data", {})]
     assert len(figures) == 2  # the comparison, and the loss curves
+
+
+@pytest.mark.slow
+def test_memory_and_qlora_in_small_settings(quick_run, tmp_path):
+    """13 on 2,000 images with the five seeds it demands, two small batches, one rank: the ledger's
+    parts add up to the peak PyTorch's profiler measures (within 2 %), each part is what the
+    arithmetic says, and the NF4 round trip keeps its bound."""
+    root, results = quick_run
+    parameters = {**SMALL, "finetune_steps": 10, "output_dir": str(root / "out"), "seeds": [0, 1, 2, 3, 4],
+                  "ledger_batches": [10, 100], "ledger_ranks": [1], "time_repeats": 1, "recover_steps": 10}
+    executed = execute("13_memory_and_qlora", tmp_path, parameters)
+    report = json.loads((root / "out" / "memory_and_qlora.json").read_text())
+    methods = ["full fine-tuning", "LoRA r=1, parametrized", "LoRA r=1, separate"]
+    ledger = {(row["batch"], row["method"]): row for row in report["ledger"]}
+    assert list(ledger) == [(b, m) for b in (10, 100) for m in methods]
+    network, lora = 4 * 2_807_010, 4 * results["lora_parameters"]
+    for (batch, method), row in ledger.items():
+        assert abs(row["measured peak"] / row["predicted peak"] - 1) <= 0.02, (batch, method, row)
+        assert row["gradients"] == (network if method == "full fine-tuning" else lora)
+        assert row["optimizer state"] == 2 * row["gradients"]  # Adam's two averages
+        assert row["weights"] == network + (0 if method == "full fine-tuning" else lora)
+        assert row["saved for backward"] >= 4 * batch * (784 + 1_000 + 2_000)  # the input and both ReLUs
+    for batch in (10, 100):  # the parametrized form also keeps W + (alpha / r) B A of layers 2 and 3
+        parametrized, separate = (ledger[batch, m]["saved for backward"] for m in methods[1:])
+        assert parametrized - separate == pytest.approx(4 * (2_000 * 1_000 + 10 * 2_000), rel=1e-3)
+    assert report["nf4_published_gap"] <= 1e-6
+    assert report["round_trip_worst"] <= report["round_trip_bound"] * (1 + 1e-6)
+    assert report["round_trip_bound"] == pytest.approx((1 - 0.6961928) / 2, abs=1e-6)  # the widest gap
+    bits = {row["format"]: row["bits per weight"] for row in report["formats"]}
+    assert bits["NF4 (scales in float32)"] == pytest.approx(4 + 32 / 64, abs=0.01)  # codes + scales
+    assert [row["base"] for row in report["quantized"]] == ["float32", "bfloat16", "NF4"]
+    runs = [(row["run"], row["seed"]) for row in report["runs"]]
+    kinds = [f"{base} + LoRA, {task}" for base in ("float32", "NF4") for task in ("all digits", "digit")]
+    assert sorted(runs) == sorted((k, s) for k in kinds for s in range(5))
+    assert report["readme"].startswith("| batch | full fine-tuning MB |")
+    nb = nbformat.read(executed, as_version=4)
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "image/png" in o.get("data", {})]
+    assert len(figures) == 2  # the ledger's bars, and the accuracies

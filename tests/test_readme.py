@@ -31,8 +31,10 @@ def test_a_number_edited_by_hand_in_a_table_is_caught():
     found = block_data(root)
     assert found["results"] == published(root / "notebooks" / "06_compare.ipynb")["results"]
     assert found["lora-family"] == published(root / "notebooks" / "12_lora_family.ipynb")["lora_family"]
+    memory = published(root / "notebooks" / "13_memory_and_qlora.ipynb")["memory_and_qlora"]
+    assert found["memory-and-qlora"] == memory and memory["readme"] in readme  # 13 writes its own block
     blocks = {m.group("name") for m in BLOCK.finditer(readme)}
-    assert blocks == {"results", "lora-family"}
+    assert blocks == {"results", "lora-family", "memory-and-qlora"}
     assert {m.group("name") for m in BLOCK.finditer((root / "docs" / "running.md").read_text())} == {
         "run-summary"}
     edited = readme.replace("| pre-trained accuracy | 0.951 | ", "| pre-trained accuracy | 0.951 | 9", 1)

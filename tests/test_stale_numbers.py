@@ -25,6 +25,7 @@ FACTS = {
     "175", "3", "4.1", "7", "1.9", "1.7", "2021", "2020", "2023", "2024", "0.001",
     "0.17", "0.19",  # PEFT versions: target_parameters; set_adapter(..., inference_mode=True)
     "2.3",  # ln 10, the loss of a guess among ten digits
+    "664", "1514",  # PEFT's issues on what LoRA saves (13)
     "0.036", "0.022", "0.021", "0.013", "50", "80",  # Kaiming's bounds 1/sqrt(784), 1/sqrt(2000),
     # their standard deviations (bound / sqrt(3)); N(0, 1)'s is 50-80 times those
 }

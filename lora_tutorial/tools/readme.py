@@ -72,7 +72,8 @@ def family_table(r: dict[str, Any]) -> str:
 # Each block: the notebook, the name of the result it publishes, and what writes the block from it.
 TABLES = {"results": ("06_compare", "results", results_table),
           "run-summary": ("06_compare", "results", run_summary),
-          "lora-family": ("12_lora_family", "lora_family", family_table)}
+          "lora-family": ("12_lora_family", "lora_family", family_table),
+          "memory-and-qlora": ("13_memory_and_qlora", "memory_and_qlora", lambda r: r["readme"])}  # its own
 
 def block_data(root: Path) -> dict[str, dict[str, Any]]:
     """Each block's data, as its committed notebook published it."""

@@ -28,7 +28,7 @@ from ..train import PROGRESS_ENV
 
 STEPS = ("01_data", "02_pretrain", "03_parametrize", "04_freeze", "05_finetune", "06_compare")
 BEYOND = ("07_rank_sweep", "08_why_low_rank", "09_forgetting", "10_peft_and_many_adapters", "11_explorer",
-          "12_lora_family")
+          "12_lora_family", "13_memory_and_qlora")
 ACCURACY_BAR = {"mnist": 0.94, "sample": 0.85}  # the post's 0.95 less a margin; the sample reaches 0.90
 TRENDS = ("pre-trained accuracy >= 0.94 (0.85 on the offline sample)",
           "wrong answers on the target digit fall by >= 70 %",
