@@ -55,17 +55,20 @@ def test_codes_scales_and_round_trip_match_bitsandbytes_and_keep_the_bound(shape
 
 
 @pytest.mark.slow
-def test_a_bad_batch_size_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize("given, said", [
+    ("ledger_batches: [10, 0]", "ledger_batches=[10, 0] is not valid: expected a list of whole numbers >= 1, "
+                                "e.g. [10, 1000, 10000]."),
+    ("block_size: 63", "block_size=63 is not valid: expected an even whole number >= 2, e.g. 64."),
+])  # an odd block size: two 4-bit codes share a byte
+def test_a_bad_knob_is_refused_before_any_work(tmp_path, given, said):
     out = tmp_path / "13.ipynb"
     notebook = notebooks_dir() / "13_memory_and_qlora.ipynb"
     done = subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(out), "--cwd",
                            str(notebooks_dir()), "-k", "python3", "--no-progress-bar",
-                           "-p", "output_dir", str(tmp_path / "outputs"), "-y", "ledger_batches: [10, 0]"],
+                           "-p", "output_dir", str(tmp_path / "outputs"), "-y", given],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1] == (
-        "SettingsError: ledger_batches=[10, 0] is not valid: expected a list of whole numbers >= 1, "
-        "e.g. [10, 1000, 10000].")
+    assert done.stderr.strip().splitlines()[-1] == f"SettingsError: {said}"
     assert not (tmp_path / "outputs").exists()  # no network loaded or trained, nothing written
     ran = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" and c.execution_count]
     assert len(ran) == 3  # the knobs, papermill's parameters, the cell that checks them
